@@ -1,0 +1,264 @@
+//! Checkpoints: safetensors files a PyTorch user can open (`docs/checkpoints.md` is the contract),
+//! written crash-safely: each checkpoint is written into a temporary directory, every file and the
+//! directory are fsynced, the directory is renamed into place, the result is re-read and verified,
+//! and only then is the `latest` pointer replaced (write, fsync, rename, fsync the run directory).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// Format version written into `__metadata__`.
+pub const FORMAT_VERSION: &str = "1";
+/// Name of the parameter file inside a checkpoint directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Name of the optimizer-state file inside a checkpoint directory.
+pub const OPTIM_FILE: &str = "optim.safetensors";
+/// Name of the pointer file in a run directory.
+pub const LATEST: &str = "latest";
+
+/// Tensors and string metadata to write as one safetensors file.
+pub struct FileContents {
+    pub tensors: Vec<(String, Tensor)>,
+    pub metadata: HashMap<String, String>,
+}
+
+fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let v: Vec<f32> = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
+    Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Serializes tensors (as F32) with metadata in the safetensors format.
+pub fn serialize(contents: &FileContents) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = contents
+        .tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.dims().to_vec(), to_bytes(t)?)))
+        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::checkpoint(n, e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, Some(contents.metadata.clone()))
+        .map_err(|e| Error::checkpoint("<memory>", e.to_string()))
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// The directory name of the checkpoint at `step`.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("ckpt-{step:08}")
+}
+
+/// Writes a checkpoint directory atomically and points `latest` at it. Returns its path.
+/// Keeps the newest `keep` checkpoints (0 keeps all) and never deletes the one `latest` names.
+pub fn save(
+    run_dir: &Path,
+    step: u64,
+    files: &[(&str, FileContents)],
+    keep: usize,
+) -> Result<PathBuf> {
+    fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let name = checkpoint_name(step);
+    let final_dir = run_dir.join(&name);
+    let tmp_dir = run_dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp_dir.exists() {
+        fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    }
+    fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    let mut serialized = Vec::new();
+    for (file, contents) in files {
+        let bytes = serialize(contents)?;
+        write_synced(&tmp_dir.join(file), &bytes)?;
+        serialized.push((file.to_string(), bytes));
+    }
+    fsync_dir(&tmp_dir)?;
+    if final_dir.exists() {
+        // A checkpoint of the same step from an earlier, interrupted attempt: replace it, unless
+        // it is the one `latest` names (then keep it and drop ours: same step, same contents).
+        if read_latest(run_dir).ok().as_deref() == Some(name.as_str()) {
+            fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+            return Ok(final_dir);
+        }
+        fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    fsync_dir(run_dir)?;
+    // Verify what landed on disk before publishing it.
+    for (file, bytes) in &serialized {
+        let p = final_dir.join(file);
+        let on_disk = fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        if &on_disk != bytes {
+            return Err(Error::checkpoint(
+                &p,
+                "verification failed: file on disk differs from what was written",
+            ));
+        }
+        SafeTensors::deserialize(&on_disk)
+            .map_err(|e| Error::checkpoint(&p, format!("verification failed: {e}")))?;
+    }
+    let tmp_latest = run_dir.join(format!("{LATEST}.tmp"));
+    write_synced(&tmp_latest, format!("{name}\n").as_bytes())?;
+    let latest = run_dir.join(LATEST);
+    fs::rename(&tmp_latest, &latest).map_err(|e| Error::io(&latest, e))?;
+    fsync_dir(run_dir)?;
+    if keep > 0 {
+        prune(run_dir, keep, &name)?;
+    }
+    Ok(final_dir)
+}
+
+fn prune(run_dir: &Path, keep: usize, current: &str) -> Result<()> {
+    let mut names: Vec<String> = fs::read_dir(run_dir)
+        .map_err(|e| Error::io(run_dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ckpt-") && n.len() == 13)
+        .collect();
+    names.sort();
+    let excess = names.len().saturating_sub(keep);
+    for n in names.into_iter().take(excess) {
+        if n != current {
+            let p = run_dir.join(&n);
+            fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_latest(run_dir: &Path) -> Result<String> {
+    let p = run_dir.join(LATEST);
+    let s = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let name = s.trim().to_string();
+    if !name.starts_with("ckpt-") || name.contains('/') || name.contains("..") {
+        return Err(Error::checkpoint(
+            &p,
+            format!("`latest` names {name:?}, not a checkpoint directory"),
+        ));
+    }
+    Ok(name)
+}
+
+/// Resolves a run directory (through `latest`) or a checkpoint directory to the checkpoint
+/// directory.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join(MODEL_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.join(LATEST).is_file() {
+        let dir = path.join(read_latest(path)?);
+        if dir.join(MODEL_FILE).is_file() {
+            return Ok(dir);
+        }
+        return Err(Error::checkpoint(
+            &dir,
+            "named by `latest` but has no model.safetensors",
+        ));
+    }
+    if !path.exists() {
+        return Err(Error::checkpoint(path, "does not exist"));
+    }
+    Err(Error::checkpoint(
+        path,
+        "neither a checkpoint directory (no model.safetensors) nor a run directory (no `latest`)",
+    ))
+}
+
+/// A safetensors file read into memory and validated.
+pub struct LoadedFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// The `__metadata__` map (empty if absent).
+    pub metadata: HashMap<String, String>,
+}
+
+impl LoadedFile {
+    /// Reads and validates the header (length, JSON, offsets) of a safetensors file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(LoadedFile {
+            path: path.to_path_buf(),
+            bytes,
+            metadata,
+        })
+    }
+
+    /// A metadata value, or an error naming the missing key.
+    pub fn meta(&self, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(|s| s.as_str())
+            .ok_or_else(|| Error::checkpoint(&self.path, format!("metadata has no `{key}`")))
+    }
+
+    /// The F32 tensor `name`, which must have shape `dims`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        dims: &[usize],
+        device: &Device,
+    ) -> std::result::Result<Tensor, String> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| e.to_string())?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| format!("tensor `{name}` is missing"))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(format!(
+                "tensor `{name}` has dtype {:?}, expected F32",
+                view.dtype()
+            ));
+        }
+        if view.shape() != dims {
+            return Err(format!(
+                "tensor `{name}` has shape {:?}, expected {:?}",
+                view.shape(),
+                dims
+            ));
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Tensor::from_vec(data, dims, device).map_err(|e| e.to_string())
+    }
+
+    /// Wraps a message about this file as an error.
+    pub fn error(&self, reason: impl Into<String>) -> Error {
+        Error::checkpoint(&self.path, reason)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,408 @@
+//! Command-line interface: clap types (raw values) and the dispatch that resolves them into
+//! library calls. Every failure comes back as an error for `main` to print on one line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+use crate::data::idx::encode_idx;
+
+/// gentrain: train and evaluate deep generative models on CPU and CUDA.
+#[derive(Debug, Parser)]
+#[command(name = "trainer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model from a TOML config (flags override the file).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: test ELBO, importance-sampled NLL, active units, bits/dim.
+    Eval(EvalArgs),
+    /// Write a PNG grid of samples, reconstructions or a latent interpolation.
+    Sample(SampleArgs),
+    /// Measure training throughput (samples/s) of a config.
+    Bench(BenchArgs),
+    /// Write the exact evaluation data of a config or checkpoint as an IDX file.
+    ExportData(ExportArgs),
+}
+
+/// Flags shared by commands that take a config.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigFlags {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Random seed of the run.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Directory with IDX image files (MNIST layout).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Minibatch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate.
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// Samples per data point of the objective.
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// CPU threads (0: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Any config value as section.key=value (TOML syntax), repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Number of epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Run directory (default: runs/<config name>-<unix time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this run (or checkpoint) directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many steps (for testing resume).
+    #[arg(long, hide = true)]
+    pub max_steps: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run directory (its latest checkpoint) or checkpoint directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Importance samples (default: the config's eval.k, 5000).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Evaluate the first N test images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Rows per forward pass (bounds memory).
+    #[arg(long)]
+    pub max_rows: Option<usize>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU threads (0: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Directory with IDX image files (default: the one the model was trained on).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed of the importance samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// Run directory (its latest checkpoint) or checkpoint directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    pub n: usize,
+    /// Output PNG file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// What to draw.
+    #[arg(long, value_enum, default_value_t = SampleKind::Prior)]
+    pub kind: SampleKind,
+    /// Seed of the samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory with IDX image files (for reconstructions and interpolations).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Kinds of image grids.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SampleKind {
+    /// Samples from the prior, decoded to pixel means.
+    Prior,
+    /// Test images beside their reconstructions.
+    Reconstructions,
+    /// Decoded straight lines between posterior means of test images (n rows of 10).
+    Interpolation,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Timed steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 30)]
+    pub warmup: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Take the config from this run or checkpoint directory instead of --config.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Output IDX file (uncompressed).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn overrides(f: &ConfigFlags, epochs: Option<usize>) -> Overrides {
+    Overrides {
+        epochs,
+        device: f.device.clone(),
+        seed: f.seed,
+        data_dir: f.data_dir.clone(),
+        batch_size: f.batch_size,
+        lr: f.lr,
+        k: f.k,
+        threads: f.threads,
+        set: f.set.clone(),
+    }
+}
+
+fn resolve_config(
+    f: &ConfigFlags,
+    epochs: Option<usize>,
+    fallback: Option<Config>,
+) -> Result<Config> {
+    let base = match (&f.config, fallback) {
+        (Some(p), _) => Config::load(p)?,
+        (None, Some(c)) => c,
+        (None, None) => bail!("--config FILE is required"),
+    };
+    Ok(base.with_overrides(&overrides(f, epochs))?)
+}
+
+fn checkpoint_config(path: &Path) -> Result<Config> {
+    let dir = crate::checkpoint::resolve(path)?;
+    let file = crate::checkpoint::LoadedFile::read(&dir.join(crate::checkpoint::MODEL_FILE))?;
+    let text = file.meta("config")?;
+    serde_json::from_str(text).map_err(|e| {
+        anyhow::anyhow!(file.error(format!("metadata `config` is not a valid config: {e}")))
+    })
+}
+
+fn default_run_dir(cfg_path: Option<&Path>) -> PathBuf {
+    let stem = cfg_path
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("{stem}-{t}"))
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => {
+            let fallback = match &a.resume {
+                Some(r) if a.flags.config.is_none() => Some(checkpoint_config(r)?),
+                _ => None,
+            };
+            let cfg = resolve_config(&a.flags, a.epochs, fallback)?;
+            crate::device::set_cpu_threads(cfg.train.threads);
+            let out = match (&a.out, &a.resume) {
+                (Some(o), _) => o.clone(),
+                (None, Some(r)) => run_dir_of(r),
+                (None, None) => default_run_dir(a.flags.config.as_deref()),
+            };
+            let opts = crate::train::TrainOptions {
+                out,
+                resume: a.resume.clone(),
+                progress: !a.json,
+                max_steps: a.max_steps,
+            };
+            let s = crate::train::train(&cfg, &opts).context("train")?;
+            if a.json {
+                return print_json(&s);
+            }
+            println!("run directory: {}", s.run_dir.display());
+            println!(
+                "steps: {}  wall: {:.1} s  throughput: {:.0} samples/s",
+                s.steps, s.seconds, s.samples_per_s
+            );
+            if let Some(e) = s.test_elbo {
+                println!("test ELBO: {e:.2} nats");
+            }
+            if let Some(r) = &s.final_eval {
+                println!(
+                    "test NLL (importance sampled, k = {}, first {} test images): {:.2} +- {:.2} nats ({:.4} bits/dim)",
+                    r.k, r.n, r.nll, r.nll_stderr, r.bits_per_dim
+                );
+            }
+            Ok(())
+        }
+        Command::Eval(a) => {
+            if let Some(t) = a.threads {
+                crate::device::set_cpu_threads(t);
+            } else {
+                crate::device::set_cpu_threads(0);
+            }
+            let device = crate::device::open_device(a.device.as_deref().unwrap_or("cpu"))?;
+            let ck = crate::session::load_checkpoint(&a.checkpoint, &device)?;
+            let mut cfg = ck.config.clone();
+            if let Some(d) = &a.data_dir {
+                cfg.data.dir = d.clone();
+            }
+            let k = a.k.unwrap_or(cfg.eval.k);
+            if k == 0 {
+                bail!("--k must be at least 1");
+            }
+            let max_rows = a.max_rows.unwrap_or(cfg.eval.max_rows);
+            if max_rows == 0 {
+                bail!("--max-rows must be at least 1");
+            }
+            let data = crate::session::load_datasets(&cfg)?;
+            if data.dim() != ck.model.input_dim {
+                bail!(
+                    "the data has {} values per image but the model expects {}",
+                    data.dim(),
+                    ck.model.input_dim
+                );
+            }
+            let limit = a.limit.unwrap_or(cfg.eval.limit);
+            let r = crate::eval::evaluate(&ck.model, &data.test, k, limit, max_rows, a.seed)?;
+            if a.json {
+                let mut v = serde_json::to_value(&r)?;
+                v["checkpoint"] = serde_json::Value::from(ck.dir.display().to_string());
+                v["step"] = serde_json::Value::from(ck.step);
+                return print_json(&v);
+            }
+            println!(
+                "checkpoint: {} (step {}, epoch {})",
+                ck.dir.display(),
+                ck.step,
+                ck.epoch
+            );
+            println!("test ELBO: {:.3} nats", r.test_elbo);
+            println!(
+                "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
+                r.k, r.n, r.nll, r.nll_stderr
+            );
+            println!("bits/dim: {:.4}", r.bits_per_dim);
+            println!("active units per layer: {:?}", r.active_units);
+            Ok(())
+        }
+        Command::Sample(a) => {
+            crate::device::set_cpu_threads(0);
+            if a.n == 0 {
+                bail!("--n must be at least 1");
+            }
+            let ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+            let shape = ck.image_shape;
+            if shape.0 == 1 {
+                bail!("this model was trained on 2-D points, not images");
+            }
+            match a.kind {
+                SampleKind::Prior => {
+                    crate::samples::write_samples(&ck.model, &a.out, a.n, a.seed, 0, shape)?
+                }
+                SampleKind::Reconstructions | SampleKind::Interpolation => {
+                    let mut cfg = ck.config.clone();
+                    if let Some(d) = &a.data_dir {
+                        cfg.data.dir = d.clone();
+                    }
+                    let data = crate::session::load_datasets(&cfg)?;
+                    if let SampleKind::Reconstructions = a.kind {
+                        crate::samples::write_reconstructions(
+                            &ck.model, &data.test, &a.out, a.n, shape,
+                        )?
+                    } else {
+                        crate::samples::write_interpolation(
+                            &ck.model, &data.test, &a.out, a.n, 10, shape,
+                        )?
+                    }
+                }
+            }
+            println!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Command::Bench(a) => {
+            let cfg = resolve_config(&a.flags, None, None)?;
+            crate::device::set_cpu_threads(cfg.train.threads);
+            let r = crate::bench::bench(&cfg, a.steps, a.warmup)?;
+            if a.json {
+                return print_json(&r);
+            }
+            println!(
+                "{} on {} ({} threads), batch {}, k {}: {:.0} samples/s ({:.2} ms/step)",
+                r.framework, r.device, r.threads, r.batch, r.k, r.samples_per_s, r.ms_per_step
+            );
+            Ok(())
+        }
+        Command::ExportData(a) => {
+            let fallback = match &a.checkpoint {
+                Some(c) => Some(checkpoint_config(c)?),
+                None => None,
+            };
+            let cfg = resolve_config(&a.flags, None, fallback)?;
+            let data = crate::session::load_datasets(&cfg)?;
+            let bytes = data
+                .test
+                .bytes()
+                .context("synthetic data has no IDX form")?;
+            let encoded = encode_idx(&[data.test.len(), data.rows, data.cols], bytes);
+            std::fs::write(&a.out, encoded).with_context(|| format!("{}", a.out.display()))?;
+            println!(
+                "wrote {} ({} images, {}x{})",
+                a.out.display(),
+                data.test.len(),
+                data.rows,
+                data.cols
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The run directory of a run or checkpoint directory.
+fn run_dir_of(p: &Path) -> PathBuf {
+    let is_ckpt = p
+        .file_name()
+        .map(|n| n.to_string_lossy().starts_with("ckpt-"))
+        .unwrap_or(false);
+    if is_ckpt {
+        p.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| p.to_path_buf())
+    } else {
+        p.to_path_buf()
+    }
+}

@@ -1,0 +1,177 @@
+//! Evaluation of VAE-family models on held-out data:
+//!
+//! - test ELBO (one sample per point; closed-form KL for one stochastic layer, Monte-Carlo KL
+//!   otherwise);
+//! - the importance-sampled log-likelihood of Burda et al. 2016 (section 5.2):
+//!   `log p(x) ~ LSE_i(log w_i) - ln k`, `i = 1..k`, `z_i ~ q(z|x)`, reported as the negative
+//!   log-likelihood in nats (k = 5000 in the paper). Samples are processed in chunks whose running
+//!   log-sum-exps are merged, so memory is bounded by `max_rows` at any k;
+//! - active units (Burda et al. 2016, section 5.2): dimension `j` of layer `l` is active when
+//!   `Cov_x(E_q[z_lj | x]) > 0.01`. For layers above the first, `E_q[z_l|x]` is approximated by
+//!   propagating means (`z_{l-1} = mu_{l-1}`);
+//! - bits per dimension `nll / (D ln 2)`.
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::config::ObjectiveConfig;
+use crate::data::DataSource;
+use crate::error::Result;
+use crate::models::Vae;
+use crate::objectives::{log_weights, needs_densities, objective};
+use crate::rng::{stream_rng, Stream};
+
+/// Everything `trainer eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Mean test ELBO in nats (higher is better; negative numbers).
+    pub test_elbo: f64,
+    /// Importance-sampled negative log-likelihood in nats (positive).
+    pub nll: f64,
+    /// Standard error of `nll` over images.
+    pub nll_stderr: f64,
+    /// Importance samples.
+    pub k: usize,
+    /// Images evaluated.
+    pub n: usize,
+    /// `nll / (D ln 2)`.
+    pub bits_per_dim: f64,
+    /// Active units of each stochastic layer.
+    pub active_units: Vec<usize>,
+    /// Wall-clock seconds of the evaluation.
+    pub seconds: f64,
+}
+
+/// Mean ELBO (nats) over the first `n` rows of `data`, in batches of `batch`.
+pub fn mean_elbo(model: &Vae, data: &DataSource, n: usize, batch: usize, seed: u64) -> Result<f64> {
+    let cfg = ObjectiveConfig {
+        kl: if model.latents.len() == 1 {
+            crate::config::KlEstimator::Analytic
+        } else {
+            crate::config::KlEstimator::MonteCarlo
+        },
+        ..Default::default()
+    };
+    let dens = needs_densities(&cfg, model.latents.len());
+    let mut total = 0f64;
+    let mut start = 0;
+    let mut chunk = 0u64;
+    while start < n {
+        let b = batch.min(n - start);
+        let x = data.range(start, b, model.device())?;
+        let eps = model.draw_noise(1, b, &mut stream_rng(seed, Stream::Eval, chunk))?;
+        let pass = model.pass(&x.detach(), 1, &eps, dens)?;
+        let bound = objective(&pass, &cfg, 1, 1.0)?.bound.to_scalar::<f32>()? as f64;
+        total += bound * b as f64;
+        start += b;
+        chunk += 1;
+    }
+    Ok(total / n.max(1) as f64)
+}
+
+/// Per-image importance-sampled `log p(x)` estimates with `k` samples for the first `n` rows.
+pub fn importance_sampled_log_likelihood(
+    model: &Vae,
+    data: &DataSource,
+    n: usize,
+    k: usize,
+    max_rows: usize,
+    seed: u64,
+) -> Result<Vec<f64>> {
+    let images_per_chunk = (max_rows / k).clamp(1, n.max(1));
+    let samples_per_pass = k.min((max_rows / images_per_chunk).max(1));
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    let mut stream_index = 1u64 << 32;
+    while start < n {
+        let b = images_per_chunk.min(n - start);
+        let x = data.range(start, b, model.device())?;
+        let mut running = vec![f64::NEG_INFINITY; b];
+        let mut done = 0;
+        while done < k {
+            let s = samples_per_pass.min(k - done);
+            let eps = model.draw_noise(s, b, &mut stream_rng(seed, Stream::Eval, stream_index))?;
+            stream_index += 1;
+            let pass = model.pass(&x, s, &eps, true)?;
+            let lw: Vec<Vec<f32>> = log_weights(&pass, s)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2()?;
+            for (r, row) in running.iter_mut().zip(&lw) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                if m.is_finite() {
+                    let lse = m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
+                    *r = log_add_exp(*r, lse);
+                }
+            }
+            done += s;
+        }
+        out.extend(running.into_iter().map(|r| r - (k as f64).ln()));
+        start += b;
+    }
+    Ok(out)
+}
+
+fn log_add_exp(a: f64, b: f64) -> f64 {
+    if a == f64::NEG_INFINITY {
+        return b;
+    }
+    if b == f64::NEG_INFINITY {
+        return a;
+    }
+    let m = a.max(b);
+    m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
+/// Active units per stochastic layer over the first `n` rows.
+pub fn active_units(model: &Vae, data: &DataSource, n: usize, batch: usize) -> Result<Vec<usize>> {
+    let mut means: Vec<Vec<Tensor>> = vec![Vec::new(); model.latents.len()];
+    let mut start = 0;
+    while start < n {
+        let b = batch.min(n - start);
+        let x = data.range(start, b, model.device())?;
+        let layer_means = model.posterior_means(&x)?;
+        for (acc, m) in means.iter_mut().zip(layer_means) {
+            acc.push(m.detach());
+        }
+        start += b;
+    }
+    let mut counts = Vec::new();
+    for layer in means {
+        let m = Tensor::cat(&layer, 0)?;
+        let centered = m.broadcast_sub(&m.mean_keepdim(0)?)?;
+        let var: Vec<f32> = centered.sqr()?.mean(0)?.to_vec1()?;
+        counts.push(var.iter().filter(|v| **v > 0.01).count());
+    }
+    Ok(counts)
+}
+
+/// Runs the full evaluation on the first `limit` rows (0: all) of `data`.
+pub fn evaluate(
+    model: &Vae,
+    data: &DataSource,
+    k: usize,
+    limit: usize,
+    max_rows: usize,
+    seed: u64,
+) -> Result<EvalReport> {
+    let t0 = std::time::Instant::now();
+    let n = if limit == 0 {
+        data.len()
+    } else {
+        limit.min(data.len())
+    };
+    let test_elbo = mean_elbo(model, data, n, 1000, seed)?;
+    let ll = importance_sampled_log_likelihood(model, data, n, k, max_rows, seed)?;
+    let nll = -ll.iter().sum::<f64>() / n as f64;
+    let var = ll.iter().map(|v| (-v - nll).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+    Ok(EvalReport {
+        test_elbo,
+        nll,
+        nll_stderr: (var / n as f64).sqrt(),
+        k,
+        n,
+        bits_per_dim: nll / (data.dim() as f64 * std::f64::consts::LN_2),
+        active_units: active_units(model, data, n, 1000)?,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,9 @@
+//! Models. Each family keeps its parameters in a [`params::ParamStore`] whose names are the
+//! PyTorch `state_dict` names of the equivalent module tree (see `docs/checkpoints.md`).
+
+pub mod mlp;
+pub mod params;
+pub mod vae;
+
+pub use params::ParamStore;
+pub use vae::Vae;

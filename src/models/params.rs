@@ -1,0 +1,74 @@
+//! Named, ordered parameters. Names are PyTorch `state_dict` keys (`encoders.0.net.0.weight`),
+//! built with [`ParamStore::pp`]-style prefixes as candle-nn's `VarBuilder` does; unlike a hash
+//! map the order is the creation order, so checkpoints and optimizer state are deterministic.
+//!
+//! Initialization matches PyTorch's `nn.Linear.reset_parameters`: weight and bias drawn from
+//! `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` (kaiming-uniform with `a = sqrt(5)`).
+
+use candle_core::{Device, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+
+/// An ordered collection of named trainable tensors.
+#[derive(Debug, Clone)]
+pub struct ParamStore {
+    params: Vec<(String, Var)>,
+    device: Device,
+}
+
+impl ParamStore {
+    /// An empty store on `device`.
+    pub fn new(device: Device) -> Self {
+        ParamStore {
+            params: Vec::new(),
+            device,
+        }
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Creates a parameter drawn from `U(-bound, bound)`.
+    pub fn uniform(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        bound: f32,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..=bound)).collect();
+        let var = Var::from_tensor(&Tensor::from_vec(v, shape, &self.device)?)?;
+        let t = var.as_tensor().clone();
+        self.params.push((name, var));
+        Ok(t)
+    }
+
+    /// Parameters in creation order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.params.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Number of scalar parameters.
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Replaces every parameter's value with the tensor of the same name from `source`; every
+    /// name must be present with the same shape.
+    pub fn load_from(
+        &self,
+        mut lookup: impl FnMut(&str, &[usize]) -> std::result::Result<Tensor, String>,
+    ) -> std::result::Result<(), String> {
+        for (name, var) in &self.params {
+            let t = lookup(name, var.dims())?;
+            var.set(&t.to_device(&self.device).map_err(|e| e.to_string())?)
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! Variational autoencoders with one or more stochastic layers, as in Burda et al. 2016 ("Importance
+//! Weighted Autoencoders", section 5): `q(z_1|x) q(z_2|z_1) ... q(z_L|z_{L-1})` and
+//! `p(z_L) p(z_{L-1}|z_L) ... p(x|z_1)`, every conditional a diagonal Gaussian except the
+//! likelihood `p(x|z_1)` (Bernoulli with logits, or diagonal Gaussian). The top prior is N(0, I).
+//!
+//! [`Vae::pass`] samples `k` latent paths per data point (reparameterized, `z = mu + exp(logvar/2) eps`)
+//! and returns the per-sample terms of `log w = log p(x, z) - log q(z | x)`; the objectives in
+//! [`crate::objectives`] combine them into the ELBO or the IWAE bound. Rows are sample-major:
+//! row `i * B + b` is sample `i` of data point `b`.
+
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use super::mlp::{BernoulliHead, GaussianHead};
+use super::params::ParamStore;
+use crate::config::{DecoderKind, ModelConfig};
+use crate::error::Result;
+use crate::ops::bernoulli::bernoulli_log_likelihood;
+use crate::ops::gaussian::{gaussian_log_density, reparameterize, standard_normal_log_density};
+
+/// The likelihood `p(x | z_1)`.
+#[derive(Debug, Clone)]
+enum XDecoder {
+    Bernoulli(BernoulliHead),
+    Gaussian(GaussianHead),
+}
+
+/// A VAE / IWAE model.
+#[derive(Debug, Clone)]
+pub struct Vae {
+    /// All parameters, PyTorch-named.
+    pub store: ParamStore,
+    encoders: Vec<GaussianHead>,
+    /// `latent_decoders[l - 1]` is `p(z_l | z_{l+1})` (PyTorch name `decoders.{l}`).
+    latent_decoders: Vec<GaussianHead>,
+    x_decoder: XDecoder,
+    /// Latent sizes, bottom first.
+    pub latents: Vec<usize>,
+    /// Data dimension D.
+    pub input_dim: usize,
+}
+
+/// The per-sample terms of one pass, each of shape `(k * B)`.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    /// `log p(x | z_1)`.
+    pub log_px: Tensor,
+    /// `log p(z)`: top prior plus the conditional priors of the lower layers.
+    pub log_pz: Option<Tensor>,
+    /// `log q(z | x)`.
+    pub log_qz: Option<Tensor>,
+    /// `(mu, logvar)` of `q(z_1 | x)`, shape `(B, d_1)`.
+    pub q1: (Tensor, Tensor),
+}
+
+impl Vae {
+    /// Builds the model with PyTorch's default initialization drawn from `rng`.
+    pub fn new(
+        cfg: &ModelConfig,
+        input_dim: usize,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let mut store = ParamStore::new(device.clone());
+        let act = cfg.activation;
+        let latents: Vec<usize> = cfg.layers.iter().map(|l| l.latent).collect();
+        let mut dims = vec![input_dim];
+        dims.extend(&latents);
+        let mut encoders = Vec::new();
+        for (l, layer) in cfg.layers.iter().enumerate() {
+            encoders.push(GaussianHead::new(
+                &mut store,
+                &format!("encoders.{l}"),
+                dims[l],
+                &layer.hidden,
+                dims[l + 1],
+                act,
+                rng,
+            )?);
+        }
+        let rev0: Vec<usize> = cfg.layers[0].hidden.iter().rev().copied().collect();
+        let x_decoder = match cfg.decoder {
+            DecoderKind::Bernoulli => XDecoder::Bernoulli(BernoulliHead::new(
+                &mut store,
+                "decoders.0",
+                dims[1],
+                &rev0,
+                input_dim,
+                act,
+                rng,
+            )?),
+            DecoderKind::Gaussian => XDecoder::Gaussian(GaussianHead::new(
+                &mut store,
+                "decoders.0",
+                dims[1],
+                &rev0,
+                input_dim,
+                act,
+                rng,
+            )?),
+        };
+        let mut latent_decoders = Vec::new();
+        for (l, layer) in cfg.layers.iter().enumerate().skip(1) {
+            let rev: Vec<usize> = layer.hidden.iter().rev().copied().collect();
+            latent_decoders.push(GaussianHead::new(
+                &mut store,
+                &format!("decoders.{l}"),
+                dims[l + 1],
+                &rev,
+                dims[l],
+                act,
+                rng,
+            )?);
+        }
+        Ok(Vae {
+            store,
+            encoders,
+            latent_decoders,
+            x_decoder,
+            latents,
+            input_dim,
+        })
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> &Device {
+        self.store.device()
+    }
+
+    /// Standard-normal noise for `k` samples of `b` data points, one tensor per layer.
+    pub fn draw_noise(&self, k: usize, b: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Tensor>> {
+        self.latents
+            .iter()
+            .map(|&d| {
+                Ok(Tensor::from_vec(
+                    crate::rng::normal_vec(rng, k * b * d),
+                    (k * b, d),
+                    self.device(),
+                )?)
+            })
+            .collect()
+    }
+
+    /// `(mu, logvar)` of `q(z_1 | x)`.
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encoders[0].forward(x)
+    }
+
+    /// Samples `k` latent paths per row of `x` and evaluates the terms of the log weights.
+    /// With `densities = false` only `log p(x | z_1)` and `q(z_1|x)` are computed (enough for the
+    /// single-layer ELBO with analytic KL).
+    pub fn pass(&self, x: &Tensor, k: usize, eps: &[Tensor], densities: bool) -> Result<Pass> {
+        let b = x.dim(0)?;
+        let (mu1, lv1) = self.encoders[0].forward(x)?;
+        let (mut mu, mut lv) = (repeat_rows(&mu1, k)?, repeat_rows(&lv1, k)?);
+        let mut zs = Vec::with_capacity(self.latents.len());
+        let mut log_qz: Option<Tensor> = None;
+        for l in 0..self.latents.len() {
+            if l > 0 {
+                (mu, lv) = self.encoders[l].forward(&zs[l - 1])?;
+            }
+            let z = reparameterize(&mu, &lv, &eps[l])?;
+            if densities {
+                let lq = gaussian_log_density(&z, &mu, &lv)?;
+                log_qz = Some(match log_qz {
+                    Some(acc) => (acc + lq)?,
+                    None => lq,
+                });
+            }
+            zs.push(z);
+        }
+        let log_pz = if densities {
+            let mut acc = standard_normal_log_density(zs.last().expect("one layer"))?;
+            for l in (0..self.latent_decoders.len()).rev() {
+                let (pm, plv) = self.latent_decoders[l].forward(&zs[l + 1])?;
+                acc = (acc + gaussian_log_density(&zs[l], &pm, &plv)?)?;
+            }
+            Some(acc)
+        } else {
+            None
+        };
+        let xk = repeat_rows(x, k)?;
+        let log_px = match &self.x_decoder {
+            XDecoder::Bernoulli(d) => bernoulli_log_likelihood(&d.forward(&zs[0])?, &xk)?,
+            XDecoder::Gaussian(d) => {
+                let (m, v) = d.forward(&zs[0])?;
+                gaussian_log_density(&xk, &m, &v)?
+            }
+        };
+        debug_assert_eq!(log_px.dim(0)?, k * b);
+        Ok(Pass {
+            log_px,
+            log_pz,
+            log_qz,
+            q1: (mu1, lv1),
+        })
+    }
+
+    /// Posterior means per layer, propagating means upward (`z_{l-1} = mu_{l-1}`).
+    pub fn posterior_means(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(self.encoders.len());
+        let mut h = x.clone();
+        for e in &self.encoders {
+            let (mu, _) = e.forward(&h)?;
+            h = mu.clone();
+            out.push(mu);
+        }
+        Ok(out)
+    }
+
+    /// The mean of `p(x | z_1)`: pixel probabilities (Bernoulli) or the Gaussian mean.
+    pub fn decode_mean(&self, z1: &Tensor) -> Result<Tensor> {
+        Ok(match &self.x_decoder {
+            XDecoder::Bernoulli(d) => candle_nn::ops::sigmoid(&d.forward(z1)?)?,
+            XDecoder::Gaussian(d) => d.forward(z1)?.0,
+        })
+    }
+
+    /// Ancestral samples of `z_1` from the prior, `n` rows, noise from `rng`.
+    pub fn sample_z1(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        let top = *self.latents.last().expect("one layer");
+        let mut z = Tensor::from_vec(
+            crate::rng::normal_vec(rng, n * top),
+            (n, top),
+            self.device(),
+        )?;
+        for l in (0..self.latent_decoders.len()).rev() {
+            let (m, v) = self.latent_decoders[l].forward(&z)?;
+            let eps = Tensor::from_vec(
+                crate::rng::normal_vec(rng, n * self.latents[l]),
+                (n, self.latents[l]),
+                self.device(),
+            )?;
+            z = reparameterize(&m, &v, &eps)?;
+        }
+        Ok(z)
+    }
+}
+
+/// `(B, d)` -> `(k * B, d)`, sample-major copies.
+pub fn repeat_rows(t: &Tensor, k: usize) -> Result<Tensor> {
+    Ok(if k == 1 { t.clone() } else { t.repeat((k, 1))? })
+}

@@ -1,0 +1,121 @@
+//! Fused, in-place Adam update (Kingma & Ba 2015, Algorithm 1, in PyTorch's formulation):
+//!
+//! ```text
+//! g <- g + wd * p                         (L2 weight decay, off by default)
+//! m <- b1 m + (1 - b1) g
+//! v <- b2 v + (1 - b2) g^2
+//! p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! ```
+//!
+//! The moments live in one `(2, n)` state tensor (`m` then `v`), so the update is two in-place
+//! passes: [`AdamMoments`] (state from grad and param) and [`AdamApply`] (param from state).
+
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+use rayon::prelude::*;
+
+use super::{slice, slice_mut, PAR_THRESHOLD};
+
+/// Updates the packed `(2, n)` moments `[m; v]` from the gradient (and the parameter, for weight
+/// decay).
+pub struct AdamMoments {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub weight_decay: f32,
+}
+
+/// Applies the bias-corrected step to the parameter from the packed moments.
+pub struct AdamApply {
+    pub lr: f32,
+    pub eps: f32,
+    /// `1 - beta1^t`.
+    pub bias_correction1: f32,
+    /// `1 - beta2^t`.
+    pub bias_correction2: f32,
+}
+
+const CHUNK: usize = PAR_THRESHOLD;
+
+impl InplaceOp3 for AdamMoments {
+    fn name(&self) -> &'static str {
+        "gentrain-adam-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        state: &mut CpuStorage,
+        ls: &Layout,
+        grad: &CpuStorage,
+        lg: &Layout,
+        param: &CpuStorage,
+        lp: &Layout,
+    ) -> Result<()> {
+        let state = slice_mut(state, ls, self.name())?;
+        let g = slice(grad, lg, self.name())?;
+        let p = slice(param, lp, self.name())?;
+        let n = g.len();
+        if state.len() != 2 * n || p.len() != n {
+            candle_core::bail!(
+                "adam: state {} vs grad {} vs param {}",
+                state.len(),
+                n,
+                p.len()
+            )
+        }
+        let (m, v) = state.split_at_mut(n);
+        let (b1, b2, wd) = (self.beta1, self.beta2, self.weight_decay);
+        let update = |m: &mut [f32], v: &mut [f32], g: &[f32], p: &[f32]| {
+            for i in 0..g.len() {
+                let gi = if wd != 0.0 { g[i] + wd * p[i] } else { g[i] };
+                m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            }
+        };
+        if n >= PAR_THRESHOLD {
+            m.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
+                .for_each(|((m, v), (g, p))| update(m, v, g, p));
+        } else {
+            update(m, v, g, p);
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for AdamApply {
+    fn name(&self) -> &'static str {
+        "gentrain-adam-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        param: &mut CpuStorage,
+        lp: &Layout,
+        state: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<()> {
+        let p = slice_mut(param, lp, self.name())?;
+        let state = slice(state, ls, self.name())?;
+        let n = p.len();
+        if state.len() != 2 * n {
+            candle_core::bail!("adam: state {} vs param {}", state.len(), n)
+        }
+        let (m, v) = state.split_at(n);
+        let step_size = self.lr / self.bias_correction1;
+        let sqrt_bc2 = self.bias_correction2.sqrt();
+        let eps = self.eps;
+        let apply = |p: &mut [f32], m: &[f32], v: &[f32]| {
+            for i in 0..p.len() {
+                p[i] -= step_size * m[i] / (v[i].sqrt() / sqrt_bc2 + eps);
+            }
+        };
+        if n >= PAR_THRESHOLD {
+            p.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(|(p, (m, v))| apply(p, m, v));
+        } else {
+            apply(p, m, v);
+        }
+        Ok(())
+    }
+}

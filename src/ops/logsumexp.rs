@@ -1,0 +1,203 @@
+//! Max-shifted log-sum-exp over the last dimension, the core of the importance-weighted bound
+//! (Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders", eq. 8):
+//! `LSE(a) = m + ln sum_i exp(a_i - m)`, `m = max_i a_i`.
+//! Backward: `d/da_i = g * exp(a_i - LSE(a)) = g * w~_i`, the normalized importance weights,
+//! which makes the gradient of the IWAE bound `sum_i w~_i grad log w_i` (eq. 10).
+//! Rows whose entries are all `-inf` give `-inf` and a zero gradient.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice};
+
+/// `ln sum_i exp(a_i)` over the last dimension, max-shifted.
+pub fn logsumexp(a: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() {
+        a.contiguous()?.apply_op1(LogSumExp)
+    } else {
+        logsumexp_slow(a)
+    }
+}
+
+/// Reference composition of plain candle ops (max-shifted as well).
+pub fn logsumexp_slow(a: &Tensor) -> Result<Tensor> {
+    let m = a.max_keepdim(D::Minus1)?.detach();
+    let m_safe = m.clamp(f32::MIN, f32::MAX)?;
+    (a.broadcast_sub(&m_safe)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + m_safe)?
+        .squeeze(D::Minus1)
+}
+
+fn row_lse(r: &[f32]) -> f32 {
+    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !m.is_finite() {
+        return m;
+    }
+    let s: f64 = r.iter().map(|v| ((v - m) as f64).exp()).sum();
+    m + s.ln() as f32
+}
+
+struct LogSumExp;
+
+impl CustomOp1 for LogSumExp {
+    fn name(&self) -> &'static str {
+        "gentrain-logsumexp"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = slice(s, l, self.name())?;
+        let (rows, k) = rows_and_last(l.shape())?;
+        let out = map_rows(rows, k, |i| row_lse(&a[i * k..(i + 1) * k]));
+        Ok((CpuStorage::F32(out), reduced_shape(l.shape())))
+    }
+
+    fn bwd(&self, a: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(a.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &g.contiguous()?,
+            &LogSumExpBackward,
+        )?))
+    }
+}
+
+/// `g_row * exp(a_i - lse_row)`, zero where the row is all `-inf`.
+struct LogSumExpBackward;
+
+impl CustomOp3 for LogSumExpBackward {
+    fn name(&self) -> &'static str {
+        "gentrain-logsumexp-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = slice(s1, l1, self.name())?;
+        let lse = slice(s2, l2, self.name())?;
+        let g = slice(s3, l3, self.name())?;
+        let (_, k) = rows_and_last(l1.shape())?;
+        let mut out = vec![0f32; a.len()];
+        for_rows(&mut out, k, |i, r| {
+            let (m, gi) = (lse[i], g[i]);
+            if m == f32::NEG_INFINITY {
+                return;
+            }
+            for (o, v) in r.iter_mut().zip(&a[i * k..(i + 1) * k]) {
+                *o = gi * (v - m).exp();
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{rel_err, uniform};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_plain_ops_and_softmax_gradient() {
+        for (seed, shape) in [
+            (1u64, vec![1, 1]),
+            (2, vec![3, 5]),
+            (3, vec![4, 7, 50]),
+            (4, vec![129, 1000]),
+        ] {
+            let a = Var::from_tensor(&uniform(seed, &shape, -50.0, 10.0)).unwrap();
+            let up = uniform(seed + 1, &shape[..shape.len() - 1], -1.0, 1.0);
+            let f = logsumexp(&a).unwrap();
+            let s = logsumexp_slow(&a).unwrap();
+            assert!(rel_err(&f, &s) < 1e-5);
+            let gf = (f * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (s * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(
+                rel_err(
+                    gf.get(a.as_tensor()).unwrap(),
+                    gs.get(a.as_tensor()).unwrap()
+                ) < 1e-4
+            );
+        }
+    }
+
+    #[test]
+    fn huge_and_infinite_log_weights() {
+        let dev = Device::Cpu;
+        let a = Var::new(
+            &[
+                [1000f32, 1000.0, f32::NEG_INFINITY],
+                [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY],
+                [-1e4, -1e4 + 2f32.ln(), -1e30],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let v: Vec<f32> = logsumexp(&a).unwrap().to_vec1().unwrap();
+        assert!((v[0] - (1000.0 + 2f32.ln())).abs() < 1e-3);
+        assert_eq!(v[1], f32::NEG_INFINITY);
+        assert!((v[2] - (-1e4 + 3f32.ln())).abs() < 1e-2);
+        let g = logsumexp(&a)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gv: Vec<f32> = g
+            .get(a.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(gv.iter().all(|v| v.is_finite()), "{gv:?}");
+        assert!(
+            (gv[0] - 0.5).abs() < 1e-4 && (gv[1] - 0.5).abs() < 1e-4 && gv[2] == 0.0,
+            "{gv:?}"
+        );
+    }
+
+    #[test]
+    fn finite_differences() {
+        let a0 = vec![0.3f32, -1.2, 2.0, 0.0, -0.7, 1.1];
+        let w = Tensor::new(&[0.6f32, -1.4], &Device::Cpu).unwrap();
+        let f = |v: &[f32]| {
+            let t = Tensor::from_vec(v.to_vec(), (2, 3), &Device::Cpu).unwrap();
+            (logsumexp(&t).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let a = Var::from_vec(a0.clone(), (2, 3), &Device::Cpu).unwrap();
+        let g = (logsumexp(&a).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let an: Vec<f32> = g
+            .get(a.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for i in 0..a0.len() {
+            let (mut p, mut m) = (a0.clone(), a0.clone());
+            p[i] += 1e-2;
+            m[i] -= 1e-2;
+            let fd = (f(&p) - f(&m)) / 2e-2;
+            assert!((fd - an[i] as f64).abs() < 1e-3, "{i}: {fd} vs {}", an[i]);
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Outputs a person reads: metrics (JSONL and TensorBoard scalars) and PNG image grids.
+
+pub mod metrics;
+pub mod png;
+pub mod tensorboard;
+
+pub use metrics::MetricsWriter;

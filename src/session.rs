@@ -1,0 +1,199 @@
+//! The pieces every command shares: loading the data sets a config names, building a fresh model,
+//! and loading a model (and its config) back from a checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::checkpoint::{self, LoadedFile, FORMAT_VERSION, MODEL_FILE};
+use crate::config::Config;
+use crate::data::images::Split;
+use crate::data::{DataSource, ImageSet};
+use crate::error::{Error, Result};
+use crate::models::Vae;
+use crate::rng::{stream_rng, Stream, TEST_BINARIZATION_SEED};
+
+/// Training, validation and test rows of a run.
+pub struct Datasets {
+    pub train: DataSource,
+    pub valid: Option<DataSource>,
+    pub test: DataSource,
+    /// Image shape (`1 x 2` for the 2-D sets).
+    pub rows: usize,
+    pub cols: usize,
+    pub num_classes: usize,
+}
+
+impl Datasets {
+    /// Values per row.
+    pub fn dim(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// Loads the data a config names.
+pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
+    let seed = cfg.train.seed;
+    if let Some(set) = cfg.data.synthetic() {
+        let flat = |n: usize, index: u64, s: u64| -> Vec<f32> {
+            set.sample(n, &mut stream_rng(s, Stream::Synthetic, index))
+                .into_iter()
+                .flatten()
+                .collect()
+        };
+        let n = cfg.data.synthetic_size.max(1);
+        let valid = (cfg.data.validation > 0)
+            .then(|| DataSource::from_real(flat(cfg.data.validation, 1, seed), 2, seed));
+        return Ok(Datasets {
+            train: DataSource::from_real(flat(n, 0, seed), 2, seed),
+            valid,
+            test: DataSource::from_real(
+                flat(10_000, 2, TEST_BINARIZATION_SEED),
+                2,
+                TEST_BINARIZATION_SEED,
+            ),
+            rows: 1,
+            cols: 2,
+            num_classes: 0,
+        });
+    }
+    let dir = &cfg.data.dir;
+    let mut train = ImageSet::load(dir, Split::Train)?;
+    let test = ImageSet::load(dir, Split::Test)?;
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        return Err(Error::Data(format!(
+            "{}: training images are {}x{} but test images are {}x{}",
+            dir.display(),
+            train.rows,
+            train.cols,
+            test.rows,
+            test.cols
+        )));
+    }
+    let valid_set = if cfg.data.validation > 0 {
+        Some(train.split_off(cfg.data.validation)?)
+    } else {
+        None
+    };
+    if cfg.data.limit_train > 0 {
+        train.truncate(cfg.data.limit_train);
+    }
+    let mode = cfg.data.binarize;
+    Ok(Datasets {
+        train: DataSource::from_images(&train, mode, seed),
+        valid: valid_set.map(|v| DataSource::for_evaluation(&v, mode, seed)),
+        test: DataSource::for_evaluation(&test, mode, TEST_BINARIZATION_SEED),
+        rows: train.rows,
+        cols: train.cols,
+        num_classes: train.num_classes().max(test.num_classes()),
+    })
+}
+
+/// A freshly initialized model for `cfg`.
+pub fn build_model(cfg: &Config, input_dim: usize, device: &Device) -> Result<Vae> {
+    Vae::new(
+        &cfg.model,
+        input_dim,
+        device,
+        &mut stream_rng(cfg.train.seed, Stream::Init, 0),
+    )
+}
+
+/// Metadata written into `model.safetensors`.
+pub fn model_metadata(
+    cfg: &Config,
+    data: &Datasets,
+    step: u64,
+    epoch: u64,
+) -> HashMap<String, String> {
+    let rng_state = serde_json::json!({
+        "seed": cfg.train.seed,
+        "scheme": "chacha8 keyed by (seed, stream, index); index = epoch for shuffling, global step for binarization and noise",
+        "next_step": step,
+    });
+    HashMap::from([
+        ("format".into(), "pt".into()),
+        ("gentrain_format_version".into(), FORMAT_VERSION.into()),
+        ("gentrain_version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("model_family".into(), cfg.model.family.clone()),
+        ("input_dim".into(), data.dim().to_string()),
+        ("image_shape".into(), format!("{},{}", data.rows, data.cols)),
+        ("num_classes".into(), data.num_classes.to_string()),
+        (
+            "config".into(),
+            serde_json::to_string(cfg).expect("config serializes"),
+        ),
+        ("step".into(), step.to_string()),
+        ("epoch".into(), epoch.to_string()),
+        ("rng_state".into(), rng_state.to_string()),
+    ])
+}
+
+/// A model restored from a checkpoint.
+pub struct LoadedCheckpoint {
+    pub dir: PathBuf,
+    pub model: Vae,
+    pub config: Config,
+    pub step: u64,
+    pub epoch: u64,
+    pub image_shape: (usize, usize),
+    pub file: LoadedFile,
+}
+
+fn parse_num<T: std::str::FromStr>(f: &LoadedFile, key: &str) -> Result<T> {
+    f.meta(key)?
+        .trim()
+        .parse()
+        .map_err(|_| f.error(format!("metadata `{key}` is not a number")))
+}
+
+/// Loads the model of a checkpoint (or of a run directory's latest checkpoint) onto `device`.
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    let dir = checkpoint::resolve(path)?;
+    let file = LoadedFile::read(&dir.join(MODEL_FILE))?;
+    let version = file.meta("gentrain_format_version")?;
+    if version != FORMAT_VERSION {
+        return Err(file.error(format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        )));
+    }
+    let family = file.meta("model_family")?;
+    if family != "vae" {
+        return Err(file.error(format!(
+            "model family `{family}`: this command expects a `vae` checkpoint"
+        )));
+    }
+    let config: Config = serde_json::from_str(file.meta("config")?)
+        .map_err(|e| file.error(format!("metadata `config` is not a valid config: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| file.error(format!("metadata `config`: {e}")))?;
+    let input_dim: usize = parse_num(&file, "input_dim")?;
+    let shape = file.meta("image_shape")?;
+    let image_shape = shape
+        .split_once(',')
+        .and_then(|(r, c)| Some((r.trim().parse().ok()?, c.trim().parse().ok()?)))
+        .filter(|(r, c): &(usize, usize)| r * c == input_dim)
+        .ok_or_else(|| {
+            file.error(format!(
+                "metadata `image_shape` = {shape:?} does not match input_dim {input_dim}"
+            ))
+        })?;
+    let step = parse_num(&file, "step")?;
+    let epoch = parse_num(&file, "epoch")?;
+    let model = build_model(&config, input_dim, device)?;
+    model
+        .store
+        .load_from(|name, dims| file.tensor(name, dims, device))
+        .map_err(|e| file.error(e))?;
+    Ok(LoadedCheckpoint {
+        dir,
+        model,
+        config,
+        step,
+        epoch,
+        image_shape,
+        file,
+    })
+}

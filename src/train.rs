@@ -1,0 +1,479 @@
+//! The training loop: seeded minibatches, one optimizer step per batch, metrics at a fixed
+//! cadence, evaluation, sample grids and crash-safe checkpoints at epoch ends, and exact resume.
+//!
+//! Determinism: on the CPU, for a given seed and thread count, a run is bit-for-bit reproducible,
+//! and a run resumed from any checkpoint continues exactly as the uninterrupted run (every random
+//! draw is keyed by seed, stream and step, see [`crate::rng`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::checkpoint::{self, FileContents, LoadedFile, OPTIM_FILE};
+use crate::config::Config;
+use crate::data::DataSource;
+use crate::error::{Error, Result};
+use crate::eval;
+use crate::models::Vae;
+use crate::objectives::{kl_weight, needs_densities, objective};
+use crate::optim::{check_finite_grads, learning_rate, Optimizer};
+use crate::report::MetricsWriter;
+use crate::rng::{epoch_permutation, stream_rng, Stream};
+use crate::samples;
+use crate::session::{self, Datasets};
+
+/// Where and how to train.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Run directory.
+    pub out: PathBuf,
+    /// Resume from this run or checkpoint directory.
+    pub resume: Option<PathBuf>,
+    /// Show a progress bar (when stderr is a terminal).
+    pub progress: bool,
+    /// Stop after this many optimizer steps in this process (tests of resume; None: run to the end).
+    pub max_steps: Option<u64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub epochs: usize,
+    pub samples_per_s: f64,
+    pub test_elbo: Option<f64>,
+    pub final_eval: Option<eval::EvalReport>,
+    pub seconds: f64,
+}
+
+/// The model and optimizer of a run, fresh or restored.
+struct State {
+    model: Vae,
+    opt: Optimizer,
+    step: u64,
+}
+
+fn restore(cfg: &Config, resume: &Path, data: &Datasets, device: &Device) -> Result<State> {
+    let ck = session::load_checkpoint(resume, device)?;
+    for ((name, want), (_, have)) in cfg
+        .structural_fields()
+        .iter()
+        .zip(ck.config.structural_fields())
+    {
+        if *want != have {
+            return Err(Error::checkpoint(&ck.dir, format!("structural field {name} differs: checkpoint has {have}, the run asks for {want}")));
+        }
+    }
+    if ck.model.input_dim != data.dim() {
+        return Err(Error::checkpoint(
+            &ck.dir,
+            format!(
+                "data dimension differs: checkpoint has {}, the data has {}",
+                ck.model.input_dim,
+                data.dim()
+            ),
+        ));
+    }
+    if ck.config.optim.kind != cfg.optim.kind {
+        return Err(Error::checkpoint(
+            &ck.dir,
+            "optim.kind differs from the checkpoint's; the optimizer state cannot be carried over",
+        ));
+    }
+    for (field, old, new) in [
+        (
+            "optim.lr",
+            ck.config.optim.lr.to_string(),
+            cfg.optim.lr.to_string(),
+        ),
+        (
+            "train.batch_size",
+            ck.config.train.batch_size.to_string(),
+            cfg.train.batch_size.to_string(),
+        ),
+        (
+            "train.epochs",
+            ck.config.train.epochs.to_string(),
+            cfg.train.epochs.to_string(),
+        ),
+        (
+            "objective.k",
+            ck.config.objective.k.to_string(),
+            cfg.objective.k.to_string(),
+        ),
+    ] {
+        if old != new {
+            tracing::info!("resume overrides {field}: {old} -> {new}");
+        }
+    }
+    let mut opt = Optimizer::new(&cfg.optim, &ck.model.store)?;
+    let optim_file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
+    let opt_step: u64 = optim_file
+        .meta("step")?
+        .parse()
+        .map_err(|_| optim_file.error("metadata `step` is not a number"))?;
+    if optim_file.meta("optimizer")? != opt.kind_name() {
+        return Err(optim_file.error(format!(
+            "optimizer is {}, the run uses {}",
+            optim_file.meta("optimizer")?,
+            opt.kind_name()
+        )));
+    }
+    opt.load_state(opt_step, |name, dims| optim_file.tensor(name, dims, device))
+        .map_err(|e| optim_file.error(e))?;
+    Ok(State {
+        model: ck.model,
+        opt,
+        step: ck.step,
+    })
+}
+
+fn save_checkpoint(
+    cfg: &Config,
+    data: &Datasets,
+    st: &State,
+    run_dir: &Path,
+    epoch: u64,
+    keep: usize,
+) -> Result<PathBuf> {
+    let model = FileContents {
+        tensors: st
+            .model
+            .store
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+            .collect(),
+        metadata: session::model_metadata(cfg, data, st.step, epoch),
+    };
+    let optim = FileContents {
+        tensors: st.opt.named_state()?,
+        metadata: [
+            ("optimizer".to_string(), st.opt.kind_name().to_string()),
+            ("step".to_string(), st.opt.step.to_string()),
+            (
+                "lr".to_string(),
+                learning_rate(&cfg.optim, epoch.saturating_sub(1) as usize).to_string(),
+            ),
+            (
+                "gentrain_format_version".to_string(),
+                checkpoint::FORMAT_VERSION.to_string(),
+            ),
+        ]
+        .into(),
+    };
+    checkpoint::save(
+        run_dir,
+        st.step,
+        &[(checkpoint::MODEL_FILE, model), (OPTIM_FILE, optim)],
+        keep,
+    )
+}
+
+/// The result of one optimizer step.
+pub struct StepOutput {
+    /// The loss (negative weighted bound).
+    pub loss: f32,
+    /// The batch-mean bound.
+    pub bound: f32,
+    /// False when the loss or a gradient was non-finite and no update was applied.
+    pub finite: bool,
+}
+
+/// One optimizer step on the rows `idx` of `data` at global step `step`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: &Vae,
+    opt: &mut Optimizer,
+    cfg: &Config,
+    data: &DataSource,
+    idx: &[u32],
+    step: u64,
+    beta: f64,
+    lr: f64,
+    device: &Device,
+) -> Result<StepOutput> {
+    let k = cfg.objective.k;
+    let seed = cfg.train.seed;
+    let x = data.batch(idx, step, device)?;
+    let eps = model.draw_noise(k, idx.len(), &mut stream_rng(seed, Stream::Noise, step))?;
+    let pass = model.pass(
+        &x,
+        k,
+        &eps,
+        needs_densities(&cfg.objective, model.latents.len()),
+    )?;
+    let obj = objective(&pass, &cfg.objective, k, beta)?;
+    let loss = obj.loss.to_scalar::<f32>()?;
+    let bound = obj.bound.to_scalar::<f32>()?;
+    if !loss.is_finite() {
+        return Ok(StepOutput {
+            loss,
+            bound,
+            finite: false,
+        });
+    }
+    let grads = obj.loss.backward()?;
+    if check_finite_grads(&model.store, &grads).is_err() {
+        return Ok(StepOutput {
+            loss,
+            bound,
+            finite: false,
+        });
+    }
+    opt.step(&grads, lr)?;
+    Ok(StepOutput {
+        loss,
+        bound,
+        finite: true,
+    })
+}
+
+/// Trains according to `cfg`, writing everything into `opts.out`.
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
+    let t_start = Instant::now();
+    let device = crate::device::open_device(&cfg.train.device)?;
+    let data = session::load_datasets(cfg)?;
+    if data.train.is_empty() {
+        return Err(Error::Data("the training set is empty".into()));
+    }
+    let run_dir = &opts.out;
+    if opts.resume.is_none() && run_dir.join(checkpoint::LATEST).exists() {
+        return Err(Error::Config(format!(
+            "{} already holds a run: pass --resume {} to continue it, or choose another --out",
+            run_dir.display(),
+            run_dir.display()
+        )));
+    }
+    let mut st = match &opts.resume {
+        Some(r) => restore(cfg, r, &data, &device)?,
+        None => {
+            let model = session::build_model(cfg, data.dim(), &device)?;
+            let opt = Optimizer::new(&cfg.optim, &model.store)?;
+            State {
+                model,
+                opt,
+                step: 0,
+            }
+        }
+    };
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let cfg_path = run_dir.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+    let mut metrics = MetricsWriter::open(run_dir)?;
+
+    let n = data.train.len();
+    let bs = cfg.train.batch_size.min(n);
+    let steps_per_epoch = n.div_ceil(bs) as u64;
+    let total_steps = steps_per_epoch * cfg.train.epochs as u64;
+    let seed = cfg.train.seed;
+    tracing::info!(
+        params = st.model.store.numel(),
+        steps_per_epoch,
+        total_steps,
+        start = st.step,
+        "training"
+    );
+
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(total_steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} epoch {prefix} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b.set_position(st.step);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let mut perm: Option<(u64, Vec<u32>)> = None;
+    let mut window = (0f64, 0usize, Instant::now(), 0usize); // bound sum, steps, start, samples
+    let mut skipped = 0u64;
+    let mut last_test_elbo = None;
+    let mut trained_samples = 0usize;
+    let t_train = Instant::now();
+    let steps_limit = opts.max_steps.map(|m| st.step + m).unwrap_or(u64::MAX);
+    while st.step < total_steps && st.step < steps_limit {
+        let epoch = st.step / steps_per_epoch;
+        let within = (st.step % steps_per_epoch) as usize;
+        if perm.as_ref().map(|p| p.0) != Some(epoch) {
+            perm = Some((epoch, epoch_permutation(seed, epoch, n)));
+            bar.set_prefix(format!("{}", epoch + 1));
+        }
+        let order = &perm.as_ref().expect("set above").1;
+        let idx = &order[within * bs..((within + 1) * bs).min(n)];
+        let beta = kl_weight(
+            &cfg.objective,
+            epoch as f64 + within as f64 / steps_per_epoch as f64,
+        );
+        let lr = learning_rate(&cfg.optim, epoch as usize);
+        let out = train_step(
+            &st.model,
+            &mut st.opt,
+            cfg,
+            &data.train,
+            idx,
+            st.step,
+            beta,
+            lr,
+            &device,
+        )?;
+        let (loss, finite) = (out.loss, out.finite);
+        if !finite {
+            match cfg.train.on_nonfinite {
+                crate::config::NonFinitePolicy::Stop => {
+                    metrics.flush()?;
+                    return Err(Error::NonFinite(format!(
+                        "loss {loss} at step {} (epoch {}); stopped without writing a checkpoint, the last saved one is intact",
+                        st.step,
+                        epoch + 1
+                    )));
+                }
+                crate::config::NonFinitePolicy::Skip => {
+                    skipped += 1;
+                    tracing::warn!(
+                        step = st.step,
+                        "non-finite loss or gradient: step skipped ({skipped} so far)"
+                    );
+                }
+            }
+        }
+        st.step += 1;
+        trained_samples += idx.len();
+        bar.inc(1);
+        if finite {
+            window.0 += out.bound as f64;
+            window.1 += 1;
+        }
+        window.3 += idx.len();
+        if st.step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch {
+            let secs = window.2.elapsed().as_secs_f64();
+            let sps = window.3 as f64 / secs.max(1e-9);
+            let bound = window.0 / window.1.max(1) as f64;
+            bar.set_message(format!("bound {bound:.2} | {sps:.0} samples/s"));
+            metrics.log(
+                "train",
+                st.step,
+                st.step as f64 / steps_per_epoch as f64,
+                &[
+                    ("bound", bound),
+                    ("loss", loss as f64),
+                    ("lr", lr),
+                    ("kl_weight", beta),
+                    ("samples_per_s", sps),
+                    ("wall_s", t_start.elapsed().as_secs_f64()),
+                    ("skipped_steps", skipped as f64),
+                ],
+            )?;
+            window = (0.0, 0, Instant::now(), 0);
+        }
+        let epoch_done = within as u64 + 1 == steps_per_epoch;
+        if epoch_done {
+            let e = epoch as usize + 1;
+            let last = e == cfg.train.epochs;
+            if cfg.train.eval_every > 0 && (e % cfg.train.eval_every == 0 || last) {
+                let t = Instant::now();
+                let test_elbo =
+                    eval::mean_elbo(&st.model, &data.test, data.test.len(), 1000, seed)?;
+                let mut fields = vec![("test_elbo", test_elbo)];
+                if let Some(v) = &data.valid {
+                    fields.push((
+                        "valid_elbo",
+                        eval::mean_elbo(&st.model, v, v.len(), 1000, seed)?,
+                    ));
+                }
+                fields.push(("eval_s", t.elapsed().as_secs_f64()));
+                fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
+                metrics.log("eval", st.step, e as f64, &fields)?;
+                bar.println(format!("epoch {e}: test ELBO {test_elbo:.2} nats"));
+                last_test_elbo = Some(test_elbo);
+                window.2 = Instant::now();
+            }
+            if last || (cfg.train.sample_every > 0 && e % cfg.train.sample_every == 0) {
+                samples::write_samples(
+                    &st.model,
+                    &run_dir.join(format!("samples-epoch-{e:04}.png")),
+                    64,
+                    seed,
+                    e as u64,
+                    (data.rows, data.cols),
+                )?;
+            }
+            if last || (cfg.train.checkpoint_every > 0 && e % cfg.train.checkpoint_every == 0) {
+                save_checkpoint(
+                    cfg,
+                    &data,
+                    &st,
+                    run_dir,
+                    e as u64,
+                    cfg.train.keep_checkpoints,
+                )?;
+                metrics.flush()?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let seconds_training = t_train.elapsed().as_secs_f64();
+    let finished = st.step >= total_steps;
+    if !finished && st.step % steps_per_epoch != 0 {
+        // Stopped inside an epoch (--max-steps): checkpoint there so the run can be resumed.
+        save_checkpoint(
+            cfg,
+            &data,
+            &st,
+            run_dir,
+            st.step / steps_per_epoch,
+            cfg.train.keep_checkpoints,
+        )?;
+    }
+    let final_eval = if finished && cfg.eval.final_k > 0 {
+        let r = eval::evaluate(
+            &st.model,
+            &data.test,
+            cfg.eval.final_k,
+            cfg.eval.final_limit,
+            cfg.eval.max_rows,
+            seed,
+        )?;
+        metrics.log(
+            "final_eval",
+            st.step,
+            cfg.train.epochs as f64,
+            &[
+                ("test_elbo", r.test_elbo),
+                ("nll", r.nll),
+                ("nll_stderr", r.nll_stderr),
+                ("k", r.k as f64),
+                ("n", r.n as f64),
+                ("bits_per_dim", r.bits_per_dim),
+            ],
+        )?;
+        Some(r)
+    } else {
+        None
+    };
+    if finished && (data.rows > 1) {
+        samples::write_reconstructions(
+            &st.model,
+            &data.test,
+            &run_dir.join("reconstructions.png"),
+            32,
+            (data.rows, data.cols),
+        )?;
+    }
+    metrics.flush()?;
+    Ok(TrainSummary {
+        run_dir: run_dir.clone(),
+        steps: st.step,
+        epochs: cfg.train.epochs,
+        samples_per_s: trained_samples as f64 / seconds_training.max(1e-9),
+        test_elbo: last_test_elbo,
+        final_eval,
+        seconds: t_start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,162 @@
+//! The checkpoint layout of `docs/checkpoints.md`: PyTorch names and (out, in) shapes, the
+//! metadata keys, the optimizer file, `latest`, and the artifacts a run leaves behind.
+
+mod common;
+use common::*;
+
+#[test]
+fn run_directory_and_checkpoint_follow_the_documented_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 100, 20);
+    let cfg = small_config(tmp.path(), &data, "");
+    let run = tmp.path().join("run");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["final_eval"]["nll"].as_f64().unwrap() > 50.0);
+
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "latest",
+        "samples-epoch-0001.png",
+        "samples-epoch-0002.png",
+        "reconstructions.png",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    assert!(std::fs::read_dir(&run).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents.")));
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    assert_eq!(latest.trim(), "ckpt-00000004");
+    let ck = run.join(latest.trim());
+
+    let bytes = std::fs::read(ck.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec()))
+        .collect();
+    names.sort();
+    let expect: Vec<(&str, Vec<usize>)> = vec![
+        ("decoders.0.net.0.bias", vec![64]),
+        ("decoders.0.net.0.weight", vec![64, 8]),
+        ("decoders.0.out.bias", vec![784]),
+        ("decoders.0.out.weight", vec![784, 64]),
+        ("encoders.0.logvar.bias", vec![8]),
+        ("encoders.0.logvar.weight", vec![8, 64]),
+        ("encoders.0.mu.bias", vec![8]),
+        ("encoders.0.mu.weight", vec![8, 64]),
+        ("encoders.0.net.0.bias", vec![64]),
+        ("encoders.0.net.0.weight", vec![64, 784]),
+    ];
+    assert_eq!(
+        names,
+        expect
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s))
+            .collect::<Vec<_>>()
+    );
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    for key in [
+        "format",
+        "gentrain_format_version",
+        "model_family",
+        "input_dim",
+        "image_shape",
+        "config",
+        "step",
+        "epoch",
+        "rng_state",
+    ] {
+        assert!(meta.contains_key(key), "metadata lacks {key}");
+    }
+    assert_eq!(meta["format"], "pt");
+    assert_eq!(meta["step"], "4");
+    assert_eq!(meta["epoch"], "2");
+    let cfg: serde_json::Value = serde_json::from_str(&meta["config"]).unwrap();
+    assert_eq!(cfg["model"]["layers"][0]["latent"], 8);
+
+    let obytes = std::fs::read(ck.join("optim.safetensors")).unwrap();
+    let ost = safetensors::SafeTensors::deserialize(&obytes).unwrap();
+    assert_eq!(ost.tensors().len(), 20);
+    assert_eq!(
+        ost.tensor("encoders.0.net.0.weight.exp_avg_sq")
+            .unwrap()
+            .shape(),
+        &[64, 784]
+    );
+    let (_, ometa) = safetensors::SafeTensors::read_metadata(&obytes).unwrap();
+    assert_eq!(ometa.metadata().as_ref().unwrap()["step"], "4");
+
+    // metrics.jsonl: train, eval and final_eval events with the documented fields.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train = events.iter().find(|e| e["event"] == "train").unwrap();
+    for k in ["step", "epoch", "bound", "samples_per_s", "wall_s"] {
+        assert!(train.get(k).is_some(), "train event lacks {k}");
+    }
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "eval" && e["test_elbo"].as_f64().unwrap() < 0.0));
+    assert!(events.iter().any(|e| e["event"] == "final_eval"));
+
+    // eval --json gives the contract's keys as positive nats, and sample writes a PNG.
+    let out = trainer(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--k",
+        "10",
+        "--limit",
+        "20",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["nll"].as_f64().unwrap() > 0.0 && r["test_elbo"].as_f64().is_some());
+    assert_eq!((r["k"].as_u64(), r["n"].as_u64()), (Some(10), Some(20)));
+    for kind in ["prior", "reconstructions", "interpolation"] {
+        let png = tmp.path().join(format!("{kind}.png"));
+        let out = trainer(&[
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--n",
+            "8",
+            "--kind",
+            kind,
+            "--out",
+            png.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    }
+}

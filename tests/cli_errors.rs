@@ -1,0 +1,405 @@
+//! Bad input gets one line on stderr and exit code 2, never a panic: bad flags and config values,
+//! malformed data files, and corrupt or mismatched checkpoints.
+
+mod common;
+use common::*;
+
+#[test]
+fn bad_flags_and_config_values() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--k",
+                "0",
+                "--epochs",
+                "1",
+            ],
+            "objective.k",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--batch-size",
+                "0",
+            ],
+            "batch_size",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--lr",
+                "-0.1",
+            ],
+            "optim.lr",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--device",
+                "cuda:9",
+            ],
+            "cuda:9",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--device",
+                "tpu",
+            ],
+            "unknown device",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--set",
+                "train.no_such_key=1",
+            ],
+            "no_such_key",
+        ),
+        (
+            &["train", "--config", "configs/does-not-exist.toml"],
+            "does-not-exist.toml",
+        ),
+        (&["train"], "--config"),
+        (
+            &["eval", "--checkpoint", "/nonexistent/run"],
+            "does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = trainer(args);
+        assert_user_error(&out, needle);
+    }
+}
+
+#[test]
+fn unknown_key_in_a_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.toml");
+    std::fs::write(&p, "[train]\nepochs = 1\nlearning_rate = 0.1\n").unwrap();
+    assert_user_error(
+        &trainer(&["train", "--config", p.to_str().unwrap()]),
+        "learning_rate",
+    );
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let out = trainer(&[
+        "train",
+        "--config",
+        "configs/vae-examples.toml",
+        "--epoch",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+fn data_case(mutate: impl Fn(&std::path::Path), needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 100, 20);
+    mutate(&data);
+    let cfg = small_config(tmp.path(), &data, "");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        tmp.path().join("run").to_str().unwrap(),
+    ]);
+    assert_user_error(&out, needle);
+    assert!(!tmp.path().join("run").join("latest").exists());
+}
+
+#[test]
+fn truncated_idx_file() {
+    data_case(
+        |d| {
+            let p = d.join("train-images-idx3-ubyte");
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+        },
+        "header claims",
+    );
+}
+
+#[test]
+fn idx_with_bad_magic() {
+    data_case(
+        |d| {
+            let p = d.join("t10k-images-idx3-ubyte");
+            let mut b = std::fs::read(&p).unwrap();
+            b[0] = 0x42;
+            std::fs::write(&p, &b).unwrap();
+        },
+        "bad magic",
+    );
+}
+
+#[test]
+fn idx_header_claiming_more_than_present() {
+    data_case(
+        |d| {
+            let p = d.join("train-images-idx3-ubyte");
+            let mut b = std::fs::read(&p).unwrap();
+            b[4..8].copy_from_slice(&4_000_000_000u32.to_be_bytes());
+            std::fs::write(&p, &b).unwrap();
+        },
+        "header claims",
+    );
+}
+
+#[test]
+fn image_and_label_counts_differ() {
+    data_case(
+        |d| write_idx(&d.join("train-labels-idx1-ubyte"), &[99], &[0; 99]),
+        "labels",
+    );
+}
+
+#[test]
+fn empty_image_set() {
+    data_case(
+        |d| write_idx(&d.join("train-images-idx3-ubyte"), &[0, 28, 28], &[]),
+        "empty",
+    );
+}
+
+#[test]
+fn missing_data_files() {
+    data_case(
+        |d| std::fs::remove_file(d.join("train-images-idx3-ubyte")).unwrap(),
+        "train-images-idx3-ubyte",
+    );
+}
+
+/// Trains a tiny model and returns (tempdir, run dir).
+fn trained_run() -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 100, 20);
+    let cfg = small_config(tmp.path(), &data, "");
+    let run = tmp.path().join("run");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (tmp, run)
+}
+
+fn checkpoint_case(mutate: impl Fn(&[u8]) -> Vec<u8>, needle: &str) {
+    let (_tmp, run) = trained_run();
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    let model = run.join(latest.trim()).join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, mutate(&bytes)).unwrap();
+    assert_user_error(
+        &trainer(&[
+            "eval",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--k",
+            "2",
+            "--limit",
+            "5",
+        ]),
+        needle,
+    );
+}
+
+fn header(bytes: &[u8]) -> (usize, serde_json::Value) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (n, serde_json::from_slice(&bytes[8..8 + n]).unwrap())
+}
+
+fn with_header(bytes: &[u8], f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let (n, mut h) = header(bytes);
+    f(&mut h);
+    let mut text = serde_json::to_vec(&h).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
+#[test]
+fn checkpoint_header_length_lies() {
+    checkpoint_case(
+        |b| {
+            let mut b = b.to_vec();
+            b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            b
+        },
+        "not a valid safetensors file",
+    );
+}
+
+#[test]
+fn checkpoint_truncated() {
+    checkpoint_case(
+        |b| b[..b.len() / 2].to_vec(),
+        "not a valid safetensors file",
+    );
+}
+
+#[test]
+fn checkpoint_offsets_out_of_range() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                h["encoders.0.net.0.bias"]["data_offsets"][1] = serde_json::json!(1u64 << 40)
+            })
+        },
+        "not a valid safetensors file",
+    );
+}
+
+#[test]
+fn checkpoint_wrong_dtype() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                let off = h["decoders.0.out.bias"]["data_offsets"].clone();
+                let (a, z) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
+                h["decoders.0.out.bias"] = serde_json::json!({"dtype": "I32", "shape": [(z - a) / 4], "data_offsets": [a, z]});
+            })
+        },
+        "dtype",
+    );
+}
+
+#[test]
+fn checkpoint_missing_tensor() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                let v = h
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("encoders.0.mu.weight")
+                    .unwrap();
+                h["renamed.weight"] = v;
+            })
+        },
+        "encoders.0.mu.weight",
+    );
+}
+
+#[test]
+fn checkpoint_misshapen_tensor() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                let s = h["encoders.0.mu.weight"]["shape"].clone();
+                let (r, c) = (s[0].as_u64().unwrap(), s[1].as_u64().unwrap());
+                h["encoders.0.mu.weight"]["shape"] = serde_json::json!([c, r]);
+            })
+        },
+        "shape",
+    );
+}
+
+#[test]
+fn checkpoint_from_another_family() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                h["__metadata__"]["model_family"] = serde_json::json!("gan")
+            })
+        },
+        "model family `gan`",
+    );
+}
+
+#[test]
+fn resume_with_a_different_architecture_names_the_field() {
+    let (tmp, run) = trained_run();
+    let data = tmp.path().join("data");
+    let cfg = small_config(tmp.path(), &data, "");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "model.layers=[{hidden=[32],latent=8}]",
+    ]);
+    assert_user_error(&out, "model.layers");
+}
+
+#[test]
+fn training_into_an_existing_run_is_refused() {
+    let (tmp, run) = trained_run();
+    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
+    let before = tensors(
+        &run.join(std::fs::read_to_string(run.join("latest")).unwrap().trim())
+            .join("model.safetensors"),
+    );
+    assert_user_error(
+        &trainer(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ]),
+        "already holds a run",
+    );
+    let after = tensors(
+        &run.join(std::fs::read_to_string(run.join("latest")).unwrap().trim())
+            .join("model.safetensors"),
+    );
+    assert_eq!(before, after);
+}
+
+#[test]
+fn nan_loss_stops_with_exit_2_and_keeps_the_checkpoint() {
+    let (tmp, run) = trained_run();
+    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
+    let latest_before = std::fs::read_to_string(run.join("latest")).unwrap();
+    // An absurd learning rate drives the loss to infinity within a few steps.
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--resume",
+        run.to_str().unwrap(),
+        "--epochs",
+        "30",
+        "--lr",
+        "1e30",
+    ]);
+    assert_user_error(&out, "non-finite");
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap(),
+        latest_before
+    );
+}
