@@ -237,7 +237,6 @@ pub fn run(cli: Cli) -> Result<()> {
                 _ => None,
             };
             let cfg = resolve_config(&a.flags, a.epochs, fallback)?;
-            crate::device::set_cpu_threads(cfg.train.threads);
             let out = match (&a.out, &a.resume) {
                 (Some(o), _) => o.clone(),
                 (None, Some(r)) => run_dir_of(r),
@@ -249,7 +248,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 progress: !a.json,
                 max_steps: a.max_steps,
             };
-            let s = crate::train::train(&cfg, &opts).context("train")?;
+            let s = crate::device::with_cpu_threads(cfg.train.threads, || {
+                crate::train::train(&cfg, &opts)
+            })
+            .context("train")?;
             if a.json {
                 return print_json(&s);
             }
@@ -270,11 +272,6 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(a) => {
-            if let Some(t) = a.threads {
-                crate::device::set_cpu_threads(t);
-            } else {
-                crate::device::set_cpu_threads(0);
-            }
             let device = crate::device::open_device(a.device.as_deref().unwrap_or("cpu"))?;
             let ck = crate::session::load_checkpoint(&a.checkpoint, &device)?;
             let mut cfg = ck.config.clone();
@@ -298,7 +295,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             let limit = a.limit.unwrap_or(cfg.eval.limit);
-            let r = crate::eval::evaluate(&ck.model, &data.test, k, limit, max_rows, a.seed)?;
+            let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
+                crate::eval::evaluate(&ck.model, &data.test, k, limit, max_rows, a.seed)
+            })?;
             if a.json {
                 let mut v = serde_json::to_value(&r)?;
                 v["checkpoint"] = serde_json::Value::from(ck.dir.display().to_string());
@@ -321,7 +320,6 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sample(a) => {
-            crate::device::set_cpu_threads(0);
             if a.n == 0 {
                 bail!("--n must be at least 1");
             }
@@ -356,8 +354,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => {
             let cfg = resolve_config(&a.flags, None, None)?;
-            crate::device::set_cpu_threads(cfg.train.threads);
-            let r = crate::bench::bench(&cfg, a.steps, a.warmup)?;
+            let r = crate::device::with_cpu_threads(cfg.train.threads, || {
+                crate::bench::bench(&cfg, a.steps, a.warmup)
+            })?;
             if a.json {
                 return print_json(&r);
             }

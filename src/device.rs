@@ -51,8 +51,18 @@ fn open_cuda(_n: usize, s: &str) -> Result<Device> {
     )))
 }
 
-/// Sets the CPU thread count for candle and the rayon pool (0: all cores). Must be called before
-/// any parallel work starts.
+/// Runs `f` with `threads` CPU threads (0: all cores) inside a rayon pool, the calling thread
+/// being one of its workers (so parallel kernels do not hand work across threads and wait).
+pub fn with_cpu_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    let n = set_cpu_threads(threads);
+    match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
+/// Sets the CPU thread count that candle reads (0: all cores) and returns it. Must be called
+/// before any parallel work starts.
 pub fn set_cpu_threads(threads: usize) -> usize {
     let n = if threads == 0 {
         std::thread::available_parallelism()
@@ -61,10 +71,13 @@ pub fn set_cpu_threads(threads: usize) -> usize {
     } else {
         threads
     };
-    // candle reads RAYON_NUM_THREADS for its own kernels; the pool below serves ours and gemm.
+    // candle sizes its GEMM parallelism from RAYON_NUM_THREADS.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    rayon::current_num_threads()
+    // candle's own elementwise pool spins while it waits; beside the rayon pool that runs GEMMs
+    // and our fused kernels it only competes for the same cores, so it gets one thread unless
+    // the user asks otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    n
 }

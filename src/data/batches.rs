@@ -9,7 +9,7 @@
 //! A Bernoulli(p / 255) bit is drawn exactly from a 32-bit uniform `r` as `r * 255 < p * 2^32`.
 
 use candle_core::{Device, Tensor};
-use rand::RngCore;
+use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
 use super::ImageSet;
@@ -50,11 +50,17 @@ enum Rows {
     Real(Vec<f32>),
 }
 
+/// A Bernoulli(p / 255) draw from the 32-bit uniform `r`, as 0.0 or 1.0.
+#[inline(always)]
+fn bernoulli_bit(r: u32, p: u8) -> f32 {
+    (((r as u64) * 255 < (p as u64) << 32) as u8) as f32
+}
+
 /// Draws Bernoulli(p / 255) bits for `pixels` from `rng`.
 pub fn binarize(pixels: &[u8], rng: &mut impl RngCore) -> Vec<u8> {
     pixels
         .iter()
-        .map(|&p| (((rng.next_u32() as u64) * 255) < ((p as u64) << 32)) as u8)
+        .map(|&p| bernoulli_bit(rng.next_u32(), p) as u8)
         .collect()
 }
 
@@ -128,12 +134,11 @@ impl DataSource {
         match &self.rows {
             Rows::Dynamic(pixels) => {
                 let mut rng = stream_rng(self.seed, Stream::Binarize, step);
-                for &i in idx {
-                    for &p in &pixels[i as usize * d..(i as usize + 1) * d] {
-                        out.push(
-                            ((((rng.next_u32() as u64) * 255) < ((p as u64) << 32)) as u8) as f32,
-                        );
-                    }
+                let mut uniform = vec![0u32; idx.len() * d];
+                rng.fill(&mut uniform[..]);
+                for (row, &i) in uniform.chunks_exact(d.max(1)).zip(idx) {
+                    let px = &pixels[i as usize * d..(i as usize + 1) * d];
+                    out.extend(row.iter().zip(px).map(|(&r, &p)| bernoulli_bit(r, p)));
                 }
             }
             Rows::Bytes { data, scale } => {

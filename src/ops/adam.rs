@@ -70,7 +70,7 @@ impl InplaceOp3 for AdamMoments {
                 v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
             }
         };
-        if n >= PAR_THRESHOLD {
+        if n >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
             m.par_chunks_mut(CHUNK)
                 .zip(v.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
@@ -109,7 +109,7 @@ impl InplaceOp2 for AdamApply {
                 p[i] -= step_size * m[i] / (v[i].sqrt() / sqrt_bc2 + eps);
             }
         };
-        if n >= PAR_THRESHOLD {
+        if n >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
             p.par_chunks_mut(CHUNK)
                 .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
                 .for_each(|(p, (m, v))| apply(p, m, v));

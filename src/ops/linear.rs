@@ -36,7 +36,7 @@ impl Activation {
         match self {
             Activation::Identity => a,
             Activation::Relu => a.max(0.0),
-            Activation::Tanh => a.tanh(),
+            Activation::Tanh => super::fastmath::tanh(a),
             Activation::Softplus => softplus(a),
         }
     }
@@ -54,7 +54,7 @@ impl Activation {
                 }
             }
             Activation::Tanh => 1.0 - y * y,
-            Activation::Softplus => -(-y).exp_m1(),
+            Activation::Softplus => 1.0 - super::fastmath::exp_nonpos(-y),
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod adam;
 pub mod bernoulli;
+pub mod fastmath;
 pub mod gaussian;
 pub mod linear;
 pub mod logsumexp;
@@ -62,7 +63,7 @@ pub(crate) fn for_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]
     if row == 0 {
         return;
     }
-    if out.len() >= PAR_THRESHOLD {
+    if out.len() >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
         let rows_per_task = (PAR_THRESHOLD / row).max(1);
         out.par_chunks_mut(rows_per_task * row)
             .enumerate()
@@ -85,29 +86,14 @@ pub(crate) fn map_rows(
     row: usize,
     f: impl Fn(usize) -> f32 + Sync + Send,
 ) -> Vec<f32> {
-    if n_rows * row >= PAR_THRESHOLD {
+    if n_rows * row >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
         (0..n_rows).into_par_iter().map(f).collect()
     } else {
         (0..n_rows).map(f).collect()
     }
 }
 
-/// Numerically stable `softplus(l) = ln(1 + e^l) = max(l, 0) + ln(1 + e^-|l|)`.
-#[inline]
-pub fn softplus(l: f32) -> f32 {
-    l.max(0.0) + (-l.abs()).exp().ln_1p()
-}
-
-/// Numerically stable logistic sigmoid.
-#[inline]
-pub fn sigmoid(l: f32) -> f32 {
-    if l >= 0.0 {
-        1.0 / (1.0 + (-l).exp())
-    } else {
-        let e = l.exp();
-        e / (1.0 + e)
-    }
-}
+pub use fastmath::{sigmoid, softplus};
 
 /// Splits a shape `(.., d)` into (rows, d).
 pub(crate) fn rows_and_last(shape: &candle_core::Shape) -> Result<(usize, usize)> {
