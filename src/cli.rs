@@ -261,7 +261,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 s.steps, s.seconds, s.samples_per_s
             );
             if let Some(e) = s.test_elbo {
-                println!("test ELBO: {e:.2} nats");
+                println!("test -ELBO: {e:.2} nats");
             }
             if let Some(r) = &s.final_eval {
                 println!(
@@ -310,7 +310,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ck.step,
                 ck.epoch
             );
-            println!("test ELBO: {:.3} nats", r.test_elbo);
+            println!("test -ELBO: {:.3} nats", r.test_elbo);
             println!(
                 "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
                 r.k, r.n, r.nll, r.nll_stderr

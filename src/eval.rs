@@ -24,7 +24,7 @@ use crate::rng::{stream_rng, Stream};
 /// Everything `trainer eval` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
-    /// Mean test ELBO in nats (higher is better; negative numbers).
+    /// Negative test ELBO in nats, as a positive number (an upper bound on `nll`).
     pub test_elbo: f64,
     /// Importance-sampled negative log-likelihood in nats (positive).
     pub nll: f64,
@@ -165,7 +165,7 @@ pub fn evaluate(
     let nll = -ll.iter().sum::<f64>() / n as f64;
     let var = ll.iter().map(|v| (-v - nll).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
     Ok(EvalReport {
-        test_elbo,
+        test_elbo: -test_elbo,
         nll,
         nll_stderr: (var / n as f64).sqrt(),
         k,

@@ -378,19 +378,20 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             let last = e == cfg.train.epochs;
             if cfg.train.eval_every > 0 && (e % cfg.train.eval_every == 0 || last) {
                 let t = Instant::now();
+                // Reported as positive nats (negative ELBO), like the NLL.
                 let test_elbo =
-                    eval::mean_elbo(&st.model, &data.test, data.test.len(), 1000, seed)?;
+                    -eval::mean_elbo(&st.model, &data.test, data.test.len(), 1000, seed)?;
                 let mut fields = vec![("test_elbo", test_elbo)];
                 if let Some(v) = &data.valid {
                     fields.push((
                         "valid_elbo",
-                        eval::mean_elbo(&st.model, v, v.len(), 1000, seed)?,
+                        -eval::mean_elbo(&st.model, v, v.len(), 1000, seed)?,
                     ));
                 }
                 fields.push(("eval_s", t.elapsed().as_secs_f64()));
                 fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
                 metrics.log("eval", st.step, e as f64, &fields)?;
-                bar.println(format!("epoch {e}: test ELBO {test_elbo:.2} nats"));
+                bar.println(format!("epoch {e}: test -ELBO {test_elbo:.2} nats"));
                 last_test_elbo = Some(test_elbo);
                 window.2 = Instant::now();
             }
