@@ -22,6 +22,11 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIM_FILE: &str = "optim.safetensors";
 /// Name of the pointer file in a run directory.
 pub const LATEST: &str = "latest";
+/// Name of the file naming the best checkpoint (by validation bound) and its score.
+pub const BEST: &str = "best";
+/// Test-only failpoint: milliseconds to sleep after a checkpoint's files are written and before
+/// the directory is renamed into place, to widen the window in which crash tests kill a write.
+pub const FAILPOINT_SLEEP_ENV: &str = "GENTRAIN_FAILPOINT_CHECKPOINT_SLEEP_MS";
 
 /// Tensors and string metadata to write as one safetensors file.
 pub struct FileContents {
@@ -97,6 +102,12 @@ pub fn save(
         serialized.push((file.to_string(), bytes));
     }
     fsync_dir(&tmp_dir)?;
+    if let Some(ms) = std::env::var(FAILPOINT_SLEEP_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     if final_dir.exists() {
         // A checkpoint of the same step from an earlier, interrupted attempt: replace it, unless
         // it is the one `latest` names (then keep it and drop ours: same step, same contents).
@@ -121,18 +132,56 @@ pub fn save(
         SafeTensors::deserialize(&on_disk)
             .map_err(|e| Error::checkpoint(&p, format!("verification failed: {e}")))?;
     }
-    let tmp_latest = run_dir.join(format!("{LATEST}.tmp"));
-    write_synced(&tmp_latest, format!("{name}\n").as_bytes())?;
-    let latest = run_dir.join(LATEST);
-    fs::rename(&tmp_latest, &latest).map_err(|e| Error::io(&latest, e))?;
-    fsync_dir(run_dir)?;
+    replace_file(run_dir, LATEST, &format!("{name}\n"))?;
     if keep > 0 {
         prune(run_dir, keep, &name)?;
     }
     Ok(final_dir)
 }
 
+/// Atomically replaces `run_dir/file` with `text` (write a temporary, fsync, rename, fsync the
+/// directory).
+fn replace_file(run_dir: &Path, file: &str, text: &str) -> Result<()> {
+    let tmp = run_dir.join(format!("{file}.tmp"));
+    write_synced(&tmp, text.as_bytes())?;
+    let dest = run_dir.join(file);
+    fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    fsync_dir(run_dir)
+}
+
+/// Records checkpoint `name` as the best so far with validation score `score` (lower is better).
+pub fn mark_best(run_dir: &Path, name: &str, score: f64) -> Result<()> {
+    replace_file(run_dir, BEST, &format!("{name}\n{score}\n"))
+}
+
+/// The best checkpoint's name and score, if one was recorded.
+pub fn read_best(run_dir: &Path) -> Option<(String, f64)> {
+    let text = fs::read_to_string(run_dir.join(BEST)).ok()?;
+    let mut lines = text.lines();
+    let name = lines.next()?.trim().to_string();
+    let score = lines.next()?.trim().parse().ok()?;
+    Some((name, score))
+}
+
+/// Removes temporary checkpoint directories left by processes that died while writing.
+/// Call only when no other process writes into `run_dir`.
+pub fn remove_stale_temporaries(run_dir: &Path) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in entries.filter_map(|e| e.ok()) {
+        if e.file_name().to_string_lossy().starts_with(".tmp-ckpt-") {
+            fs::remove_dir_all(e.path()).map_err(|err| Error::io(e.path(), err))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Deletes all but the newest `keep` checkpoints, never the current one or the best one.
 fn prune(run_dir: &Path, keep: usize, current: &str) -> Result<()> {
+    let best = read_best(run_dir).map(|(n, _)| n);
     let mut names: Vec<String> = fs::read_dir(run_dir)
         .map_err(|e| Error::io(run_dir, e))?
         .filter_map(|e| e.ok())
@@ -142,7 +191,7 @@ fn prune(run_dir: &Path, keep: usize, current: &str) -> Result<()> {
     names.sort();
     let excess = names.len().saturating_sub(keep);
     for n in names.into_iter().take(excess) {
-        if n != current {
+        if n != current && Some(&n) != best.as_ref() {
             let p = run_dir.join(&n);
             fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
         }

@@ -247,11 +247,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 resume: a.resume.clone(),
                 progress: !a.json,
                 max_steps: a.max_steps,
+                handle_signals: true,
             };
             let s = crate::device::with_cpu_threads(cfg.train.threads, || {
                 crate::train::train(&cfg, &opts)
             })
             .context("train")?;
+            if s.interrupted {
+                eprintln!(
+                    "interrupted at step {}: checkpoint written; continue with `trainer train --resume {}`",
+                    s.steps,
+                    s.run_dir.display()
+                );
+            }
             if a.json {
                 return print_json(&s);
             }

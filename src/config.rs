@@ -175,6 +175,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Write a checkpoint every N epochs (the final epoch always writes one).
     pub checkpoint_every: usize,
+    /// Also write a checkpoint every N optimizer steps (0: off).
+    pub checkpoint_every_steps: usize,
     /// Write a sample grid every N epochs (0: only at the end).
     pub sample_every: usize,
     /// What to do when the loss or a gradient is NaN or infinite.
@@ -205,6 +207,7 @@ impl Default for TrainConfig {
             log_every: 50,
             eval_every: 1,
             checkpoint_every: 1,
+            checkpoint_every_steps: 0,
             sample_every: 1,
             on_nonfinite: NonFinitePolicy::Stop,
             keep_checkpoints: 3,

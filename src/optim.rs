@@ -304,14 +304,28 @@ mod tests {
         let mut rng = crate::rng::stream_rng(0, crate::rng::Stream::Init, 0);
         let p = store.uniform("p".into(), &[2], 1.0, &mut rng).unwrap();
         let var = store.iter().next().unwrap().1.clone();
-        var.set(&Tensor::new(&[1f32, -2.0], &Device::Cpu).unwrap()).unwrap();
-        let cfg = OptimConfig { kind: OptimizerKind::Sgd, lr: 0.1, momentum: 0.9, ..Default::default() };
+        var.set(&Tensor::new(&[1f32, -2.0], &Device::Cpu).unwrap())
+            .unwrap();
+        let cfg = OptimConfig {
+            kind: OptimizerKind::Sgd,
+            lr: 0.1,
+            momentum: 0.9,
+            ..Default::default()
+        };
         let mut opt = Optimizer::new(&cfg, &store).unwrap();
         let mut expect = [1f64, -2.0];
         let mut buf = [0f64; 2];
-        for (t, g) in [[0.5f64, -1.0], [0.1, 0.3], [-0.2, 0.05]].iter().enumerate() {
+        for (t, g) in [[0.5f64, -1.0], [0.1, 0.3], [-0.2, 0.05]]
+            .iter()
+            .enumerate()
+        {
             let gt = Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap();
-            let grads = (p.clone() * gt).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (p.clone() * gt)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             opt.step(&grads, 0.1).unwrap();
             for i in 0..2 {
                 buf[i] = if t == 0 { g[i] } else { 0.9 * buf[i] + g[i] };
@@ -320,7 +334,10 @@ mod tests {
         }
         let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - expect[i]).abs() < 1e-6, "{got:?} vs {expect:?}");
+            assert!(
+                (got[i] as f64 - expect[i]).abs() < 1e-6,
+                "{got:?} vs {expect:?}"
+            );
         }
         let state = opt.named_state().unwrap();
         assert_eq!(state[0].0, "p.momentum_buffer");
@@ -330,7 +347,13 @@ mod tests {
 
     #[test]
     fn step_schedule_decays_by_gamma() {
-        let cfg = OptimConfig { lr: 0.1, schedule: ScheduleKind::Step, step_epochs: 3, gamma: 0.5, ..Default::default() };
+        let cfg = OptimConfig {
+            lr: 0.1,
+            schedule: ScheduleKind::Step,
+            step_epochs: 3,
+            gamma: 0.5,
+            ..Default::default()
+        };
         let lrs: Vec<f64> = (0..7).map(|e| learning_rate(&cfg, e)).collect();
         assert_eq!(lrs, vec![0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]);
     }

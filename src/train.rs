@@ -34,6 +34,9 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Stop after this many optimizer steps in this process (tests of resume; None: run to the end).
     pub max_steps: Option<u64>,
+    /// Install SIGINT/SIGTERM handlers: the first signal finishes the current step, writes a
+    /// checkpoint and returns; a second one exits at once without touching saved checkpoints.
+    pub handle_signals: bool,
 }
 
 /// What a finished run reports.
@@ -46,6 +49,22 @@ pub struct TrainSummary {
     pub test_elbo: Option<f64>,
     pub final_eval: Option<eval::EvalReport>,
     pub seconds: f64,
+    /// True when a signal stopped the run early (a checkpoint was written).
+    pub interrupted: bool,
+}
+
+/// Registers SIGINT and SIGTERM: the first sets the returned flag, a second one (while the flag
+/// is set) exits the process at once with 130 / 143.
+fn install_signal_handlers() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for (sig, code) in [(SIGINT, 130), (SIGTERM, 143)] {
+        let io = |e: std::io::Error| Error::Config(format!("cannot install signal handler: {e}"));
+        signal_hook::flag::register_conditional_shutdown(sig, code, std::sync::Arc::clone(&flag))
+            .map_err(io)?;
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&flag)).map_err(io)?;
+    }
+    Ok(flag)
 }
 
 /// The model and optimizer of a run, fresh or restored.
@@ -259,6 +278,18 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         }
     };
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let stale = checkpoint::remove_stale_temporaries(run_dir)?;
+    if stale > 0 {
+        tracing::warn!("removed {stale} unfinished checkpoint director(ies) of an earlier crash");
+    }
+    let stop = if opts.handle_signals {
+        Some(install_signal_handlers()?)
+    } else {
+        None
+    };
+    let mut best = checkpoint::read_best(run_dir).map(|(_, score)| score);
+    let mut saved_at: Option<u64> = None;
+    let mut interrupted = false;
     let cfg_path = run_dir.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
     let mut metrics = MetricsWriter::open(run_dir)?;
@@ -373,6 +404,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             window = (0.0, 0, Instant::now(), 0);
         }
         let epoch_done = within as u64 + 1 == steps_per_epoch;
+        let every = cfg.train.checkpoint_every_steps as u64;
+        let mut want_checkpoint = every > 0 && st.step % every == 0;
+        let mut valid_score = None;
         if epoch_done {
             let e = epoch as usize + 1;
             let last = e == cfg.train.epochs;
@@ -383,10 +417,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                     -eval::mean_elbo(&st.model, &data.test, data.test.len(), 1000, seed)?;
                 let mut fields = vec![("test_elbo", test_elbo)];
                 if let Some(v) = &data.valid {
-                    fields.push((
-                        "valid_elbo",
-                        -eval::mean_elbo(&st.model, v, v.len(), 1000, seed)?,
-                    ));
+                    let score = -eval::mean_elbo(&st.model, v, v.len(), 1000, seed)?;
+                    valid_score = Some(score);
+                    fields.push(("valid_elbo", score));
                 }
                 fields.push(("eval_s", t.elapsed().as_secs_f64()));
                 fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
@@ -405,24 +438,42 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                     (data.rows, data.cols),
                 )?;
             }
-            if last || (cfg.train.checkpoint_every > 0 && e % cfg.train.checkpoint_every == 0) {
-                save_checkpoint(
-                    cfg,
-                    &data,
-                    &st,
-                    run_dir,
-                    e as u64,
-                    cfg.train.keep_checkpoints,
-                )?;
-                metrics.flush()?;
+            want_checkpoint |=
+                last || (cfg.train.checkpoint_every > 0 && e % cfg.train.checkpoint_every == 0);
+        }
+        if want_checkpoint {
+            let dir = save_checkpoint(
+                cfg,
+                &data,
+                &st,
+                run_dir,
+                st.step / steps_per_epoch,
+                cfg.train.keep_checkpoints,
+            )?;
+            saved_at = Some(st.step);
+            if let Some(score) = valid_score.filter(|s| best.is_none_or(|b| *s < b)) {
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                checkpoint::mark_best(run_dir, &name, score)?;
+                best = Some(score);
             }
+            metrics.flush()?;
+        }
+        if stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            interrupted = true;
+            break;
         }
     }
     bar.finish_and_clear();
     let seconds_training = t_train.elapsed().as_secs_f64();
     let finished = st.step >= total_steps;
-    if !finished && st.step % steps_per_epoch != 0 {
-        // Stopped inside an epoch (--max-steps): checkpoint there so the run can be resumed.
+    if !finished && saved_at != Some(st.step) {
+        // Stopped early (signal or --max-steps): checkpoint here so the run can be resumed.
         save_checkpoint(
             cfg,
             &data,
@@ -432,7 +483,15 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             cfg.train.keep_checkpoints,
         )?;
     }
-    let final_eval = if finished && cfg.eval.final_k > 0 {
+    if interrupted {
+        metrics.log(
+            "interrupted",
+            st.step,
+            st.step as f64 / steps_per_epoch as f64,
+            &[("wall_s", t_start.elapsed().as_secs_f64())],
+        )?;
+    }
+    let final_eval = if finished && !interrupted && cfg.eval.final_k > 0 {
         let r = eval::evaluate(
             &st.model,
             &data.test,
@@ -476,5 +535,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         test_elbo: last_test_elbo,
         final_eval,
         seconds: t_start.elapsed().as_secs_f64(),
+        interrupted,
     })
 }

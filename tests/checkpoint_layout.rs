@@ -163,3 +163,56 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
         assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
     }
 }
+
+#[test]
+fn keeps_the_last_n_and_the_best_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 300, 20);
+    let cfg = small_config(tmp.path(), &data, "");
+    let run = tmp.path().join("run");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--epochs",
+        "6",
+        "--set",
+        "data.validation=100",
+        "--set",
+        "train.keep_checkpoints=2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (best, score) =
+        gentrain::checkpoint::read_best(&run).expect("a best checkpoint is recorded");
+    assert!(
+        run.join(&best).join("model.safetensors").is_file(),
+        "best checkpoint {best} was pruned"
+    );
+    // The score is the lowest validation -ELBO among the epochs' evaluations.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let scores: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|e| e["valid_elbo"].as_f64())
+        .collect();
+    assert_eq!(scores.len(), 6);
+    let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!((score - min).abs() < 1e-9, "{score} vs {scores:?}");
+    let kept: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ckpt-"))
+        .collect();
+    assert!(
+        kept.len() <= 3 && kept.contains(&"ckpt-00000024".to_string()),
+        "{kept:?}"
+    );
+}

@@ -138,6 +138,31 @@ fn truncated_idx_file() {
 }
 
 #[test]
+fn corrupt_gzip_stream() {
+    data_case(
+        |d| {
+            let p = d.join("train-images-idx3-ubyte");
+            let raw = std::fs::read(&p).unwrap();
+            let mut gz = Vec::new();
+            {
+                use std::io::Write;
+                let mut enc =
+                    flate2::write::GzEncoder::new(&mut gz, flate2::Compression::default());
+                enc.write_all(&raw).unwrap();
+                enc.finish().unwrap();
+            }
+            let mid = gz.len() / 2;
+            for b in &mut gz[mid..mid + 64] {
+                *b ^= 0x5a;
+            }
+            std::fs::remove_file(&p).unwrap();
+            std::fs::write(d.join("train-images-idx3-ubyte.gz"), gz).unwrap();
+        },
+        "train-images-idx3-ubyte.gz",
+    );
+}
+
+#[test]
 fn idx_with_bad_magic() {
     data_case(
         |d| {
@@ -402,4 +427,39 @@ fn nan_loss_stops_with_exit_2_and_keeps_the_checkpoint() {
         std::fs::read_to_string(run.join("latest")).unwrap(),
         latest_before
     );
+}
+
+#[test]
+fn nan_policy_skip_counts_skipped_steps_and_finishes() {
+    let (tmp, run) = trained_run();
+    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--resume",
+        run.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--lr",
+        "1e30",
+        "--set",
+        "train.on_nonfinite=\"skip\"",
+        "--set",
+        "eval.final_k=0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let skipped = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "train")
+        .filter_map(|e| e["skipped_steps"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(skipped >= 1.0, "no step was skipped: {metrics}");
 }

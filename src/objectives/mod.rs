@@ -114,12 +114,19 @@ mod tests {
 
     #[test]
     fn warmup_rises_linearly_to_beta() {
-        let cfg = ObjectiveConfig { beta: 2.0, warmup_epochs: 4.0, ..Default::default() };
+        let cfg = ObjectiveConfig {
+            beta: 2.0,
+            warmup_epochs: 4.0,
+            ..Default::default()
+        };
         assert_eq!(kl_weight(&cfg, 0.0), 0.0);
         assert_eq!(kl_weight(&cfg, 1.0), 0.5);
         assert_eq!(kl_weight(&cfg, 4.0), 2.0);
         assert_eq!(kl_weight(&cfg, 10.0), 2.0);
-        let plain = ObjectiveConfig { beta: 0.7, ..Default::default() };
+        let plain = ObjectiveConfig {
+            beta: 0.7,
+            ..Default::default()
+        };
         assert_eq!(kl_weight(&plain, 0.0), 0.7);
     }
 
@@ -132,7 +139,10 @@ mod tests {
             let cfg = ObjectiveConfig::default();
             let o = objective(&p, &cfg, 1, beta).unwrap();
             let expect = -((-10.0 - beta * kl[0]) + (-20.0 - beta * kl[1])) / 2.0;
-            assert!((o.loss.to_scalar::<f32>().unwrap() as f64 - expect).abs() < 1e-5, "beta {beta}");
+            assert!(
+                (o.loss.to_scalar::<f32>().unwrap() as f64 - expect).abs() < 1e-5,
+                "beta {beta}"
+            );
         }
     }
 
@@ -140,7 +150,10 @@ mod tests {
     fn free_bits_clamp_each_dimension_from_below() {
         // Batch-mean KL per dim: dim 0 = (0.5 + 0) / 2 = 0.25, dim 1 = (0 + 2) / 2 = 1.0.
         let p = pass(&[1.0, 0.0, 0.0, 2.0], &[0.0; 4], &[-10.0, -20.0]);
-        let cfg = ObjectiveConfig { free_bits: 0.5, ..Default::default() };
+        let cfg = ObjectiveConfig {
+            free_bits: 0.5,
+            ..Default::default()
+        };
         let o = objective(&p, &cfg, 1, 1.0).unwrap();
         // loss = -mean(log p(x|z)) + max(0.5, 0.25) + max(0.5, 1.0) = 15 + 0.5 + 1.0
         assert!((o.loss.to_scalar::<f32>().unwrap() - 16.5).abs() < 1e-5);
