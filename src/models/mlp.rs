@@ -81,6 +81,12 @@ impl Trunk {
     }
 }
 
+/// Bound on `|logvar|` of every Gaussian head: sigma stays in [3e-7, 3.3e6]. Inside it every
+/// term of the objective is finite in f32 (`exp(logvar)`, `exp(-logvar)`, `exp(logvar / 2)`);
+/// outside it the model has already failed, and the clamp (zero gradient beyond it) keeps one
+/// bad batch from turning the parameters into NaN. A trained model's heads stay far inside.
+pub const LOGVAR_LIMIT: f64 = 30.0;
+
 /// An MLP with diagonal-Gaussian output heads `mu` and `logvar`.
 #[derive(Debug, Clone)]
 pub struct GaussianHead {
@@ -122,7 +128,11 @@ impl GaussianHead {
     /// `(mu, logvar)` of the Gaussian given the input.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let h = self.trunk.forward(x)?;
-        Ok((self.mu.forward(&h)?, self.logvar.forward(&h)?))
+        let logvar = self
+            .logvar
+            .forward(&h)?
+            .clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)?;
+        Ok((self.mu.forward(&h)?, logvar))
     }
 }
 
