@@ -73,7 +73,7 @@ impl Optimizer {
                     let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
                     let bc1 = 1.0 - (c.beta1).powi(t);
                     let bc2 = 1.0 - (c.beta2).powi(t);
-                    if var.device().is_cpu() {
+                    if crate::ops::fused_available(var.device()) {
                         let flat_g = g.flatten_all()?;
                         let flat_p = var.as_tensor().flatten_all()?;
                         state.inplace_op3(

@@ -80,6 +80,44 @@ impl InplaceOp3 for AdamMoments {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        state: &mut candle_core::CudaStorage,
+        ls: &Layout,
+        grad: &candle_core::CudaStorage,
+        lg: &Layout,
+        param: &candle_core::CudaStorage,
+        lp: &Layout,
+    ) -> Result<()> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(grad);
+        let n = lg.shape().elem_count();
+        if ls.shape().elem_count() != 2 * n || lp.shape().elem_count() != n {
+            candle_core::bail!(
+                "adam: state {:?} vs grad {:?} vs param {:?}",
+                ls.dims(),
+                lg.dims(),
+                lp.dims()
+            )
+        }
+        let (g, p) = (view(grad, lg, self.name())?, view(param, lp, self.name())?);
+        let mut st = view_mut(state, ls, self.name())?;
+        let n32 = u32_len(n, self.name())?;
+        let f = func(&dev, "gt_adam_moments", "adam", ptx::ADAM)?;
+        let mut b = f.builder();
+        b.arg(&mut st)
+            .arg(&g)
+            .arg(&p)
+            .arg(&n32)
+            .arg(&self.beta1)
+            .arg(&self.beta2)
+            .arg(&self.weight_decay);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(elementwise(n)) })
+    }
 }
 
 impl InplaceOp2 for AdamApply {
@@ -117,5 +155,39 @@ impl InplaceOp2 for AdamApply {
             apply(p, m, v);
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        param: &mut candle_core::CudaStorage,
+        lp: &Layout,
+        state: &candle_core::CudaStorage,
+        ls: &Layout,
+    ) -> Result<()> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(state);
+        let n = lp.shape().elem_count();
+        if ls.shape().elem_count() != 2 * n {
+            candle_core::bail!("adam: state {:?} vs param {:?}", ls.dims(), lp.dims())
+        }
+        let st = view(state, ls, self.name())?;
+        let mut p = view_mut(param, lp, self.name())?;
+        let n32 = u32_len(n, self.name())?;
+        let (step_size, sqrt_bc2) = (
+            self.lr / self.bias_correction1,
+            self.bias_correction2.sqrt(),
+        );
+        let f = func(&dev, "gt_adam_apply", "adam", ptx::ADAM)?;
+        let mut b = f.builder();
+        b.arg(&mut p)
+            .arg(&st)
+            .arg(&n32)
+            .arg(&step_size)
+            .arg(&sqrt_bc2)
+            .arg(&self.eps);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(elementwise(n)) })
     }
 }

@@ -19,7 +19,7 @@ use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice, LN_2PI};
 /// `z = mu + exp(logvar / 2) * eps` (all the same shape).
 pub fn reparameterize(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Result<Tensor> {
     same_shapes("reparameterize", &[mu, logvar, eps])?;
-    if mu.device().is_cpu() {
+    if super::fused_available(mu.device()) {
         mu.contiguous()?
             .apply_op3(&logvar.contiguous()?, &eps.contiguous()?, Reparameterize)
     } else {
@@ -51,7 +51,7 @@ pub fn gaussian_kl_slow(mu: &Tensor, logvar: &Tensor) -> Result<Tensor> {
 /// Per-row `log N(z; mu, diag(exp(logvar)))`.
 pub fn gaussian_log_density(z: &Tensor, mu: &Tensor, logvar: &Tensor) -> Result<Tensor> {
     same_shapes("gaussian_log_density", &[z, mu, logvar])?;
-    if z.device().is_cpu() {
+    if super::fused_available(z.device()) {
         z.contiguous()?
             .apply_op3(&mu.contiguous()?, &logvar.contiguous()?, GaussianLogDensity)
     } else {
@@ -111,6 +111,35 @@ impl CustomOp3 for Reparameterize {
         Ok((CpuStorage::F32(z), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(s1);
+        let (mu, lv, eps) = (
+            view(s1, l1, self.name())?,
+            view(s2, l2, self.name())?,
+            view(s3, l3, self.name())?,
+        );
+        let n = l1.shape().elem_count();
+        let n32 = u32_len(n, self.name())?;
+        let out = alloc_out(&dev, n)?;
+        let f = func(&dev, "gt_reparameterize", "gaussian", ptx::GAUSSIAN)?;
+        let mut b = f.builder();
+        b.arg(&mu).arg(&lv).arg(&eps).arg(&out).arg(&n32);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(elementwise(n)) })?;
+        Ok((storage(out, &dev), l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _mu: &Tensor,
@@ -155,6 +184,29 @@ impl CustomOp2 for GaussianKl {
             (0.5 * acc) as f32
         });
         Ok((CpuStorage::F32(out), reduced_shape(l1.shape())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(s1);
+        let (mu, lv) = (view(s1, l1, self.name())?, view(s2, l2, self.name())?);
+        let (rows, d) = rows_and_last(l1.shape())?;
+        let (r32, d32) = (u32_len(rows, self.name())?, u32_len(d, self.name())?);
+        let out = alloc_out(&dev, rows)?;
+        let f = func(&dev, "gt_gaussian_kl", "gaussian", ptx::GAUSSIAN)?;
+        let mut b = f.builder();
+        b.arg(&mu).arg(&lv).arg(&out).arg(&r32).arg(&d32);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(per_row(rows)) })?;
+        Ok((storage(out, &dev), reduced_shape(l1.shape())))
     }
 
     fn bwd(
@@ -202,6 +254,35 @@ impl CustomOp3 for GaussianLogDensity {
             (-0.5 * acc) as f32
         });
         Ok((CpuStorage::F32(out), reduced_shape(l1.shape())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(s1);
+        let (z, mu, lv) = (
+            view(s1, l1, self.name())?,
+            view(s2, l2, self.name())?,
+            view(s3, l3, self.name())?,
+        );
+        let (rows, d) = rows_and_last(l1.shape())?;
+        let (r32, d32) = (u32_len(rows, self.name())?, u32_len(d, self.name())?);
+        let out = alloc_out(&dev, rows)?;
+        let f = func(&dev, "gt_gaussian_logpdf", "gaussian", ptx::GAUSSIAN)?;
+        let mut b = f.builder();
+        b.arg(&z).arg(&mu).arg(&lv).arg(&out).arg(&r32).arg(&d32);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(per_row(rows)) })?;
+        Ok((storage(out, &dev), reduced_shape(l1.shape())))
     }
 
     fn bwd(

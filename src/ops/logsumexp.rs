@@ -11,7 +11,7 @@ use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice};
 
 /// `ln sum_i exp(a_i)` over the last dimension, max-shifted.
 pub fn logsumexp(a: &Tensor) -> Result<Tensor> {
-    if a.device().is_cpu() {
+    if super::fused_available(a.device()) {
         a.contiguous()?.apply_op1(LogSumExp)
     } else {
         logsumexp_slow(a)
@@ -51,6 +51,27 @@ impl CustomOp1 for LogSumExp {
         let (rows, k) = rows_and_last(l.shape())?;
         let out = map_rows(rows, k, |i| row_lse(&a[i * k..(i + 1) * k]));
         Ok((CpuStorage::F32(out), reduced_shape(l.shape())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(s);
+        let a = view(s, l, self.name())?;
+        let (rows, k) = rows_and_last(l.shape())?;
+        let (r32, k32) = (u32_len(rows, self.name())?, u32_len(k, self.name())?);
+        let out = alloc_out(&dev, rows)?;
+        let f = func(&dev, "gt_logsumexp", "logsumexp", ptx::LOGSUMEXP)?;
+        let mut b = f.builder();
+        b.arg(&a).arg(&out).arg(&r32).arg(&k32);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(per_row(rows)) })?;
+        Ok((storage(out, &dev), reduced_shape(l.shape())))
     }
 
     fn bwd(&self, a: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -94,6 +115,35 @@ impl CustomOp3 for LogSumExpBackward {
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::*;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = device(s1);
+        let (a, lse, g) = (
+            view(s1, l1, self.name())?,
+            view(s2, l2, self.name())?,
+            view(s3, l3, self.name())?,
+        );
+        let (rows, k) = rows_and_last(l1.shape())?;
+        let (r32, k32) = (u32_len(rows, self.name())?, u32_len(k, self.name())?);
+        let out = alloc_out(&dev, rows * k)?;
+        let f = func(&dev, "gt_logsumexp_bwd", "logsumexp", ptx::LOGSUMEXP)?;
+        let mut b = f.builder();
+        b.arg(&a).arg(&lse).arg(&g).arg(&out).arg(&r32).arg(&k32);
+        // SAFETY: argument types and count match the kernel signature.
+        launched(unsafe { b.launch(elementwise(rows * k)) })?;
+        Ok((storage(out, &dev), l1.shape().clone()))
     }
 }
 

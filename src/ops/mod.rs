@@ -8,6 +8,8 @@
 
 pub mod adam;
 pub mod bernoulli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fastmath;
 pub mod gaussian;
 pub mod linear;
@@ -16,6 +18,12 @@ pub mod logsumexp;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
+
+/// True when the fused ops have a kernel for `device` (the CPU always; CUDA in `cuda` builds).
+/// Elsewhere the `_slow` compositions of candle ops run.
+pub fn fused_available(device: &candle_core::Device) -> bool {
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
+}
 
 /// Element count above which CPU kernels split their rows across the rayon pool.
 pub(crate) const PAR_THRESHOLD: usize = 1 << 15;

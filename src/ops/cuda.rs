@@ -1,0 +1,100 @@
+//! Launch glue for the kernels in `cuda/` (compiled to PTX by `build.rs` with the `cuda`
+//! feature): contiguous f32 views of candle's CUDA storages, module loading through
+//! `CudaDevice::get_or_load_custom_func`, and the two launch shapes the kernels use
+//! (grid-stride elementwise, one block per row). With `GENTRAIN_POISON_OUTPUTS=1` every output
+//! buffer is filled with NaN before launch, so an element a kernel forgets to write shows up in
+//! the GPU tests.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use candle_core::cuda_backend::{CudaFunc, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+
+/// The PTX of each `cuda/*.cu` file, one constant per file.
+pub mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// Threads per block of every kernel (`GT_BLOCK` in `cuda/common.cuh`).
+pub const BLOCK: u32 = 256;
+
+/// The contiguous f32 view a layout describes.
+pub fn view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, f32>> {
+    let slice = s.as_cuda_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Mutable variant of [`view`].
+pub fn view_mut<'a>(s: &'a mut CudaStorage, l: &Layout, op: &str) -> Result<CudaViewMut<'a, f32>> {
+    let slice = s.as_cuda_slice_mut::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice_mut(a..b)),
+        None => candle_core::bail!("{op}: destination must be contiguous"),
+    }
+}
+
+/// Loads `name` from the module built from `ptx` (cached by candle per module name).
+pub fn func(dev: &CudaDevice, name: &str, module: &str, ptx: &str) -> Result<CudaFunc> {
+    dev.get_or_load_custom_func(name, &format!("gentrain_{module}"), ptx)
+}
+
+fn poison() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| std::env::var("GENTRAIN_POISON_OUTPUTS").is_ok_and(|v| v == "1"))
+}
+
+/// An output buffer of `n` floats (NaN-filled when poisoning is on).
+pub fn alloc_out(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: every kernel writes all `n` outputs; the poison fill below makes that checkable.
+    let mut out = unsafe { dev.alloc::<f32>(n.max(1))? };
+    if poison() {
+        dev.memcpy_htod(&vec![f32::NAN; n.max(1)][..], &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Grid-stride elementwise launch over `n` elements.
+pub fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = (n as u64).div_ceil(BLOCK as u64).clamp(1, 1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row (grid-stride over rows beyond 2^20).
+pub fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u64).clamp(1, 1 << 20) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Wraps a result buffer as candle storage on `dev`.
+pub fn storage(out: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(out, dev.clone())
+}
+
+/// The device of a storage.
+pub fn device(s: &CudaStorage) -> CudaDevice {
+    s.device().clone()
+}
+
+/// Checks a launch result.
+pub fn launched<T>(
+    r: std::result::Result<T, candle_core::cuda_backend::cudarc::driver::DriverError>,
+) -> Result<()> {
+    r.map(|_| ()).w()
+}
+
+/// u32 length argument, with an error instead of truncation.
+pub fn u32_len(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        candle_core::Error::Msg(format!("{what}: {n} does not fit the kernels' u32 sizes"))
+    })
+}
