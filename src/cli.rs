@@ -27,6 +27,8 @@ pub enum Command {
     Sample(SampleArgs),
     /// Measure training throughput (samples/s) of a config.
     Bench(BenchArgs),
+    /// Measure each fused kernel's memory bandwidth against a device copy.
+    BenchKernels(BenchKernelsArgs),
     /// Write the exact evaluation data of a config or checkpoint as an IDX file.
     ExportData(ExportArgs),
 }
@@ -159,6 +161,25 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 30)]
     pub warmup: usize,
     /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchKernelsArgs {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Elements per tensor (rounded down to rows of 784).
+    #[arg(long, default_value_t = 1 << 26)]
+    pub elements: usize,
+    /// Timed calls per kernel.
+    #[arg(long, default_value_t = 20)]
+    pub repeats: usize,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print one JSON array on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -372,6 +393,24 @@ pub fn run(cli: Cli) -> Result<()> {
                 "{} on {} ({} threads), batch {}, k {}: {:.0} samples/s ({:.2} ms/step)",
                 r.framework, r.device, r.threads, r.batch, r.k, r.samples_per_s, r.ms_per_step
             );
+            Ok(())
+        }
+        Command::BenchKernels(a) => {
+            let device = crate::device::open_device(&a.device)?;
+            let r = crate::device::with_cpu_threads(a.threads, || {
+                crate::bench::bench_kernels(&device, a.elements, a.repeats)
+            })?;
+            if a.json {
+                return print_json(&r);
+            }
+            println!("| kernel | GB/s | fraction of copy | us/call |");
+            println!("| --- | ---: | ---: | ---: |");
+            for k in &r {
+                println!(
+                    "| {} | {:.1} | {:.2} | {:.1} |",
+                    k.kernel, k.gb_per_s, k.fraction_of_copy, k.microseconds_per_call
+                );
+            }
             Ok(())
         }
         Command::ExportData(a) => {

@@ -183,6 +183,8 @@ pub struct TrainConfig {
     pub on_nonfinite: NonFinitePolicy,
     /// Checkpoints to keep in the run directory (0: all).
     pub keep_checkpoints: usize,
+    /// Allow TF32 tensor-core GEMMs on CUDA devices.
+    pub tf32: bool,
 }
 
 /// Policy for a non-finite loss or gradient.
@@ -211,6 +213,7 @@ impl Default for TrainConfig {
             sample_every: 1,
             on_nonfinite: NonFinitePolicy::Stop,
             keep_checkpoints: 3,
+            tf32: true,
         }
     }
 }

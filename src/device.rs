@@ -34,14 +34,23 @@ pub fn open_device(s: &str) -> Result<Device> {
     }
 }
 
+/// Whether f32 GEMMs on CUDA may use TF32 tensor cores (`train.tf32`, on by default as for
+/// PyTorch's convolutions; off gives full f32 products).
+pub fn set_tf32(enabled: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(enabled);
+}
+
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize, s: &str) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| {
-        Error::Device(format!(
-            "{s}: cannot open CUDA device: {}",
-            e.to_string().lines().next().unwrap_or("")
-        ))
-    })
+    let dev = Device::new_cuda(n).map_err(|e| {
+        let first = e.to_string().lines().next().unwrap_or("").to_string();
+        Error::Device(format!("{s}: cannot open CUDA device: {first}"))
+    })?;
+    // One stream per device: candle's per-allocation event tracking only guards cross-stream
+    // use, which gentrain never does, and costs an event record per tensor.
+    // SAFETY: all work on this device is issued on its single stream.
+    unsafe { dev.as_cuda_device()?.disable_event_tracking() };
+    Ok(dev)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -253,6 +253,7 @@ pub fn train_step(
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let t_start = Instant::now();
     let device = crate::device::open_device(&cfg.train.device)?;
+    crate::device::set_tf32(cfg.train.tf32);
     let data = session::load_datasets(cfg)?;
     if data.train.is_empty() {
         return Err(Error::Data("the training set is empty".into()));

@@ -109,7 +109,7 @@ impl CustomOp2 for BernoulliLogLik {
 }
 
 /// `g_row * (x - sigmoid(l))`.
-struct BernoulliBackward;
+pub(crate) struct BernoulliBackward;
 
 impl CustomOp3 for BernoulliBackward {
     fn name(&self) -> &'static str {

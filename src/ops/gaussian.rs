@@ -14,6 +14,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
+use super::fastmath::exp;
 use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice, LN_2PI};
 
 /// `z = mu + exp(logvar / 2) * eps` (all the same shape).
@@ -105,7 +106,7 @@ impl CustomOp3 for Reparameterize {
         for_rows(&mut z, d, |i, r| {
             let o = i * d;
             for (j, zv) in r.iter_mut().enumerate() {
-                *zv = mu[o + j] + (0.5 * lv[o + j]).exp() * eps[o + j];
+                *zv = mu[o + j] + exp(0.5 * lv[o + j]) * eps[o + j];
             }
         });
         Ok((CpuStorage::F32(z), l1.shape().clone()))
@@ -179,7 +180,7 @@ impl CustomOp2 for GaussianKl {
             let mut acc = 0f64;
             for j in i * d..(i + 1) * d {
                 let (m, l) = (mu[j] as f64, lv[j] as f64);
-                acc += m * m + l.exp() - 1.0 - l;
+                acc += m * m + exp(l as f32) as f64 - 1.0 - l;
             }
             (0.5 * acc) as f32
         });
@@ -249,7 +250,7 @@ impl CustomOp3 for GaussianLogDensity {
             let mut acc = 0f64;
             for j in i * d..(i + 1) * d {
                 let diff = z[j] - mu[j];
-                acc += (LN_2PI + lv[j] + diff * diff * (-lv[j]).exp()) as f64;
+                acc += (LN_2PI + lv[j] + diff * diff * exp(-lv[j])) as f64;
             }
             (-0.5 * acc) as f32
         });

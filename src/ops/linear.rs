@@ -356,8 +356,8 @@ impl CustomOp3 for LinearOp {
 }
 
 /// `g * act'(y)`, the gradient through the activation given its output.
-struct ActivationBackward {
-    act: Activation,
+pub(crate) struct ActivationBackward {
+    pub(crate) act: Activation,
 }
 
 impl candle_core::CustomOp2 for ActivationBackward {

@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 
+use super::fastmath::exp_nonpos;
 use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice};
 
 /// `ln sum_i exp(a_i)` over the last dimension, max-shifted.
@@ -35,7 +36,7 @@ fn row_lse(r: &[f32]) -> f32 {
     if !m.is_finite() {
         return m;
     }
-    let s: f64 = r.iter().map(|v| ((v - m) as f64).exp()).sum();
+    let s: f64 = r.iter().map(|v| exp_nonpos(v - m) as f64).sum();
     m + s.ln() as f32
 }
 
@@ -84,7 +85,7 @@ impl CustomOp1 for LogSumExp {
 }
 
 /// `g_row * exp(a_i - lse_row)`, zero where the row is all `-inf`.
-struct LogSumExpBackward;
+pub(crate) struct LogSumExpBackward;
 
 impl CustomOp3 for LogSumExpBackward {
     fn name(&self) -> &'static str {
@@ -111,7 +112,7 @@ impl CustomOp3 for LogSumExpBackward {
                 return;
             }
             for (o, v) in r.iter_mut().zip(&a[i * k..(i + 1) * k]) {
-                *o = gi * (v - m).exp();
+                *o = gi * exp_nonpos(v - m);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
