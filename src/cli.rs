@@ -29,6 +29,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Measure each fused kernel's memory bandwidth against a device copy.
     BenchKernels(BenchKernelsArgs),
+    /// Check every fused kernel on a device against the CPU reference (exit 2 on a mismatch).
+    CheckKernels(CheckKernelsArgs),
     /// Write the exact evaluation data of a config or checkpoint as an IDX file.
     ExportData(ExportArgs),
 }
@@ -179,6 +181,16 @@ pub struct BenchKernelsArgs {
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Print one JSON array on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckKernelsArgs {
+    /// Device under test: cuda or cuda:N (cpu checks the harness against itself).
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
     /// Print one JSON array on stdout.
     #[arg(long)]
     pub json: bool,
@@ -411,6 +423,21 @@ pub fn run(cli: Cli) -> Result<()> {
                     k.kernel, k.gb_per_s, k.fraction_of_copy, k.microseconds_per_call
                 );
             }
+            Ok(())
+        }
+        Command::CheckKernels(a) => {
+            let device = crate::device::open_device(&a.device)?;
+            let r = crate::device::with_cpu_threads(0, || crate::kernel_check::run_all(&device))?;
+            if a.json {
+                return print_json(&r);
+            }
+            for c in &r {
+                println!(
+                    "ok  {:<45} max rel err {:.2e} (tol {:.0e})",
+                    c.check, c.max_rel_err, c.tolerance
+                );
+            }
+            println!("{} passed, 0 failed", r.len());
             Ok(())
         }
         Command::ExportData(a) => {

@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod kernel_check;
 pub mod models;
 pub mod objectives;
 pub mod ops;
