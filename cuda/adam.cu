@@ -1,10 +1,12 @@
 // Fused in-place Adam (Kingma & Ba 2015, PyTorch's formulation), f32, n elements.
-// State is one (2, n) buffer: m = state[0..n), v = state[n..2n).
+// State is one buffer of 2n + 1 floats: m = state[0..n), v = state[n..2n), guard = state[2n];
+// both kernels do nothing when the guard is NaN or infinite (a skipped step, no host sync).
 //   moments: g' = g + wd p;  m = b1 m + (1 - b1) g';  v = b2 v + (1 - b2) g'^2
 //   apply:   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
 #include "common.cuh"
 
 extern "C" __global__ void gt_adam_moments(float* state, const float* g, const float* p, uint32_t n, float b1, float b2, float wd) {
+    if (!isfinite(state[2 * (size_t)n])) return;
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         float gi = g[i] + wd * p[i];
         state[i] = b1 * state[i] + (1.0f - b1) * gi;
@@ -13,6 +15,7 @@ extern "C" __global__ void gt_adam_moments(float* state, const float* g, const f
 }
 
 extern "C" __global__ void gt_adam_apply(float* p, const float* state, uint32_t n, float step_size, float sqrt_bc2, float eps) {
+    if (!isfinite(state[2 * (size_t)n])) return;
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         p[i] -= step_size * state[i] / (sqrtf(state[n + i]) / sqrt_bc2 + eps);
 }

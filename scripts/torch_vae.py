@@ -44,6 +44,14 @@ Gaussian decoders train on pixel / 255 without binarization.
 
 Subcommands: ``train``, ``bench``, ``eval``, ``binarize`` (write a once-binarized IDX3 file, so
 gentrain and PyTorch can be evaluated on exactly the same data). Run ``--help`` on each.
+
+Devices: ``train``, ``bench`` and ``eval`` take ``--device cpu|cuda|cuda:N`` (default cpu; the CPU
+path is exactly what it was before CUDA support, so CPU results reproduce). On CUDA the whole
+training set lives on the GPU as uint8, the minibatch permutation, the dynamic binarization and
+all noise are drawn on the GPU, nothing in the step loop waits for the host (the loss is
+accumulated on the device; ``bench`` synchronizes only around the timed loop), and TF32 matmuls
+are enabled (``torch.backends.cuda.matmul.allow_tf32``) unless ``--no-tf32``. Without a usable
+GPU a CUDA device is refused with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -86,6 +95,72 @@ DEFAULTS = {
     "train": {"batch_size": 128, "epochs": 10, "seed": 0},
     "optim": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def die(msg: str, code: int = 2):
+    """Prints one line on stderr and exits with `code` (2: the environment cannot run this)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def resolve_device(spec: str, tf32: bool = True) -> torch.device:
+    """--device: 'cpu', 'cuda' or 'cuda:N'; on CUDA also sets the TF32 matmul switch.
+
+    Exits with status 2 and one line on stderr when CUDA is asked for but not usable.
+    """
+    s = (spec or "cpu").strip().lower()
+    if s == "cpu":
+        return CPU
+    m = re.fullmatch(r"cuda(?::(\d+))?", s)
+    if not m:
+        die(f"--device {spec!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        die(f"--device {spec}: CUDA is not available (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}; no usable GPU or driver on this machine)")
+    idx = int(m.group(1) or 0)
+    if idx >= torch.cuda.device_count():
+        die(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.cuda.set_device(idx)
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    return torch.device("cuda", idx)
+
+
+def is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def device_info(device: torch.device) -> dict:
+    """Fields recorded in results run on CUDA (empty on CPU, so CPU records stay as they were)."""
+    if not is_cuda(device):
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device), "cuda_version": torch.version.cuda,
+            "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+
+
+def gather_batch(train: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of the training set as float pixel / 255 in [0, 1].
+
+    On CPU the set is stored as float32 already (the original path); on CUDA it is the uint8
+    set on the device, gathered with index_select (no host sync) and converted there.
+    """
+    if train.dtype == torch.uint8:
+        return torch.index_select(train, 0, idx).to(torch.float32).div_(255.0)
+    return train[idx]
+
+
+def train_tensor(pixels: np.ndarray, decoder: str, device: torch.device) -> torch.Tensor:
+    """The training set: float32 pixel / 255 on CPU; uint8 on the device for CUDA."""
+    if is_cuda(device):
+        return torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(device)
+    return to_model_input(pixels, decoder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,8 +438,8 @@ def estimate(model, decoder: str, X: torch.Tensor, k: int, batch: int = 100,
     elbo, logpx = [], []
     for i in range(0, X.shape[0], batch):
         x = X[i:i + batch]
-        run_lse = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
-        elbo_sum = torch.zeros(x.shape[0], dtype=torch.float64)
+        run_lse = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+        elbo_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         done = 0
         while done < k:
             n = min(s, k - done)
@@ -378,7 +453,7 @@ def estimate(model, decoder: str, X: torch.Tensor, k: int, batch: int = 100,
             done += n
         logpx.append(run_lse - math.log(k))
         elbo.append(elbo_sum / k)
-    return torch.cat(elbo).numpy(), torch.cat(logpx).numpy()
+    return torch.cat(elbo).cpu().numpy(), torch.cat(logpx).cpu().numpy()
 
 
 def elbo_estimator(L: int, k: int) -> str:
@@ -404,7 +479,7 @@ def save_checkpoint(run_dir: Path, model, opt, cfg, step: int, epoch: int, seed:
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"), metadata=make_meta(
         cfg, step=step, epoch=epoch, seed=seed))
     optim_t, names = {}, dict(model.named_parameters())
@@ -414,7 +489,7 @@ def save_checkpoint(run_dir: Path, model, opt, cfg, step: int, epoch: int, seed:
             st = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
-                    optim_t[f"{pid[id(p)]}.{key}"] = st[key].detach().contiguous()
+                    optim_t[f"{pid[id(p)]}.{key}"] = st[key].detach().cpu().contiguous()
     save_file(optim_t, str(tmp / "optim.safetensors"), metadata={
         "optimizer": "adam", "step": str(step), "lr": str(opt.param_groups[0]["lr"]),
         "gentrain_format_version": "1"})
@@ -437,6 +512,8 @@ def cmd_train(args) -> None:
     if args.batch is not None:
         cfg["train"]["batch_size"] = args.batch
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, tf32=not args.no_tf32)
+    cuda = is_cuda(device)
     seed = int(cfg["train"]["seed"])
     torch.manual_seed(seed)
     if cfg["model"].get("conditional"):
@@ -449,14 +526,15 @@ def cmd_train(args) -> None:
         args.eval_k = int(ev.get("final_k", 1000))
     if args.eval_limit is None:
         args.eval_limit = int(ev.get("final_limit", 2000))
-    train_px = to_model_input(load_images(data_dir, "train"), decoder)
+    train_raw = load_images(data_dir, "train")
+    if args.train_limit:
+        train_raw = train_raw[:args.train_limit]
+    train_px = train_tensor(train_raw, decoder, device)  # float32 on CPU, uint8 on CUDA
     test_raw = load_images(data_dir, "t10k")
     test = (torch.from_numpy(binarize_once(test_raw, TEST_BINARIZE_SEED).astype(np.float32))
-            if decoder == "bernoulli" else to_model_input(test_raw, decoder))
-    if args.train_limit:
-        train_px = train_px[:args.train_limit]
+            if decoder == "bernoulli" else to_model_input(test_raw, decoder)).to(device)
 
-    model = build(make_meta(cfg))
+    model = build(make_meta(cfg)).to(device)  # initialised on the CPU RNG on every device
     o = cfg["optim"]
     opt = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
                            eps=o["eps"])
@@ -464,17 +542,23 @@ def cmd_train(args) -> None:
     step, t0 = 0, time.perf_counter()
     history = []
     for epoch in range(1, int(cfg["train"]["epochs"]) + 1):
-        perm = torch.randperm(n)
-        total, te = 0.0, time.perf_counter()
+        perm = torch.randperm(n, device=device) if cuda else torch.randperm(n)
+        te = time.perf_counter()
+        # On CUDA the epoch loss is summed on the device: no host sync inside the epoch.
+        total = torch.zeros((), dtype=torch.float64, device=device) if cuda else 0.0
         for i in range(0, n, bs):
-            p = train_px[perm[i:i + bs]]
+            p = gather_batch(train_px, perm[i:i + bs])
             x = torch.bernoulli(p) if decoder == "bernoulli" else p
             loss = loss_fn(model, cfg, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            total += loss.item() * x.shape[0]
+            if cuda:
+                total += loss.detach().double() * x.shape[0]
+            else:
+                total += loss.item() * x.shape[0]
+        total = float(total)  # on CUDA: the one sync of the epoch, before the clock is read
         dt = time.perf_counter() - te
         history.append({"epoch": epoch, "train_loss": total / n, "seconds": dt})
         print(f"epoch {epoch:3d}  train -{cfg['objective']['kind']} {total / n:9.3f} nats  "
@@ -489,7 +573,8 @@ def cmd_train(args) -> None:
     elbo_k, logpx = estimate(model, decoder, sub, k=args.eval_k, batch=args.eval_batch)
     nll = -logpx
     res = {
-        "framework": "pytorch", "torch_version": torch.__version__, "config": cfg,
+        "framework": "pytorch", "torch_version": torch.__version__, "device": str(device),
+        **device_info(device), "config": cfg,
         "epochs": int(cfg["train"]["epochs"]), "steps": step, "train_seconds": train_s,
         "history": history,
         "test_elbo": float(-elbo_full.mean()), "test_elbo_n": int(test.shape[0]),
@@ -522,28 +607,45 @@ def cmd_train(args) -> None:
 
 
 def bench_one(cfg: dict, train_px: torch.Tensor, mode: str, batch: int, steps: int,
-              warmup: int) -> dict:
-    """Times `steps` optimizer steps (after `warmup`) of the config's model; returns a record."""
+              warmup: int, device: torch.device = CPU, compile_mode: str | None = None,
+              fused_adam: bool = False, check_sync: bool = False) -> dict:
+    """Times `steps` optimizer steps (after `warmup`) of the config's model; returns a record.
+
+    `train_px` is the training set from ``train_tensor``: float32 on CPU, uint8 on the device
+    for CUDA. On CUDA nothing in the step waits for the host: the permutation, the gather, the
+    binarization and the noise are device ops and the loss stays on the device; the clock is read
+    after ``torch.cuda.synchronize()`` only, before and after the timed loop. With `check_sync`,
+    any synchronizing call inside the timed loop raises (torch.cuda.set_sync_debug_mode).
+    """
+    cuda = is_cuda(device)
     torch.manual_seed(0)
     decoder = cfg["model"]["decoder"]
-    model = build(make_meta(cfg))
+    model = build(make_meta(cfg)).to(device)
     o = cfg["optim"]
     opt = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
-                           eps=o["eps"])
+                           eps=o["eps"], **({"fused": True} if fused_adam else {}))
     fn = (lambda x: loss_fn(model, cfg, x))
     if mode == "compile":
-        fn = torch.compile(fn, dynamic=False)
+        fn = torch.compile(fn, dynamic=False, **({"mode": compile_mode} if compile_mode else {}))
+    # CUDA graphs (compile modes reduce-overhead / max-autotune): mark each step's start.
+    mark_step = (torch.compiler.cudagraph_mark_step_begin
+                 if cuda and mode == "compile" and compile_mode in ("reduce-overhead",
+                                                                    "max-autotune") else None)
     n = train_px.shape[0]
-    perm = torch.randperm(n)
+    if batch > n:
+        raise ValueError(f"batch {batch} is larger than the training set ({n} images)")
+    perm = torch.randperm(n, device=device) if cuda else torch.randperm(n)
     pos = 0
 
     def step():
         nonlocal pos, perm
         if pos + batch > n:
-            perm, pos = torch.randperm(n), 0
-        p = train_px[perm[pos:pos + batch]]
+            perm, pos = (torch.randperm(n, device=device) if cuda else torch.randperm(n)), 0
+        p = gather_batch(train_px, perm[pos:pos + batch])
         pos += batch
         x = torch.bernoulli(p) if decoder == "bernoulli" else p  # dynamic binarization
+        if mark_step is not None:
+            mark_step()
         loss = fn(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -553,40 +655,75 @@ def bench_one(cfg: dict, train_px: torch.Tensor, mode: str, batch: int, steps: i
     t = time.perf_counter()
     for _ in range(warmup):
         step()
+    if cuda:
+        torch.cuda.synchronize(device)
     warm_s = time.perf_counter() - t
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        if check_sync:
+            torch.cuda.set_sync_debug_mode("error")
     t = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()
-    dt = time.perf_counter() - t
-    return {"framework": "pytorch", "mode": mode, "samples_per_s": steps * batch / dt,
-            "steps_per_s": steps / dt, "batch": batch, "steps": steps, "warmup": warmup,
-            "warmup_seconds": warm_s, "seconds": dt, "threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "final_loss": float(loss.item())}
+    try:
+        for _ in range(steps):
+            loss = step()
+        if cuda:
+            if check_sync:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize(device)
+        else:
+            loss.item()
+        dt = time.perf_counter() - t
+    finally:
+        if cuda and check_sync:
+            torch.cuda.set_sync_debug_mode("default")
+    rec = {"framework": "pytorch", "mode": mode, "samples_per_s": steps * batch / dt,
+           "steps_per_s": steps / dt, "batch": batch, "steps": steps, "warmup": warmup,
+           "warmup_seconds": warm_s, "seconds": dt, "threads": torch.get_num_threads(),
+           "torch_version": torch.__version__, "final_loss": float(loss.item())}
+    if cuda:
+        rec.update(device=str(device), **device_info(device), k=int(cfg["objective"]["k"]),
+                   ms_per_step=dt * 1e3 / steps,
+                   max_memory_mib=torch.cuda.max_memory_allocated(device) / 2 ** 20,
+                   compile_mode=compile_mode if mode == "compile" else None,
+                   adam="fused" if fused_adam else "default", sync_checked=bool(check_sync))
+    return rec
 
 
 def cmd_bench(args) -> None:
     cfg, _ = load_config(args.config)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, tf32=not args.no_tf32)
+    if (args.fused_adam or args.check_sync) and not is_cuda(device):
+        die("--fused-adam and --check-sync are for --device cuda only")
     batch = args.batch or int(cfg["train"]["batch_size"])
-    train_px = to_model_input(load_images(data_dir_of(args, cfg), "train"), cfg["model"]["decoder"])
+    train_px = train_tensor(load_images(data_dir_of(args, cfg), "train"),
+                            cfg["model"]["decoder"], device)
     mode = "compile" if args.compile else args.mode
     modes = ["eager", "compile"] if mode == "both" else [mode]
+    where = (f"{device}, {torch.cuda.get_device_name(device)}, TF32 "
+             f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+             if is_cuda(device) else f"{args.threads} threads")
     failed = False
     for m in modes:
         try:
-            r = bench_one(cfg, train_px, m, batch, args.steps, args.warmup)
+            r = bench_one(cfg, train_px, m, batch, args.steps, args.warmup, device=device,
+                          compile_mode=args.compile_mode, fused_adam=args.fused_adam,
+                          check_sync=args.check_sync)
         except Exception as e:  # torch.compile may be unavailable (no C++ compiler, ...)
             failed = True
             r = {"framework": "pytorch", "mode": m, "error": f"{type(e).__name__}: {e}"[:2000],
                  "batch": batch, "threads": args.threads, "torch_version": torch.__version__}
+            if is_cuda(device):
+                r["device"] = str(device)
+        if is_cuda(device):
+            torch.cuda.empty_cache()
         if args.json:
             print(json.dumps(r), flush=True)
         elif "error" in r:
             print(f"pytorch {m:8s} FAILED: {r['error']}", flush=True)
         else:
             print(f"pytorch {m:8s} {r['samples_per_s']:10.0f} samples/s  (batch {batch}, "
-                  f"{args.threads} threads, {args.steps} steps, torch {torch.__version__})",
+                  f"{where}, {args.steps} steps, torch {torch.__version__})",
                   flush=True)
     if failed:
         sys.exit(1)
@@ -612,8 +749,10 @@ def resolve_checkpoint(path: Path) -> Path:
     raise SystemExit(f"{path}: neither a run directory (with `latest`) nor a ckpt-* directory")
 
 
-def load_model(path: Path):
-    """Loads model.safetensors exactly as docs/checkpoints.md shows; returns (model, meta, cfg)."""
+def load_model(path: Path, device: torch.device = CPU):
+    """Loads model.safetensors exactly as docs/checkpoints.md shows; returns (model, meta, cfg).
+
+    The state dict is read on the CPU and the model moved to `device` afterwards."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     if meta is None:
@@ -628,14 +767,15 @@ def load_model(path: Path):
     cfg = json.loads(meta["config"])
     if cfg["model"].get("conditional"):
         raise SystemExit("conditional models need labels; not implemented in torch_vae.py")
-    return model.eval(), meta, cfg
+    return model.to(device).eval(), meta, cfg
 
 
 def cmd_eval(args) -> None:
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, tf32=not args.no_tf32)
     torch.manual_seed(args.seed)
     ckpt = resolve_checkpoint(Path(args.checkpoint))
-    model, meta, cfg = load_model(ckpt)
+    model, meta, cfg = load_model(ckpt, device)
     decoder = cfg["model"]["decoder"]
     raw = read_idx(args.data)
     raw = raw.reshape(raw.shape[0], -1)
@@ -654,6 +794,7 @@ def cmd_eval(args) -> None:
         X = torch.from_numpy(raw.astype(np.float32))
     else:
         X = torch.from_numpy(raw.astype(np.float32) / 255.0)
+    X = X.to(device)
     t = time.perf_counter()
     elbo, logpx = estimate(model, decoder, X, k=args.k, batch=args.batch)
     nll = -logpx
@@ -665,12 +806,12 @@ def cmd_eval(args) -> None:
         "elbo_estimator": elbo_estimator(L, args.k), "layers": L, "decoder": decoder,
         "checkpoint": str(ckpt), "data": str(args.data), "step": meta.get("step"),
         "seed": args.seed, "seconds": time.perf_counter() - t, "framework": "pytorch",
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "device": str(device), **device_info(device),
     }
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"checkpoint {ckpt} (step {meta.get('step')}, L={L}, {decoder})")
+        print(f"checkpoint {ckpt} (step {meta.get('step')}, L={L}, {decoder}, {device})")
         print(f"test ELBO  {res['test_elbo']:.3f} nats  ({res['elbo_estimator']})")
         print(f"NLL        {res['nll']:.3f} +- {res['nll_stderr']:.3f} nats  "
               f"(k={args.k}, n={res['n']})")
@@ -699,7 +840,16 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    def device_args(p):
+        p.add_argument("--device", default="cpu",
+                       help="cpu, cuda or cuda:N (default cpu). Without a usable GPU a CUDA "
+                            "device exits with status 2")
+        p.add_argument("--no-tf32", action="store_true",
+                       help="CUDA: disable TF32 matmuls (torch.backends.cuda.matmul.allow_tf32, "
+                            "on by default, as in gentrain's train.tf32)")
+
     def common(p):
+        device_args(p)
         p.add_argument("--config", default=None,
                        help="TOML config (default configs/vae-examples.toml, or the reference "
                             "784-400-20 recipe if that file does not exist)")
@@ -731,6 +881,15 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--mode", choices=["eager", "compile", "both"], default="eager")
     p.add_argument("--compile", action="store_true", help="same as --mode compile")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (default: torch's default)")
+    p.add_argument("--fused-adam", action="store_true",
+                   help="CUDA: torch.optim.Adam(fused=True) instead of the default")
+    p.add_argument("--check-sync", action="store_true",
+                   help="CUDA: fail if anything in the timed loop synchronizes with the host "
+                        "(torch.cuda.set_sync_debug_mode('error'))")
     p.add_argument("--json", action="store_true", help="one JSON object per line per mode")
     p.set_defaults(func=cmd_bench)
 
@@ -742,6 +901,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=100, help="images per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    device_args(p)
     p.add_argument("--binarize-seed", type=int, default=None,
                    help="binarize raw 0..255 pixels once with this seed (Bernoulli decoders)")
     p.add_argument("--json", action="store_true")

@@ -119,7 +119,7 @@ pub fn bench_kernels(
     let lse = logsumexp::logsumexp(&a)?;
     let flat = a.flatten_all()?;
     let grad = b.flatten_all()?;
-    let state = Tensor::zeros(2 * n, DType::F32, device)?;
+    let state = Tensor::zeros(2 * n + 1, DType::F32, device)?;
     let param = c.flatten_all()?.copy()?;
     let f = 4usize; // bytes per f32
     type Run<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;

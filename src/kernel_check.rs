@@ -253,16 +253,17 @@ pub fn check_adam(dev: &Device) -> Result<Vec<CheckReport>> {
     use crate::ops::adam::{AdamApply, AdamMoments};
     let mut out = Vec::new();
     for &n in &[1usize, 255, 257, 100_003] {
-        let (p0, g0, s0) = (
+        let (p0, g0, mut s0) = (
             random(1, n, -1.0, 1.0),
             random(2, n, -1.0, 1.0),
-            random(3, 2 * n, 0.0, 0.1),
+            random(3, 2 * n + 1, 0.0, 0.1),
         );
+        s0[2 * n] = 0.0; // the found-inf guard: finite, so the update applies
         let mut res = Vec::new();
         for d in [&Device::Cpu, dev] {
             let p = Tensor::from_vec(p0.clone(), n, d)?;
             let g = Tensor::from_vec(g0.clone(), n, d)?;
-            let state = Tensor::from_vec(s0.clone(), 2 * n, d)?;
+            let state = Tensor::from_vec(s0.clone(), 2 * n + 1, d)?;
             state.inplace_op3(
                 &g,
                 &p,
@@ -322,7 +323,7 @@ pub fn check_train_step(dev: &Device) -> Result<Vec<CheckReport>> {
             .iter()
             .map(|(_, v)| v.as_tensor().clone())
             .collect();
-        res.push((step.loss, params));
+        res.push((step.loss.to_scalar::<f32>()?, params));
     }
     let loss_err = (res[0].0 - res[1].0).abs() / (1.0 + res[0].0.abs());
     if loss_err > 1e-5 {
@@ -340,6 +341,44 @@ pub fn check_train_step(dev: &Device) -> Result<Vec<CheckReport>> {
         max_rel_err: worst,
         tolerance: 1e-4,
     }])
+}
+
+/// The counter-based draws: binarized rows must match the CPU bit for bit, normals to rounding.
+pub fn check_random(dev: &Device) -> Result<Vec<CheckReport>> {
+    use crate::ops::random::{binarize_rows, normal};
+    let mut out = Vec::new();
+    let (n, d) = (1000usize, 785usize);
+    let pixels: Vec<u8> = random(11, n * d, 0.0, 256.0)
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    let idx: Vec<u32> = random(12, 333, 0.0, n as f32)
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let mut bits = Vec::new();
+    for dv in [&Device::Cpu, dev] {
+        let p = Tensor::from_vec(pixels.clone(), (n, d), dv)?;
+        let i = Tensor::from_vec(idx.clone(), idx.len(), dv)?;
+        bits.push(binarize_rows(&p, &i, 0x1234_5678_9abc_def0)?);
+    }
+    let e = compare(&bits[1], &bits[0], 0.0, "binarize_rows")?;
+    out.push(CheckReport {
+        check: format!("binarize_rows {}x{d}", idx.len()),
+        max_rel_err: e,
+        tolerance: 0.0,
+    });
+    for &len in &[1usize, 257, 100_003] {
+        let a = normal(&[len], 42, &Device::Cpu)?;
+        let b = normal(&[len], 42, dev)?;
+        let e = compare(&b, &a, 1e-5, "normal")?;
+        out.push(CheckReport {
+            check: format!("normal n={len}"),
+            max_rel_err: e,
+            tolerance: 1e-5,
+        });
+    }
+    Ok(out)
 }
 
 /// Every check above, with output poisoning on; stops at the first failure.

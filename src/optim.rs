@@ -20,7 +20,8 @@ use crate::ops::adam::{AdamApply, AdamMoments};
 pub struct Optimizer {
     cfg: OptimConfig,
     params: Vec<(String, Var)>,
-    /// Adam: packed `(2, n)` moments; SGD: `(n)` momentum buffers.
+    /// Adam: flat `m, v, guard` (`2n + 1` floats, see [`crate::ops::adam`]); SGD: `(n)` momentum
+    /// buffers.
     state: Vec<Tensor>,
     /// Steps taken (for bias correction).
     pub step: u64,
@@ -38,7 +39,7 @@ impl Optimizer {
             .map(|(_, v)| {
                 let n = v.elem_count();
                 let shape: Vec<usize> = match cfg.kind {
-                    OptimizerKind::Adam => vec![2, n],
+                    OptimizerKind::Adam => vec![2 * n + 1],
                     OptimizerKind::Sgd => vec![n],
                 };
                 Ok(Tensor::zeros(shape, candle_core::DType::F32, v.device())?)
@@ -58,8 +59,11 @@ impl Optimizer {
     }
 
     /// One update with learning rate `lr` from the gradients in `grads`. Parameters without a
-    /// gradient are left alone (their moments are not decayed, as in PyTorch).
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// gradient are left alone (their moments are not decayed, as in PyTorch). With `guard`
+    /// (a scalar on the parameters' device), the fused Adam kernels skip the update on the device
+    /// when it is NaN or infinite; the step counter advances either way, so callers that skip
+    /// on the host must not call `step` at all.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, guard: Option<&Tensor>) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let c = &self.cfg;
@@ -74,6 +78,9 @@ impl Optimizer {
                     let bc1 = 1.0 - (c.beta1).powi(t);
                     let bc2 = 1.0 - (c.beta2).powi(t);
                     if crate::ops::fused_available(var.device()) {
+                        if let Some(guard) = guard {
+                            state.slice_set(&guard.reshape(1)?, 0, 2 * var.elem_count())?;
+                        }
                         let flat_g = g.flatten_all()?;
                         let flat_p = var.as_tensor().flatten_all()?;
                         state.inplace_op3(
@@ -125,11 +132,11 @@ impl Optimizer {
         for ((name, var), s) in self.params.iter().zip(&self.state) {
             match self.cfg.kind {
                 OptimizerKind::Adam => {
-                    out.push((format!("{name}.exp_avg"), s.get(0)?.reshape(var.shape())?));
-                    out.push((
-                        format!("{name}.exp_avg_sq"),
-                        s.get(1)?.reshape(var.shape())?,
-                    ));
+                    let n = var.elem_count();
+                    let m = s.narrow(0, 0, n)?.reshape(var.shape())?;
+                    let v = s.narrow(0, n, n)?.reshape(var.shape())?;
+                    out.push((format!("{name}.exp_avg"), m));
+                    out.push((format!("{name}.exp_avg_sq"), v));
                 }
                 OptimizerKind::Sgd => {
                     out.push((format!("{name}.momentum_buffer"), s.reshape(var.shape())?))
@@ -156,7 +163,10 @@ impl Optimizer {
                     let v = lookup(&format!("{name}.exp_avg_sq"), &dims)?
                         .flatten_all()
                         .map_err(|e| e.to_string())?;
-                    Tensor::stack(&[m, v], 0)
+                    // The trailing found-inf guard starts finite (0).
+                    let guard = Tensor::zeros(1, candle_core::DType::F32, m.device())
+                        .map_err(|e| e.to_string())?;
+                    Tensor::cat(&[m, v, guard], 0)
                         .and_then(|t| t.to_device(dev))
                         .map_err(|e| e.to_string())?
                 }
@@ -193,12 +203,13 @@ fn adam_composed(
     if c.weight_decay != 0.0 {
         g = (g + (&p * c.weight_decay)?)?;
     }
-    let m = ((state.get(0)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-    let v = ((state.get(1)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+    let n = p.elem_count();
+    let m = ((state.narrow(0, 0, n)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+    let v = ((state.narrow(0, n, n)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
     let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
     let new_p = (p - ((m.clone() / denom)? * (lr / bc1))?)?;
     var.set(&new_p.reshape(var.shape())?)?;
-    state.slice_set(&Tensor::stack(&[m, v], 0)?, 0, 0)?;
+    state.slice_set(&Tensor::cat(&[m, v], 0)?, 0, 0)?;
     Ok(())
 }
 
@@ -274,7 +285,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            opt.step(&grads, lr).unwrap();
+            opt.step(&grads, lr, None).unwrap();
             let t = (t + 1) as i32;
             for i in 0..2 {
                 m[i] = b1 * m[i] + (1.0 - b1) * g[i];
@@ -326,7 +337,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            opt.step(&grads, 0.1).unwrap();
+            opt.step(&grads, 0.1, None).unwrap();
             for i in 0..2 {
                 buf[i] = if t == 0 { g[i] } else { 0.9 * buf[i] + g[i] };
                 expect[i] -= 0.1 * buf[i];

@@ -42,12 +42,31 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The 64-bit key of `(seed, stream, index)`.
+pub fn stream_key(seed: u64, stream: Stream, index: u64) -> u64 {
+    splitmix64(seed) ^ splitmix64(stream as u64 ^ 0xa5a5_a5a5) ^ splitmix64(index.rotate_left(17))
+}
+
+/// Counter-based draw `counter` of the stream `key`: `splitmix64(key ^ splitmix64(counter))`.
+/// The device kernels (`cuda/random.cu`) compute the same function, so device-drawn bits and
+/// noise are keyed exactly like the host's and can be checked against this reference.
+#[inline(always)]
+pub fn counter_u64(key: u64, counter: u64) -> u64 {
+    splitmix64(key ^ splitmix64(counter))
+}
+
+/// Standard normal number `i` of the counter stream `key` (Box-Muller on draws `2i`, `2i + 1`).
+#[inline(always)]
+pub fn counter_normal(key: u64, i: u64) -> f32 {
+    let u1 = ((counter_u64(key, 2 * i) >> 40) + 1) as f32 * (1.0 / 16_777_216.0);
+    let u2 = (counter_u64(key, 2 * i + 1) >> 40) as f32 * (1.0 / 16_777_216.0);
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
 /// The generator for `(seed, stream, index)`.
 pub fn stream_rng(seed: u64, stream: Stream, index: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
-    let mut state = splitmix64(seed)
-        ^ splitmix64(stream as u64 ^ 0xa5a5_a5a5)
-        ^ splitmix64(index.rotate_left(17));
+    let mut state = stream_key(seed, stream, index);
     for chunk in key.chunks_mut(8) {
         state = splitmix64(state);
         chunk.copy_from_slice(&state.to_le_bytes());
@@ -85,6 +104,22 @@ mod tests {
         let e: u64 = stream_rng(2, Stream::Noise, 5).random();
         assert_eq!(a, b);
         assert!(a != c && a != d && a != e && c != d);
+    }
+
+    #[test]
+    fn counter_normals_have_unit_moments() {
+        let n = 200_000;
+        let xs: Vec<f64> = (0..n)
+            .map(|i| counter_normal(stream_key(1, Stream::Noise, 3), i) as f64)
+            .collect();
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        let kurt = xs.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / n as f64 / (var * var);
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01 && (kurt - 3.0).abs() < 0.05,
+            "{mean} {var} {kurt}"
+        );
+        assert!(xs.iter().all(|x| x.is_finite()));
     }
 
     #[test]

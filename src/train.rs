@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{self, FileContents, LoadedFile, OPTIM_FILE};
 use crate::config::Config;
@@ -190,17 +190,26 @@ fn save_checkpoint(
     )
 }
 
-/// The result of one optimizer step.
+/// The result of one optimizer step. The tensors are scalars on the training device; on a GPU
+/// read them only at logging intervals (each read waits for the device).
 pub struct StepOutput {
     /// The loss (negative weighted bound).
-    pub loss: f32,
+    pub loss: Tensor,
     /// The batch-mean bound.
-    pub bound: f32,
-    /// False when the loss or a gradient was non-finite and no update was applied.
-    pub finite: bool,
+    pub bound: Tensor,
+    /// 1 when the loss or a gradient was non-finite and the update was skipped, else 0.
+    pub skipped: Tensor,
+    /// Whether the update was applied, when the host knows it at once (CPU, or SGD anywhere);
+    /// `None` when the device decided (fused Adam on a GPU reads the found-inf guard itself).
+    pub applied: Option<bool>,
 }
 
 /// One optimizer step on the rows `idx` of `data` at global step `step`.
+///
+/// On the CPU the loss and the gradients are tested on the host before the update. On a CUDA
+/// device nothing waits for the device: the batch bits and the noise are drawn there, and the
+/// guard `loss + 0 * sum(grads)` (NaN or infinite exactly when something is) is handed to the
+/// fused Adam kernels, which skip the update by themselves.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Vae,
@@ -216,7 +225,15 @@ pub fn train_step(
     let k = cfg.objective.k;
     let seed = cfg.train.seed;
     let x = data.batch(idx, step, device)?;
-    let eps = model.draw_noise(k, idx.len(), &mut stream_rng(seed, Stream::Noise, step))?;
+    let eps = if device.is_cpu() {
+        model.draw_noise(k, idx.len(), &mut stream_rng(seed, Stream::Noise, step))?
+    } else {
+        model.draw_noise_keyed(
+            k,
+            idx.len(),
+            crate::rng::stream_key(seed, Stream::Noise, step),
+        )?
+    };
     let pass = model.pass(
         &x,
         k,
@@ -224,29 +241,73 @@ pub fn train_step(
         needs_densities(&cfg.objective, model.latents.len()),
     )?;
     let obj = objective(&pass, &cfg.objective, k, beta)?;
-    let loss = obj.loss.to_scalar::<f32>()?;
-    let bound = obj.bound.to_scalar::<f32>()?;
-    if !loss.is_finite() {
+    let flag = |v: f64| Tensor::new(v as f32, device);
+    let device_guard = !device.is_cpu() && cfg.optim.kind == crate::config::OptimizerKind::Adam;
+    if !device_guard {
+        let loss = obj.loss.to_scalar::<f32>()?;
+        let applied = loss.is_finite() && {
+            let grads = obj.loss.backward()?;
+            let ok = check_finite_grads(&model.store, &grads).is_ok();
+            if ok {
+                opt.step(&grads, lr, None)?;
+            }
+            ok
+        };
         return Ok(StepOutput {
-            loss,
-            bound,
-            finite: false,
+            loss: obj.loss,
+            bound: obj.bound,
+            skipped: flag(if applied { 0.0 } else { 1.0 })?,
+            applied: Some(applied),
         });
     }
     let grads = obj.loss.backward()?;
-    if check_finite_grads(&model.store, &grads).is_err() {
-        return Ok(StepOutput {
-            loss,
-            bound,
-            finite: false,
-        });
+    let mut guard = obj.loss.detach();
+    for (_, var) in model.store.iter() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            guard = (guard + (g.sum_all()? * 0.0)?)?;
+        }
     }
-    opt.step(&grads, lr)?;
+    opt.step(&grads, lr, Some(&guard))?;
+    // 0 * x is NaN exactly when x is NaN or infinite.
+    let skipped = (&guard * 0.0)?
+        .ne(0f32)?
+        .to_dtype(candle_core::DType::F32)?;
     Ok(StepOutput {
-        loss,
-        bound,
-        finite: true,
+        loss: obj.loss,
+        bound: obj.bound,
+        skipped,
+        applied: None,
     })
+}
+
+/// Applies `train.on_nonfinite` to `count` skipped updates: an error for `stop`, a count and a
+/// warning for `skip`.
+fn on_nonfinite(
+    cfg: &Config,
+    metrics: &mut MetricsWriter,
+    skipped: &mut u64,
+    count: usize,
+    loss: f32,
+    step: u64,
+    epoch: u64,
+) -> Result<()> {
+    match cfg.train.on_nonfinite {
+        crate::config::NonFinitePolicy::Stop => {
+            metrics.flush()?;
+            Err(Error::NonFinite(format!(
+                "loss {loss} at step {step} (epoch {}); stopped without writing a checkpoint, the last saved one is intact",
+                epoch + 1
+            )))
+        }
+        crate::config::NonFinitePolicy::Skip => {
+            *skipped += count as u64;
+            tracing::warn!(
+                step,
+                "non-finite loss or gradient: {count} step(s) skipped ({skipped} so far)"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Trains according to `cfg`, writing everything into `opts.out`.
@@ -324,7 +385,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     };
 
     let mut perm: Option<(u64, Vec<u32>)> = None;
-    let mut window = (0f64, 0usize, Instant::now(), 0usize); // bound sum, steps, start, samples
+    let mut window = (0f64, 0usize, Instant::now(), 0usize); // (unused), (unused), start, samples
+    let zero = Tensor::new(0f32, &device)?;
+    let (mut window_bound, mut window_skipped, mut window_steps) =
+        (zero.clone(), zero.clone(), 0usize);
     let mut skipped = 0u64;
     let mut last_test_elbo = None;
     let mut trained_samples = 0usize;
@@ -355,38 +419,38 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             lr,
             &device,
         )?;
-        let (loss, finite) = (out.loss, out.finite);
-        if !finite {
-            match cfg.train.on_nonfinite {
-                crate::config::NonFinitePolicy::Stop => {
-                    metrics.flush()?;
-                    return Err(Error::NonFinite(format!(
-                        "loss {loss} at step {} (epoch {}); stopped without writing a checkpoint, the last saved one is intact",
-                        st.step,
-                        epoch + 1
-                    )));
-                }
-                crate::config::NonFinitePolicy::Skip => {
-                    skipped += 1;
-                    tracing::warn!(
-                        step = st.step,
-                        "non-finite loss or gradient: step skipped ({skipped} so far)"
-                    );
-                }
-            }
+        if out.applied == Some(false) {
+            let loss = out.loss.to_scalar::<f32>()?;
+            on_nonfinite(cfg, &mut metrics, &mut skipped, 1, loss, st.step, epoch)?;
         }
+        // Window sums stay on the device; they are read at logging intervals only.
+        let good_bound = out.skipped.ge(0.5f32)?.where_cond(&zero, &out.bound)?;
+        window_bound = (window_bound + good_bound)?;
+        window_skipped = (window_skipped + &out.skipped)?;
+        window_steps += 1;
         st.step += 1;
         trained_samples += idx.len();
         bar.inc(1);
-        if finite {
-            window.0 += out.bound as f64;
-            window.1 += 1;
-        }
         window.3 += idx.len();
         if st.step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch {
+            let loss = out.loss.to_scalar::<f32>()?;
+            let window_skips = window_skipped.to_scalar::<f32>()?.round() as usize;
+            if out.applied.is_none() && window_skips > 0 {
+                // The device skipped these updates itself; apply the policy now.
+                on_nonfinite(
+                    cfg,
+                    &mut metrics,
+                    &mut skipped,
+                    window_skips,
+                    loss,
+                    st.step,
+                    epoch,
+                )?;
+            }
             let secs = window.2.elapsed().as_secs_f64();
             let sps = window.3 as f64 / secs.max(1e-9);
-            let bound = window.0 / window.1.max(1) as f64;
+            let bound = window_bound.to_scalar::<f32>()? as f64
+                / window_steps.saturating_sub(window_skips).max(1) as f64;
             bar.set_message(format!("bound {bound:.2} | {sps:.0} samples/s"));
             metrics.log(
                 "train",
@@ -403,6 +467,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 ],
             )?;
             window = (0.0, 0, Instant::now(), 0);
+            window_bound = zero.clone();
+            window_skipped = zero.clone();
+            window_steps = 0;
         }
         let epoch_done = within as u64 + 1 == steps_per_epoch;
         let every = cfg.train.checkpoint_every_steps as u64;

@@ -41,4 +41,5 @@ gpu_test!(
     kernel_check::check_linear
 );
 gpu_test!(adam_kernels_match_cpu, kernel_check::check_adam);
+gpu_test!(random_draws_match_cpu, kernel_check::check_random);
 gpu_test!(a_training_step_matches_cpu, kernel_check::check_train_step);

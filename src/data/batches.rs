@@ -38,6 +38,8 @@ pub struct DataSource {
     seed: u64,
     /// Labels, if the data set has them.
     pub labels: Option<Vec<u8>>,
+    /// Pixels uploaded once to a CUDA device for on-device binarization (dynamic rows only).
+    device_pixels: std::sync::OnceLock<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +86,7 @@ impl DataSource {
             rows,
             seed,
             labels: set.labels.clone(),
+            device_pixels: std::sync::OnceLock::new(),
         }
     }
 
@@ -104,6 +107,7 @@ impl DataSource {
             rows: Rows::Real(data),
             seed,
             labels: None,
+            device_pixels: std::sync::OnceLock::new(),
         }
     }
 
@@ -128,7 +132,24 @@ impl DataSource {
     }
 
     /// The rows `idx` as an `(idx.len(), dim)` f32 tensor; `step` keys dynamic binarization.
+    ///
+    /// On a CUDA device with dynamic binarization the pixels live on the device (uploaded once)
+    /// and the bits are drawn there by [`crate::ops::random::binarize_rows`] from the counter
+    /// stream of `(seed, Binarize, step)`: only the indices cross the bus.
     pub fn batch(&self, idx: &[u32], step: u64, device: &Device) -> Result<Tensor> {
+        if let (Rows::Dynamic(pixels), true) = (&self.rows, device.is_cuda()) {
+            let on_device = match self.device_pixels.get() {
+                Some(t) if t.device().same_device(device) => t.clone(),
+                _ => {
+                    let t = Tensor::from_slice(pixels, (self.n, self.dim), device)?;
+                    let _ = self.device_pixels.set(t.clone());
+                    t
+                }
+            };
+            let idx = Tensor::from_slice(idx, idx.len(), device)?;
+            let key = crate::rng::stream_key(self.seed, Stream::Binarize, step);
+            return Ok(crate::ops::random::binarize_rows(&on_device, &idx, key)?);
+        }
         let d = self.dim;
         let mut out = Vec::with_capacity(idx.len() * d);
         match &self.rows {

@@ -141,6 +141,22 @@ impl Vae {
             .collect()
     }
 
+    /// Like [`Vae::draw_noise`], drawn on the model's device from the counter stream `key`
+    /// (layer `l` uses key `key + l`), with no host work or transfer.
+    pub fn draw_noise_keyed(&self, k: usize, b: usize, key: u64) -> Result<Vec<Tensor>> {
+        self.latents
+            .iter()
+            .enumerate()
+            .map(|(l, &d)| {
+                Ok(crate::ops::random::normal(
+                    &[k * b, d],
+                    key.wrapping_add(l as u64),
+                    self.device(),
+                )?)
+            })
+            .collect()
+    }
+
     /// `(mu, logvar)` of `q(z_1 | x)`.
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         self.encoders[0].forward(x)

@@ -7,8 +7,12 @@
 //! p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 //! ```
 //!
-//! The moments live in one `(2, n)` state tensor (`m` then `v`), so the update is two in-place
-//! passes: [`AdamMoments`] (state from grad and param) and [`AdamApply`] (param from state).
+//! The moments live in one flat state tensor of `2n + 1` floats: `m`, then `v`, then a guard
+//! value. The update is two in-place passes, [`AdamMoments`] (state from grad and param) and
+//! [`AdamApply`] (param from state); both do nothing when the guard is NaN or infinite. On a GPU
+//! the trainer writes `loss + 0 * sum(grads)` into the guard on the device, so a step with a
+//! non-finite loss or gradient is skipped without the host waiting for the device (the found-inf
+//! pattern of mixed-precision training).
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
 use rayon::prelude::*;
@@ -53,7 +57,7 @@ impl InplaceOp3 for AdamMoments {
         let g = slice(grad, lg, self.name())?;
         let p = slice(param, lp, self.name())?;
         let n = g.len();
-        if state.len() != 2 * n || p.len() != n {
+        if state.len() != 2 * n + 1 || p.len() != n {
             candle_core::bail!(
                 "adam: state {} vs grad {} vs param {}",
                 state.len(),
@@ -61,7 +65,11 @@ impl InplaceOp3 for AdamMoments {
                 p.len()
             )
         }
-        let (m, v) = state.split_at_mut(n);
+        if !state[2 * n].is_finite() {
+            return Ok(());
+        }
+        let (m, rest) = state.split_at_mut(n);
+        let v = &mut rest[..n];
         let (b1, b2, wd) = (self.beta1, self.beta2, self.weight_decay);
         let update = |m: &mut [f32], v: &mut [f32], g: &[f32], p: &[f32]| {
             for i in 0..g.len() {
@@ -95,7 +103,7 @@ impl InplaceOp3 for AdamMoments {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         let dev = device(grad);
         let n = lg.shape().elem_count();
-        if ls.shape().elem_count() != 2 * n || lp.shape().elem_count() != n {
+        if ls.shape().elem_count() != 2 * n + 1 || lp.shape().elem_count() != n {
             candle_core::bail!(
                 "adam: state {:?} vs grad {:?} vs param {:?}",
                 ls.dims(),
@@ -135,10 +143,14 @@ impl InplaceOp2 for AdamApply {
         let p = slice_mut(param, lp, self.name())?;
         let state = slice(state, ls, self.name())?;
         let n = p.len();
-        if state.len() != 2 * n {
+        if state.len() != 2 * n + 1 {
             candle_core::bail!("adam: state {} vs param {}", state.len(), n)
         }
-        let (m, v) = state.split_at(n);
+        if !state[2 * n].is_finite() {
+            return Ok(());
+        }
+        let (m, rest) = state.split_at(n);
+        let v = &rest[..n];
         let step_size = self.lr / self.bias_correction1;
         let sqrt_bc2 = self.bias_correction2.sqrt();
         let eps = self.eps;
@@ -169,7 +181,7 @@ impl InplaceOp2 for AdamApply {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         let dev = device(state);
         let n = lp.shape().elem_count();
-        if ls.shape().elem_count() != 2 * n {
+        if ls.shape().elem_count() != 2 * n + 1 {
             candle_core::bail!("adam: state {:?} vs param {:?}", ls.dims(), lp.dims())
         }
         let st = view(state, ls, self.name())?;

@@ -14,6 +14,7 @@ pub mod fastmath;
 pub mod gaussian;
 pub mod linear;
 pub mod logsumexp;
+pub mod random;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
