@@ -29,6 +29,9 @@ fn timed(dev: &Device, iters: u64, f: &dyn Fn()) -> Duration {
     t0.elapsed()
 }
 
+/// (name, bytes moved per element, one call).
+type Case<'a> = (&'static str, usize, Box<dyn Fn() + 'a>);
+
 fn kernels(c: &mut Criterion) {
     let dev = device();
     let mut g = c.benchmark_group("kernels");
@@ -39,7 +42,7 @@ fn kernels(c: &mut Criterion) {
         let (a, b, e) = (u(), u(), u());
         let bits = u().ge(0.0).unwrap().to_dtype(DType::F32).unwrap();
         let bias = Tensor::rand(-1f32, 1f32, 784, &dev).unwrap();
-        let cases: Vec<(&str, usize, Box<dyn Fn()>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "reparameterize",
                 16,
