@@ -49,8 +49,32 @@ fn open_cuda(n: usize, s: &str) -> Result<Device> {
     // One stream per device: candle's per-allocation event tracking only guards cross-stream
     // use, which gentrain never does, and costs an event record per tensor.
     // SAFETY: all work on this device is issued on its single stream.
-    unsafe { dev.as_cuda_device()?.disable_event_tracking() };
+    let cuda = dev.as_cuda_device()?;
+    unsafe { cuda.disable_event_tracking() };
+    keep_pool_memory(cuda)?;
     Ok(dev)
+}
+
+/// Sets the release threshold of the device's default memory pool to "never": memory freed by
+/// one step is kept for the next instead of being returned to the driver at every stream sync
+/// (the default threshold is 0), which turns steady-state allocations into pool hits.
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(cuda: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let stream = cuda.cuda_stream();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle comes from a live context; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(stream.context().cu_device())
+            .map_err(|e| Error::Device(format!("memory pool: {e}")))?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .map_err(|e| Error::Device(format!("memory pool: {e}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
