@@ -6,8 +6,10 @@
 //! the GPU tests.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
-use candle_core::cuda_backend::{CudaFunc, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig,
+};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 /// The PTX of each `cuda/*.cu` file, one constant per file.
@@ -36,9 +38,26 @@ pub fn view_mut<'a>(s: &'a mut CudaStorage, l: &Layout, op: &str) -> Result<Cuda
     }
 }
 
+/// A loaded kernel and the device's stream (candle's `CudaFunc` is not nameable outside candle).
+pub struct Func {
+    f: CudaFunction,
+    stream: std::sync::Arc<CudaStream>,
+}
+
+impl Func {
+    /// A launch builder on the device's stream.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.f)
+    }
+}
+
 /// Loads `name` from the module built from `ptx` (cached by candle per module name).
-pub fn func(dev: &CudaDevice, name: &str, module: &str, ptx: &str) -> Result<CudaFunc> {
-    dev.get_or_load_custom_func(name, &format!("gentrain_{module}"), ptx)
+pub fn func(dev: &CudaDevice, name: &str, module: &str, ptx: &str) -> Result<Func> {
+    let f = dev.get_or_load_custom_func(name, &format!("gentrain_{module}"), ptx)?;
+    Ok(Func {
+        f: f.into_cuda_function(),
+        stream: dev.cuda_stream(),
+    })
 }
 
 fn poison() -> bool {
