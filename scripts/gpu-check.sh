@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the CUDA path, in one command, on a machine with an NVIDIA GPU and no Rust.
-# Build here first (scripts/build-cuda.sh) and carry target-cuda/release/trainer to the GPU
-# machine; then, from the repository root there:
+# Build here first (scripts/build-cuda.sh) and carry target-cuda/carry (the xz-compressed
+# stripped trainer, ~8 MiB) to the GPU machine; then, from the repository root there:
 #
 #     scripts/gpu-check.sh [OUT_DIR]          (default: $OUT/gpu-check if $OUT is set, else bench/results/gpu-check)
 #
@@ -21,6 +21,10 @@ OUT_DIR=${1:-${OUT:+$OUT/gpu-check}}
 OUT_DIR=${OUT_DIR:-bench/results/gpu-check}
 mkdir -p "$OUT_DIR"
 TRAINER=${TRAINER:-target-cuda/release/trainer}
+if [ ! -x "$TRAINER" ] && [ -f target-cuda/carry/trainer.xz ]; then
+  mkdir -p "$(dirname "$TRAINER")"
+  xz -dc target-cuda/carry/trainer.xz > "$TRAINER" && chmod +x "$TRAINER"
+fi
 [ -x "$TRAINER" ] || { echo "error: $TRAINER missing: build it with scripts/build-cuda.sh and carry it" >&2; exit 2; }
 
 # The CUDA 13 runtime libraries come with PyTorch's nvidia pip packages on the GPU machines.
