@@ -117,3 +117,45 @@ pub fn u32_len(n: usize, what: &str) -> Result<u32> {
         candle_core::Error::Msg(format!("{what}: {n} does not fit the kernels' u32 sizes"))
     })
 }
+
+/// What a row kernel writes: one value per row, or one per element of the first input.
+pub enum Output {
+    PerRow,
+    PerElement,
+}
+
+/// Launches `kernel(inputs.., out, rows, d)`, the signature shared by the row reductions and
+/// their elementwise backwards, on contiguous f32 inputs; `rows` and `d` come from the first
+/// input's shape `(.., d)`, as does the output shape.
+pub fn launch_rows(
+    op: &str,
+    kernel: &str,
+    module: &str,
+    ptx: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    output: Output,
+) -> Result<(CudaStorage, candle_core::Shape)> {
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    let (s0, l0) = inputs[0];
+    let dev = device(s0);
+    let views = inputs
+        .iter()
+        .map(|(s, l)| view(s, l, op))
+        .collect::<Result<Vec<_>>>()?;
+    let (rows, d) = super::rows_and_last(l0.shape())?;
+    let (r32, d32) = (u32_len(rows, op)?, u32_len(d, op)?);
+    let (len, shape, cfg) = match output {
+        Output::PerRow => (rows, super::reduced_shape(l0.shape()), per_row(rows)),
+        Output::PerElement => (rows * d, l0.shape().clone(), elementwise(rows * d)),
+    };
+    let out = alloc_out(&dev, len)?;
+    let f = func(&dev, kernel, module, ptx)?;
+    let mut b = f.builder();
+    for v in &views {
+        b.arg(v);
+    }
+    b.arg(&out).arg(&r32).arg(&d32);
+    // SAFETY: every caller names a kernel of signature (inputs.., out, u32 rows, u32 d).
+    launched(unsafe { b.launch(cfg) })?;
+    Ok((storage(out, &dev), shape))
+}

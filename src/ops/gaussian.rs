@@ -195,19 +195,15 @@ impl CustomOp2 for GaussianKl {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::*;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let dev = device(s1);
-        let (mu, lv) = (view(s1, l1, self.name())?, view(s2, l2, self.name())?);
-        let (rows, d) = rows_and_last(l1.shape())?;
-        let (r32, d32) = (u32_len(rows, self.name())?, u32_len(d, self.name())?);
-        let out = alloc_out(&dev, rows)?;
-        let f = func(&dev, "gt_gaussian_kl", "gaussian", ptx::GAUSSIAN)?;
-        let mut b = f.builder();
-        b.arg(&mu).arg(&lv).arg(&out).arg(&r32).arg(&d32);
-        // SAFETY: argument types and count match the kernel signature.
-        launched(unsafe { b.launch(per_row(rows)) })?;
-        Ok((storage(out, &dev), reduced_shape(l1.shape())))
+        use super::cuda::{launch_rows, ptx, Output};
+        launch_rows(
+            self.name(),
+            "gt_gaussian_kl",
+            "gaussian",
+            ptx::GAUSSIAN,
+            &[(s1, l1), (s2, l2)],
+            Output::PerRow,
+        )
     }
 
     fn bwd(
@@ -267,23 +263,15 @@ impl CustomOp3 for GaussianLogDensity {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::*;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let dev = device(s1);
-        let (z, mu, lv) = (
-            view(s1, l1, self.name())?,
-            view(s2, l2, self.name())?,
-            view(s3, l3, self.name())?,
-        );
-        let (rows, d) = rows_and_last(l1.shape())?;
-        let (r32, d32) = (u32_len(rows, self.name())?, u32_len(d, self.name())?);
-        let out = alloc_out(&dev, rows)?;
-        let f = func(&dev, "gt_gaussian_logpdf", "gaussian", ptx::GAUSSIAN)?;
-        let mut b = f.builder();
-        b.arg(&z).arg(&mu).arg(&lv).arg(&out).arg(&r32).arg(&d32);
-        // SAFETY: argument types and count match the kernel signature.
-        launched(unsafe { b.launch(per_row(rows)) })?;
-        Ok((storage(out, &dev), reduced_shape(l1.shape())))
+        use super::cuda::{launch_rows, ptx, Output};
+        launch_rows(
+            self.name(),
+            "gt_gaussian_logpdf",
+            "gaussian",
+            ptx::GAUSSIAN,
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            Output::PerRow,
+        )
     }
 
     fn bwd(

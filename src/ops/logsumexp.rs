@@ -60,19 +60,15 @@ impl CustomOp1 for LogSumExp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::*;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let dev = device(s);
-        let a = view(s, l, self.name())?;
-        let (rows, k) = rows_and_last(l.shape())?;
-        let (r32, k32) = (u32_len(rows, self.name())?, u32_len(k, self.name())?);
-        let out = alloc_out(&dev, rows)?;
-        let f = func(&dev, "gt_logsumexp", "logsumexp", ptx::LOGSUMEXP)?;
-        let mut b = f.builder();
-        b.arg(&a).arg(&out).arg(&r32).arg(&k32);
-        // SAFETY: argument types and count match the kernel signature.
-        launched(unsafe { b.launch(per_row(rows)) })?;
-        Ok((storage(out, &dev), reduced_shape(l.shape())))
+        use super::cuda::{launch_rows, ptx, Output};
+        launch_rows(
+            self.name(),
+            "gt_logsumexp",
+            "logsumexp",
+            ptx::LOGSUMEXP,
+            &[(s, l)],
+            Output::PerRow,
+        )
     }
 
     fn bwd(&self, a: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -128,23 +124,15 @@ impl CustomOp3 for LogSumExpBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::*;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let dev = device(s1);
-        let (a, lse, g) = (
-            view(s1, l1, self.name())?,
-            view(s2, l2, self.name())?,
-            view(s3, l3, self.name())?,
-        );
-        let (rows, k) = rows_and_last(l1.shape())?;
-        let (r32, k32) = (u32_len(rows, self.name())?, u32_len(k, self.name())?);
-        let out = alloc_out(&dev, rows * k)?;
-        let f = func(&dev, "gt_logsumexp_bwd", "logsumexp", ptx::LOGSUMEXP)?;
-        let mut b = f.builder();
-        b.arg(&a).arg(&lse).arg(&g).arg(&out).arg(&r32).arg(&k32);
-        // SAFETY: argument types and count match the kernel signature.
-        launched(unsafe { b.launch(elementwise(rows * k)) })?;
-        Ok((storage(out, &dev), l1.shape().clone()))
+        use super::cuda::{launch_rows, ptx, Output};
+        launch_rows(
+            self.name(),
+            "gt_logsumexp_bwd",
+            "logsumexp",
+            ptx::LOGSUMEXP,
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            Output::PerElement,
+        )
     }
 }
 
