@@ -301,6 +301,13 @@ impl LoadedFile {
         Tensor::from_vec(data, dims, device).map_err(|e| e.to_string())
     }
 
+    /// Total number of 4-byte values in the file's tensors (an upper bound on its f32 elements).
+    pub fn f32_elements(&self) -> usize {
+        SafeTensors::deserialize(&self.bytes)
+            .map(|st| st.tensors().iter().map(|(_, t)| t.data().len() / 4).sum())
+            .unwrap_or(0)
+    }
+
     /// Wraps a message about this file as an error.
     pub fn error(&self, reason: impl Into<String>) -> Error {
         Error::checkpoint(&self.path, reason)

@@ -182,6 +182,16 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         })?;
     let step = parse_num(&file, "step")?;
     let epoch = parse_num(&file, "epoch")?;
+    // The config must not describe more parameters than the file holds: a corrupt or hostile
+    // config would otherwise make us allocate a huge model before any tensor is compared.
+    let wanted = crate::models::vae::parameter_count(&config.model, input_dim)
+        .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;
+    if wanted > file.f32_elements() {
+        return Err(file.error(format!(
+            "metadata `config` describes {wanted} parameters but the file holds {} values",
+            file.f32_elements()
+        )));
+    }
     let model = build_model(&config, input_dim, device)?;
     model
         .store

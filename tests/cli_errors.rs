@@ -364,6 +364,21 @@ fn checkpoint_from_another_family() {
 }
 
 #[test]
+fn checkpoint_config_describing_a_huge_model_is_refused_before_allocating() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                let mut cfg: serde_json::Value =
+                    serde_json::from_str(h["__metadata__"]["config"].as_str().unwrap()).unwrap();
+                cfg["model"]["layers"][0]["hidden"] = serde_json::json!([4_000_000_000u64]);
+                h["__metadata__"]["config"] = serde_json::json!(cfg.to_string());
+            })
+        },
+        "describes",
+    );
+}
+
+#[test]
 fn resume_with_a_different_architecture_names_the_field() {
     let (tmp, run) = trained_run();
     let data = tmp.path().join("data");

@@ -35,6 +35,12 @@ fn shipped_configs_validate_and_train_one_step() {
         cfg.validate()
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let model = gentrain::session::build_model(&cfg, 784, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(
+            gentrain::models::vae::parameter_count(&cfg.model, 784),
+            Some(model.store.numel()),
+            "{}",
+            path.display()
+        );
         let mut opt = gentrain::optim::Optimizer::new(&cfg.optim, &model.store).unwrap();
         let out = gentrain::train::train_step(
             &model,
