@@ -60,6 +60,26 @@ fn config(
     p
 }
 
+/// True while an unfinished checkpoint write (a `.tmp-ckpt-*` directory) is in `run`.
+fn write_in_progress(run: &Path) -> bool {
+    std::fs::read_dir(run)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-ckpt-"))
+        })
+        .unwrap_or(false)
+}
+
+/// `trainer train` arguments that continue `run` if it has a checkpoint, or start it.
+fn start_or_resume<'a>(cfg: &'a str, run: &'a Path, run_s: &'a str) -> Vec<&'a str> {
+    let how = if run.join("latest").exists() {
+        "--resume"
+    } else {
+        "--out"
+    };
+    vec!["train", "--config", cfg, how, run_s, "--json"]
+}
+
 #[test]
 fn sigkill_at_twenty_random_moments_then_resume_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,22 +114,11 @@ fn sigkill_at_twenty_random_moments_then_resume_matches_uninterrupted_run() {
     const STALL_MS: u64 = 10;
     let horizon = 400;
     for _ in 0..20 {
-        let args: Vec<&str> = if run.join("latest").exists() {
-            vec!["train", "--config", cfg, "--resume", &run_s, "--json"]
-        } else {
-            vec!["train", "--config", cfg, "--out", &run_s, "--json"]
-        };
-        let mut child = spawn(&args, STALL_MS);
+        let mut child = spawn(&start_or_resume(cfg, &run, &run_s), STALL_MS);
         std::thread::sleep(Duration::from_millis(rng.random_range(0..horizon)));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        if std::fs::read_dir(&run)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-ckpt-"))
-            })
-            .unwrap_or(false)
-        {
+        if write_in_progress(&run) {
             kills_inside_writes += 1;
         }
         if run.join("latest").exists() {
@@ -119,12 +128,7 @@ fn sigkill_at_twenty_random_moments_then_resume_matches_uninterrupted_run() {
             assert!(ck.dir.join("optim.safetensors").is_file());
         }
     }
-    let args: Vec<&str> = if run.join("latest").exists() {
-        vec!["train", "--config", cfg, "--resume", &run_s, "--json"]
-    } else {
-        vec!["train", "--config", cfg, "--out", &run_s, "--json"]
-    };
-    let out = trainer(&args);
+    let out = trainer(&start_or_resume(cfg, &run, &run_s));
     assert!(
         out.status.success(),
         "{}",
@@ -246,11 +250,7 @@ fn second_sigint_exits_at_once_without_touching_checkpoints() {
     signal(&child, "-INT");
     // The first signal starts the (stalled) checkpoint write; the second must not wait for it.
     let t_first = Instant::now();
-    while !std::fs::read_dir(&run)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-ckpt-"))
-    {
+    while !write_in_progress(&run) {
         assert!(
             t_first.elapsed() < Duration::from_secs(20),
             "no checkpoint write started"
@@ -288,8 +288,5 @@ fn second_sigint_exits_at_once_without_touching_checkpoints() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!std::fs::read_dir(&run)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-ckpt-")));
+    assert!(!write_in_progress(&run));
 }
