@@ -170,11 +170,14 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         .validate()
         .map_err(|e| file.error(format!("metadata `config`: {e}")))?;
     let input_dim: usize = parse_num(&file, "input_dim")?;
+    if input_dim == 0 {
+        return Err(file.error("metadata `input_dim` is 0"));
+    }
     let shape = file.meta("image_shape")?;
     let image_shape = shape
         .split_once(',')
         .and_then(|(r, c)| Some((r.trim().parse().ok()?, c.trim().parse().ok()?)))
-        .filter(|(r, c): &(usize, usize)| r * c == input_dim)
+        .filter(|(r, c): &(usize, usize)| r.checked_mul(*c) == Some(input_dim))
         .ok_or_else(|| {
             file.error(format!(
                 "metadata `image_shape` = {shape:?} does not match input_dim {input_dim}"

@@ -478,3 +478,34 @@ fn nan_policy_skip_counts_skipped_steps_and_finishes() {
         .fold(0.0, f64::max);
     assert!(skipped >= 1.0, "no step was skipped: {metrics}");
 }
+
+/// The inputs the checkpoint fuzzer found (`fuzz/reproducers/`, see `docs/fuzzing.md`): each used
+/// to panic or to allocate without bound; each must now be one clean error line.
+#[test]
+fn fuzz_reproducers_are_refused_with_exit_2() {
+    let cases = [
+        ("checkpoint-zero-input-dim.safetensors", "`input_dim` is 0"),
+        (
+            "checkpoint-image-shape-overflow.safetensors",
+            "does not match input_dim",
+        ),
+        ("checkpoint-huge-hidden.safetensors", "describes"),
+    ];
+    for (file, needle) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/reproducers")
+            .join(file);
+        std::fs::copy(&source, tmp.path().join("model.safetensors")).unwrap();
+        let out = trainer(&[
+            "eval",
+            "--checkpoint",
+            tmp.path().to_str().unwrap(),
+            "--k",
+            "2",
+            "--limit",
+            "5",
+        ]);
+        assert_user_error(&out, needle);
+    }
+}

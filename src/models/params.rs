@@ -40,6 +40,11 @@ impl ParamStore {
         bound: f32,
         rng: &mut ChaCha8Rng,
     ) -> Result<Tensor> {
+        if !bound.is_finite() || bound <= 0.0 {
+            return Err(crate::error::Error::Config(format!(
+                "{name}: initialization bound {bound} (a layer with no inputs?)"
+            )));
+        }
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..=bound)).collect();
         let var = Var::from_tensor(&Tensor::from_vec(v, shape, &self.device)?)?;
