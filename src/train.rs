@@ -10,18 +10,19 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::{self, FileContents, LoadedFile, OPTIM_FILE};
+use crate::checkpoint::{self, FileContents, LoadedFile};
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::models::Vae;
-use crate::objectives::{kl_weight, needs_densities, objective};
-use crate::optim::{check_finite_grads, learning_rate, Optimizer};
+use crate::optim::{learning_rate, Optimizer};
 use crate::report::MetricsWriter;
-use crate::rng::{epoch_permutation, stream_rng, Stream};
-use crate::samples;
+use crate::rng::epoch_permutation;
 use crate::session::{self, Datasets};
+
+pub mod vae;
+
+pub use vae::{train_step, VaeStepOutput, VaeTrainee};
 
 /// Where and how to train.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct TrainSummary {
     pub epochs: usize,
     pub samples_per_s: f64,
     pub test_elbo: Option<f64>,
+    /// Figures of the last epoch-end evaluation.
+    pub last_eval: std::collections::BTreeMap<String, f64>,
     pub final_eval: Option<eval::EvalReport>,
     pub seconds: f64,
     /// True when a signal stopped the run early (a checkpoint was written).
@@ -67,15 +70,124 @@ fn install_signal_handlers() -> Result<std::sync::Arc<std::sync::atomic::AtomicB
     Ok(flag)
 }
 
-/// The model and optimizer of a run, fresh or restored.
-struct State {
-    model: Vae,
-    opt: Optimizer,
-    step: u64,
+/// Settings of one step handed to a [`Trainee`].
+pub struct StepContext<'a> {
+    pub cfg: &'a Config,
+    /// Global optimizer step (keys every random draw of the step).
+    pub step: u64,
+    /// Epochs done, fractional (for warm-up schedules).
+    pub epoch_progress: f64,
+    pub lr: f64,
+    pub device: &'a Device,
 }
 
-fn restore(cfg: &Config, resume: &Path, data: &Datasets, device: &Device) -> Result<State> {
-    let ck = session::load_checkpoint(resume, device)?;
+/// What one update reports. The tensors are scalars on the training device, read only at
+/// logging intervals (on a GPU each read waits for the device).
+pub struct StepOutput {
+    /// The loss that was minimized (the discriminator's for GANs).
+    pub loss: Tensor,
+    /// Named scalars averaged over the logging window; the first is shown in the progress bar.
+    pub values: Vec<(&'static str, Tensor)>,
+    /// Host-side figures logged as they are (schedules).
+    pub constants: Vec<(&'static str, f64)>,
+    /// 1 when the update was skipped because something was non-finite, else 0.
+    pub skipped: Tensor,
+    /// Whether the update was applied, when the host knows it at once; `None` when the device
+    /// decided (fused Adam on a GPU reads the found-inf guard itself).
+    pub applied: Option<bool>,
+}
+
+/// Figures of an epoch-end evaluation.
+pub struct EpochEval {
+    /// One line for the console.
+    pub summary: String,
+    pub figures: Vec<(&'static str, f64)>,
+    /// Validation score (lower is better) that marks the best checkpoint.
+    pub score: Option<f64>,
+}
+
+/// Figures of the end-of-training evaluation.
+#[derive(Default)]
+pub struct FinalEval {
+    pub figures: Vec<(&'static str, f64)>,
+    /// The full VAE evaluation report, when there is one.
+    pub report: Option<eval::EvalReport>,
+}
+
+/// A model of any family with its optimizer(s), as the training loop drives it.
+pub trait Trainee {
+    /// Trainable scalars.
+    fn numel(&self) -> usize;
+    /// One update on the rows `idx` of `data`.
+    fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput>;
+    /// Evaluation at an epoch end.
+    fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval>;
+    /// A sample grid (or, for 2-D data, a plot) at `path` after epoch `epoch`.
+    fn write_samples(&self, cfg: &Config, data: &Datasets, path: &Path, epoch: u64) -> Result<()>;
+    /// The files of a checkpoint: `model.safetensors` with `metadata`, and optimizer state.
+    fn checkpoint_files(
+        &self,
+        cfg: &Config,
+        metadata: std::collections::HashMap<String, String>,
+        epoch: u64,
+    ) -> Result<Vec<(&'static str, FileContents)>>;
+    /// The end-of-training evaluation and pictures.
+    fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval>;
+}
+
+/// The contents of `optim.safetensors` for one or more optimizers; each optimizer's step is
+/// stored under `step` (first) or `{prefix}step`.
+pub fn optim_contents(
+    cfg: &Config,
+    opts: &[(&str, &Optimizer)],
+    epoch: u64,
+) -> Result<FileContents> {
+    let mut tensors = Vec::new();
+    let mut metadata: std::collections::HashMap<String, String> = [
+        ("optimizer".to_string(), opts[0].1.kind_name().to_string()),
+        (
+            "lr".to_string(),
+            learning_rate(&cfg.optim, epoch.saturating_sub(1) as usize).to_string(),
+        ),
+        (
+            "gentrain_format_version".to_string(),
+            checkpoint::FORMAT_VERSION.to_string(),
+        ),
+    ]
+    .into();
+    for (prefix, opt) in opts {
+        tensors.extend(opt.named_state()?);
+        metadata.insert(format!("{prefix}step"), opt.step.to_string());
+    }
+    Ok(FileContents { tensors, metadata })
+}
+
+/// Restores one optimizer of `optim.safetensors` (see [`optim_contents`]).
+pub fn restore_optimizer(
+    opt: &mut Optimizer,
+    file: &LoadedFile,
+    prefix: &str,
+    device: &Device,
+) -> Result<()> {
+    let key = format!("{prefix}step");
+    let step: u64 = file
+        .meta(&key)?
+        .parse()
+        .map_err(|_| file.error(format!("metadata `{key}` is not a number")))?;
+    if file.meta("optimizer")? != opt.kind_name() {
+        return Err(file.error(format!(
+            "optimizer is {}, the run uses {}",
+            file.meta("optimizer")?,
+            opt.kind_name()
+        )));
+    }
+    opt.load_state(step, |name, dims| file.tensor(name, dims, device))
+        .map_err(|e| file.error(e))
+}
+
+/// Checks that a checkpoint can continue the run `cfg` (same structure and optimizer) and
+/// logs the tunable settings the run overrides.
+fn check_resumable(cfg: &Config, ck: &session::LoadedCheckpoint) -> Result<()> {
     for ((name, want), (_, have)) in cfg
         .structural_fields()
         .iter()
@@ -84,16 +196,6 @@ fn restore(cfg: &Config, resume: &Path, data: &Datasets, device: &Device) -> Res
         if *want != have {
             return Err(Error::checkpoint(&ck.dir, format!("structural field {name} differs: checkpoint has {have}, the run asks for {want}")));
         }
-    }
-    if ck.model.input_dim != data.dim() {
-        return Err(Error::checkpoint(
-            &ck.dir,
-            format!(
-                "data dimension differs: checkpoint has {}, the data has {}",
-                ck.model.input_dim,
-                data.dim()
-            ),
-        ));
     }
     if ck.config.optim.kind != cfg.optim.kind {
         return Err(Error::checkpoint(
@@ -127,157 +229,36 @@ fn restore(cfg: &Config, resume: &Path, data: &Datasets, device: &Device) -> Res
             tracing::info!("resume overrides {field}: {old} -> {new}");
         }
     }
-    let mut opt = Optimizer::new(&cfg.optim, &ck.model.store)?;
-    let optim_file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
-    let opt_step: u64 = optim_file
-        .meta("step")?
-        .parse()
-        .map_err(|_| optim_file.error("metadata `step` is not a number"))?;
-    if optim_file.meta("optimizer")? != opt.kind_name() {
-        return Err(optim_file.error(format!(
-            "optimizer is {}, the run uses {}",
-            optim_file.meta("optimizer")?,
-            opt.kind_name()
-        )));
-    }
-    opt.load_state(opt_step, |name, dims| optim_file.tensor(name, dims, device))
-        .map_err(|e| optim_file.error(e))?;
-    Ok(State {
-        model: ck.model,
-        opt,
-        step: ck.step,
-    })
+    Ok(())
+}
+
+/// The trainee of a fresh run, or restored from `resume`, with the step it starts at.
+fn start(
+    cfg: &Config,
+    resume: Option<&Path>,
+    data: &Datasets,
+    device: &Device,
+) -> Result<(Box<dyn Trainee>, u64)> {
+    let Some(resume) = resume else {
+        return Ok((Box::new(VaeTrainee::fresh(cfg, data, device)?), 0));
+    };
+    let ck = session::load_checkpoint(resume, device)?;
+    check_resumable(cfg, &ck)?;
+    let step = ck.step;
+    Ok((Box::new(VaeTrainee::restore(cfg, ck, data, device)?), step))
 }
 
 fn save_checkpoint(
     cfg: &Config,
     data: &Datasets,
-    st: &State,
+    trainee: &dyn Trainee,
+    step: u64,
     run_dir: &Path,
     epoch: u64,
     keep: usize,
 ) -> Result<PathBuf> {
-    let model = FileContents {
-        tensors: st
-            .model
-            .store
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-            .collect(),
-        metadata: session::model_metadata(cfg, data, st.step, epoch),
-    };
-    let optim = FileContents {
-        tensors: st.opt.named_state()?,
-        metadata: [
-            ("optimizer".to_string(), st.opt.kind_name().to_string()),
-            ("step".to_string(), st.opt.step.to_string()),
-            (
-                "lr".to_string(),
-                learning_rate(&cfg.optim, epoch.saturating_sub(1) as usize).to_string(),
-            ),
-            (
-                "gentrain_format_version".to_string(),
-                checkpoint::FORMAT_VERSION.to_string(),
-            ),
-        ]
-        .into(),
-    };
-    checkpoint::save(
-        run_dir,
-        st.step,
-        &[(checkpoint::MODEL_FILE, model), (OPTIM_FILE, optim)],
-        keep,
-    )
-}
-
-/// The result of one optimizer step. The tensors are scalars on the training device; on a GPU
-/// read them only at logging intervals (each read waits for the device).
-pub struct StepOutput {
-    /// The loss (negative weighted bound).
-    pub loss: Tensor,
-    /// The batch-mean bound.
-    pub bound: Tensor,
-    /// 1 when the loss or a gradient was non-finite and the update was skipped, else 0.
-    pub skipped: Tensor,
-    /// Whether the update was applied, when the host knows it at once (CPU, or SGD anywhere);
-    /// `None` when the device decided (fused Adam on a GPU reads the found-inf guard itself).
-    pub applied: Option<bool>,
-}
-
-/// One optimizer step on the rows `idx` of `data` at global step `step`.
-///
-/// On the CPU the loss and the gradients are tested on the host before the update. On a CUDA
-/// device nothing waits for the device: the batch bits and the noise are drawn there, and the
-/// guard `loss + 0 * sum(grads)` (NaN or infinite exactly when something is) is handed to the
-/// fused Adam kernels, which skip the update by themselves.
-#[allow(clippy::too_many_arguments)]
-pub fn train_step(
-    model: &Vae,
-    opt: &mut Optimizer,
-    cfg: &Config,
-    data: &DataSource,
-    idx: &[u32],
-    step: u64,
-    beta: f64,
-    lr: f64,
-    device: &Device,
-) -> Result<StepOutput> {
-    let k = cfg.objective.k;
-    let seed = cfg.train.seed;
-    let x = data.batch(idx, step, device)?;
-    let eps = if device.is_cpu() {
-        model.draw_noise(k, idx.len(), &mut stream_rng(seed, Stream::Noise, step))?
-    } else {
-        model.draw_noise_keyed(
-            k,
-            idx.len(),
-            crate::rng::stream_key(seed, Stream::Noise, step),
-        )?
-    };
-    let pass = model.pass(
-        &x,
-        k,
-        &eps,
-        needs_densities(&cfg.objective, model.latents.len()),
-    )?;
-    let obj = objective(&pass, &cfg.objective, k, beta)?;
-    let flag = |v: f64| Tensor::new(v as f32, device);
-    let device_guard = !device.is_cpu() && cfg.optim.kind == crate::config::OptimizerKind::Adam;
-    if !device_guard {
-        let loss = obj.loss.to_scalar::<f32>()?;
-        let applied = loss.is_finite() && {
-            let grads = obj.loss.backward()?;
-            let ok = check_finite_grads(&model.store, &grads).is_ok();
-            if ok {
-                opt.step(&grads, lr, None)?;
-            }
-            ok
-        };
-        return Ok(StepOutput {
-            loss: obj.loss,
-            bound: obj.bound,
-            skipped: flag(if applied { 0.0 } else { 1.0 })?,
-            applied: Some(applied),
-        });
-    }
-    let grads = obj.loss.backward()?;
-    let mut guard = obj.loss.detach();
-    for (_, var) in model.store.iter() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            guard = (guard + (g.sum_all()? * 0.0)?)?;
-        }
-    }
-    opt.step(&grads, lr, Some(&guard))?;
-    // 0 * x is NaN exactly when x is NaN or infinite.
-    let skipped = (&guard * 0.0)?
-        .ne(0f32)?
-        .to_dtype(candle_core::DType::F32)?;
-    Ok(StepOutput {
-        loss: obj.loss,
-        bound: obj.bound,
-        skipped,
-        applied: None,
-    })
+    let files = trainee.checkpoint_files(cfg, session::model_metadata(cfg, data, step, epoch), epoch)?;
+    checkpoint::save(run_dir, step, &files, keep)
 }
 
 /// Applies `train.on_nonfinite` to `count` skipped updates: an error for `stop`, a count and a
@@ -327,18 +308,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             run_dir.display()
         )));
     }
-    let mut st = match &opts.resume {
-        Some(r) => restore(cfg, r, &data, &device)?,
-        None => {
-            let model = session::build_model(cfg, data.dim(), &device)?;
-            let opt = Optimizer::new(&cfg.optim, &model.store)?;
-            State {
-                model,
-                opt,
-                step: 0,
-            }
-        }
-    };
+    let (mut trainee, mut step) = start(cfg, opts.resume.as_deref(), &data, &device)?;
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let stale = checkpoint::remove_stale_temporaries(run_dir)?;
     if stale > 0 {
@@ -362,10 +332,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let total_steps = steps_per_epoch * cfg.train.epochs as u64;
     let seed = cfg.train.seed;
     tracing::info!(
-        params = st.model.store.numel(),
+        params = trainee.numel(),
         steps_per_epoch,
         total_steps,
-        start = st.step,
+        start = step,
         "training"
     );
 
@@ -378,7 +348,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        b.set_position(st.step);
+        b.set_position(step);
         b
     } else {
         indicatif::ProgressBar::hidden()
@@ -387,52 +357,50 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut perm: Option<(u64, Vec<u32>)> = None;
     let mut window = (0f64, 0usize, Instant::now(), 0usize); // (unused), (unused), start, samples
     let zero = Tensor::new(0f32, &device)?;
-    let (mut window_bound, mut window_skipped, mut window_steps) =
-        (zero.clone(), zero.clone(), 0usize);
+    let mut window_values: Vec<(&'static str, Tensor)> = Vec::new();
+    let (mut window_skipped, mut window_steps) = (zero.clone(), 0usize);
     let mut skipped = 0u64;
-    let mut last_test_elbo = None;
+    let mut last_eval: Vec<(&'static str, f64)> = Vec::new();
     let mut trained_samples = 0usize;
     let t_train = Instant::now();
-    let steps_limit = opts.max_steps.map(|m| st.step + m).unwrap_or(u64::MAX);
-    while st.step < total_steps && st.step < steps_limit {
-        let epoch = st.step / steps_per_epoch;
-        let within = (st.step % steps_per_epoch) as usize;
+    let steps_limit = opts.max_steps.map(|m| step + m).unwrap_or(u64::MAX);
+    while step < total_steps && step < steps_limit {
+        let epoch = step / steps_per_epoch;
+        let within = (step % steps_per_epoch) as usize;
         if perm.as_ref().map(|p| p.0) != Some(epoch) {
             perm = Some((epoch, epoch_permutation(seed, epoch, n)));
             bar.set_prefix(format!("{}", epoch + 1));
         }
         let order = &perm.as_ref().expect("set above").1;
         let idx = &order[within * bs..((within + 1) * bs).min(n)];
-        let beta = kl_weight(
-            &cfg.objective,
-            epoch as f64 + within as f64 / steps_per_epoch as f64,
-        );
         let lr = learning_rate(&cfg.optim, epoch as usize);
-        let out = train_step(
-            &st.model,
-            &mut st.opt,
+        let ctx = StepContext {
             cfg,
-            &data.train,
-            idx,
-            st.step,
-            beta,
+            step,
+            epoch_progress: epoch as f64 + within as f64 / steps_per_epoch as f64,
             lr,
-            &device,
-        )?;
+            device: &device,
+        };
+        let out = trainee.step(&ctx, &data.train, idx)?;
         if out.applied == Some(false) {
             let loss = out.loss.to_scalar::<f32>()?;
-            on_nonfinite(cfg, &mut metrics, &mut skipped, 1, loss, st.step, epoch)?;
+            on_nonfinite(cfg, &mut metrics, &mut skipped, 1, loss, step, epoch)?;
         }
         // Window sums stay on the device; they are read at logging intervals only.
-        let good_bound = out.skipped.ge(0.5f32)?.where_cond(&zero, &out.bound)?;
-        window_bound = (window_bound + good_bound)?;
+        let skipped_now = out.skipped.ge(0.5f32)?;
+        if window_values.len() != out.values.len() {
+            window_values = out.values.iter().map(|(n, _)| (*n, zero.clone())).collect();
+        }
+        for ((_, sum), (_, v)) in window_values.iter_mut().zip(&out.values) {
+            *sum = (&*sum + skipped_now.where_cond(&zero, v)?)?;
+        }
         window_skipped = (window_skipped + &out.skipped)?;
         window_steps += 1;
-        st.step += 1;
+        step += 1;
         trained_samples += idx.len();
         bar.inc(1);
         window.3 += idx.len();
-        if st.step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch {
+        if step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch {
             let loss = out.loss.to_scalar::<f32>()?;
             let window_skips = window_skipped.to_scalar::<f32>()?.round() as usize;
             if out.applied.is_none() && window_skips > 0 {
@@ -443,67 +411,62 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                     &mut skipped,
                     window_skips,
                     loss,
-                    st.step,
+                    step,
                     epoch,
                 )?;
             }
             let secs = window.2.elapsed().as_secs_f64();
             let sps = window.3 as f64 / secs.max(1e-9);
-            let bound = window_bound.to_scalar::<f32>()? as f64
-                / window_steps.saturating_sub(window_skips).max(1) as f64;
-            bar.set_message(format!("bound {bound:.2} | {sps:.0} samples/s"));
+            let kept = window_steps.saturating_sub(window_skips).max(1) as f64;
+            let mut fields = Vec::new();
+            for (name, sum) in &window_values {
+                fields.push((*name, sum.to_scalar::<f32>()? as f64 / kept));
+            }
+            if let Some((name, v)) = fields.first() {
+                bar.set_message(format!("{name} {v:.3} | {sps:.0} samples/s"));
+            }
+            fields.push(("loss", loss as f64));
+            fields.push(("lr", lr));
+            fields.extend(out.constants.iter().copied());
+            fields.push(("samples_per_s", sps));
+            fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
+            fields.push(("skipped_steps", skipped as f64));
             metrics.log(
                 "train",
-                st.step,
-                st.step as f64 / steps_per_epoch as f64,
-                &[
-                    ("bound", bound),
-                    ("loss", loss as f64),
-                    ("lr", lr),
-                    ("kl_weight", beta),
-                    ("samples_per_s", sps),
-                    ("wall_s", t_start.elapsed().as_secs_f64()),
-                    ("skipped_steps", skipped as f64),
-                ],
+                step,
+                step as f64 / steps_per_epoch as f64,
+                &fields,
             )?;
             window = (0.0, 0, Instant::now(), 0);
-            window_bound = zero.clone();
+            window_values.clear();
             window_skipped = zero.clone();
             window_steps = 0;
         }
         let epoch_done = within as u64 + 1 == steps_per_epoch;
         let every = cfg.train.checkpoint_every_steps as u64;
-        let mut want_checkpoint = every > 0 && st.step % every == 0;
+        let mut want_checkpoint = every > 0 && step % every == 0;
         let mut valid_score = None;
         if epoch_done {
             let e = epoch as usize + 1;
             let last = e == cfg.train.epochs;
             if cfg.train.eval_every > 0 && (e % cfg.train.eval_every == 0 || last) {
                 let t = Instant::now();
-                // Reported as positive nats (negative ELBO), like the NLL.
-                let test_elbo =
-                    -eval::mean_elbo(&st.model, &data.test, data.test.len(), 1000, seed)?;
-                let mut fields = vec![("test_elbo", test_elbo)];
-                if let Some(v) = &data.valid {
-                    let score = -eval::mean_elbo(&st.model, v, v.len(), 1000, seed)?;
-                    valid_score = Some(score);
-                    fields.push(("valid_elbo", score));
-                }
+                let ev = trainee.epoch_eval(cfg, &data)?;
+                valid_score = ev.score;
+                let mut fields = ev.figures.clone();
                 fields.push(("eval_s", t.elapsed().as_secs_f64()));
                 fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
-                metrics.log("eval", st.step, e as f64, &fields)?;
-                bar.println(format!("epoch {e}: test -ELBO {test_elbo:.2} nats"));
-                last_test_elbo = Some(test_elbo);
+                metrics.log("eval", step, e as f64, &fields)?;
+                bar.println(format!("epoch {e}: {}", ev.summary));
+                last_eval = ev.figures;
                 window.2 = Instant::now();
             }
             if last || (cfg.train.sample_every > 0 && e % cfg.train.sample_every == 0) {
-                samples::write_samples(
-                    &st.model,
+                trainee.write_samples(
+                    cfg,
+                    &data,
                     &run_dir.join(format!("samples-epoch-{e:04}.png")),
-                    64,
-                    seed,
                     e as u64,
-                    (data.rows, data.cols),
                 )?;
             }
             want_checkpoint |=
@@ -513,12 +476,13 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             let dir = save_checkpoint(
                 cfg,
                 &data,
-                &st,
+                trainee.as_ref(),
+                step,
                 run_dir,
-                st.step / steps_per_epoch,
+                step / steps_per_epoch,
                 cfg.train.keep_checkpoints,
             )?;
-            saved_at = Some(st.step);
+            saved_at = Some(step);
             if let Some(score) = valid_score.filter(|s| best.is_none_or(|b| *s < b)) {
                 let name = dir
                     .file_name()
@@ -539,68 +503,50 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     let seconds_training = t_train.elapsed().as_secs_f64();
-    let finished = st.step >= total_steps;
-    if !finished && saved_at != Some(st.step) {
+    let finished = step >= total_steps;
+    if !finished && saved_at != Some(step) {
         // Stopped early (signal or --max-steps): checkpoint here so the run can be resumed.
         save_checkpoint(
             cfg,
             &data,
-            &st,
+            trainee.as_ref(),
+            step,
             run_dir,
-            st.step / steps_per_epoch,
+            step / steps_per_epoch,
             cfg.train.keep_checkpoints,
         )?;
     }
     if interrupted {
         metrics.log(
             "interrupted",
-            st.step,
-            st.step as f64 / steps_per_epoch as f64,
+            step,
+            step as f64 / steps_per_epoch as f64,
             &[("wall_s", t_start.elapsed().as_secs_f64())],
         )?;
     }
-    let final_eval = if finished && !interrupted && cfg.eval.final_k > 0 {
-        let r = eval::evaluate(
-            &st.model,
-            &data.test,
-            cfg.eval.final_k,
-            cfg.eval.final_limit,
-            cfg.eval.max_rows,
-            seed,
-        )?;
-        metrics.log(
-            "final_eval",
-            st.step,
-            cfg.train.epochs as f64,
-            &[
-                ("test_elbo", r.test_elbo),
-                ("nll", r.nll),
-                ("nll_stderr", r.nll_stderr),
-                ("k", r.k as f64),
-                ("n", r.n as f64),
-                ("bits_per_dim", r.bits_per_dim),
-            ],
-        )?;
-        Some(r)
+    let final_eval = if finished && !interrupted {
+        let fin = trainee.finish(cfg, &data, run_dir)?;
+        if !fin.figures.is_empty() {
+            metrics.log("final_eval", step, cfg.train.epochs as f64, &fin.figures)?;
+        }
+        fin.report
     } else {
         None
     };
-    if finished && (data.rows > 1) {
-        samples::write_reconstructions(
-            &st.model,
-            &data.test,
-            &run_dir.join("reconstructions.png"),
-            32,
-            (data.rows, data.cols),
-        )?;
-    }
     metrics.flush()?;
     Ok(TrainSummary {
         run_dir: run_dir.clone(),
-        steps: st.step,
+        steps: step,
         epochs: cfg.train.epochs,
         samples_per_s: trained_samples as f64 / seconds_training.max(1e-9),
-        test_elbo: last_test_elbo,
+        test_elbo: last_eval
+            .iter()
+            .find(|(n, _)| *n == "test_elbo")
+            .map(|(_, v)| *v),
+        last_eval: last_eval
+            .iter()
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect(),
         final_eval,
         seconds: t_start.elapsed().as_secs_f64(),
         interrupted,

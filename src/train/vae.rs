@@ -1,0 +1,263 @@
+//! The VAE / IWAE family in the training loop: one optimizer step on the ELBO or the
+//! importance-weighted bound (Burda et al. 2016), the test and validation -ELBO at epoch ends,
+//! prior samples, and the importance-sampled NLL with reconstructions at the end.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::{optim_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee};
+use crate::checkpoint::{FileContents, LoadedFile, MODEL_FILE, OPTIM_FILE};
+use crate::config::Config;
+use crate::data::DataSource;
+use crate::error::{Error, Result};
+use crate::eval;
+use crate::models::Vae;
+use crate::objectives::{kl_weight, needs_densities, objective};
+use crate::optim::{check_finite_grads, Optimizer};
+use crate::rng::{stream_rng, Stream};
+use crate::samples;
+use crate::session::{self, Datasets};
+
+/// A VAE and its optimizer.
+pub struct VaeTrainee {
+    pub model: Vae,
+    pub opt: Optimizer,
+}
+
+impl VaeTrainee {
+    /// A fresh model for `cfg`.
+    pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
+        let model = session::build_model(cfg, data.dim(), device)?;
+        let opt = Optimizer::new(&cfg.optim, &model.store)?;
+        Ok(VaeTrainee { model, opt })
+    }
+
+    /// The model and optimizer state of a checkpoint.
+    pub fn restore(
+        cfg: &Config,
+        ck: session::LoadedCheckpoint,
+        data: &Datasets,
+        device: &Device,
+    ) -> Result<Self> {
+        if ck.model.input_dim != data.dim() {
+            return Err(Error::checkpoint(
+                &ck.dir,
+                format!(
+                    "data dimension differs: checkpoint has {}, the data has {}",
+                    ck.model.input_dim,
+                    data.dim()
+                ),
+            ));
+        }
+        let mut opt = Optimizer::new(&cfg.optim, &ck.model.store)?;
+        let optim_file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
+        restore_optimizer(&mut opt, &optim_file, "", device)?;
+        Ok(VaeTrainee {
+            model: ck.model,
+            opt,
+        })
+    }
+}
+
+impl Trainee for VaeTrainee {
+    fn numel(&self) -> usize {
+        self.model.store.numel()
+    }
+
+    fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
+        let beta = kl_weight(&ctx.cfg.objective, ctx.epoch_progress);
+        let out = train_step(
+            &self.model,
+            &mut self.opt,
+            ctx.cfg,
+            data,
+            idx,
+            ctx.step,
+            beta,
+            ctx.lr,
+            ctx.device,
+        )?;
+        Ok(StepOutput {
+            loss: out.loss,
+            values: vec![("bound", out.bound)],
+            constants: vec![("kl_weight", beta)],
+            skipped: out.skipped,
+            applied: out.applied,
+        })
+    }
+
+    fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {
+        let seed = cfg.train.seed;
+        // Reported as positive nats (negative ELBO), like the NLL.
+        let test_elbo = -eval::mean_elbo(&self.model, &data.test, data.test.len(), 1000, seed)?;
+        let mut figures = vec![("test_elbo", test_elbo)];
+        let mut score = None;
+        if let Some(v) = &data.valid {
+            let s = -eval::mean_elbo(&self.model, v, v.len(), 1000, seed)?;
+            score = Some(s);
+            figures.push(("valid_elbo", s));
+        }
+        Ok(EpochEval {
+            summary: format!("test -ELBO {test_elbo:.2} nats"),
+            figures,
+            score,
+        })
+    }
+
+    fn write_samples(&self, cfg: &Config, data: &Datasets, path: &Path, epoch: u64) -> Result<()> {
+        samples::write_samples(
+            &self.model,
+            path,
+            64,
+            cfg.train.seed,
+            epoch,
+            (data.rows, data.cols),
+        )
+    }
+
+    fn checkpoint_files(
+        &self,
+        cfg: &Config,
+        metadata: std::collections::HashMap<String, String>,
+        epoch: u64,
+    ) -> Result<Vec<(&'static str, FileContents)>> {
+        let model = FileContents {
+            tensors: self
+                .model
+                .store
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+                .collect(),
+            metadata,
+        };
+        Ok(vec![
+            (MODEL_FILE, model),
+            (OPTIM_FILE, optim_contents(cfg, &[("", &self.opt)], epoch)?),
+        ])
+    }
+
+    fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval> {
+        let mut fin = FinalEval::default();
+        if cfg.eval.final_k > 0 {
+            let r = eval::evaluate(
+                &self.model,
+                &data.test,
+                cfg.eval.final_k,
+                cfg.eval.final_limit,
+                cfg.eval.max_rows,
+                cfg.train.seed,
+            )?;
+            fin.figures = vec![
+                ("test_elbo", r.test_elbo),
+                ("nll", r.nll),
+                ("nll_stderr", r.nll_stderr),
+                ("k", r.k as f64),
+                ("n", r.n as f64),
+                ("bits_per_dim", r.bits_per_dim),
+            ];
+            fin.report = Some(r);
+        }
+        if data.rows > 1 {
+            samples::write_reconstructions(
+                &self.model,
+                &data.test,
+                &run_dir.join("reconstructions.png"),
+                32,
+                (data.rows, data.cols),
+            )?;
+        }
+        Ok(fin)
+    }
+}
+
+/// The result of one optimizer step. The tensors are scalars on the training device; on a GPU
+/// read them only at logging intervals (each read waits for the device).
+pub struct VaeStepOutput {
+    /// The loss (negative weighted bound).
+    pub loss: Tensor,
+    /// The batch-mean bound.
+    pub bound: Tensor,
+    /// 1 when the loss or a gradient was non-finite and the update was skipped, else 0.
+    pub skipped: Tensor,
+    /// Whether the update was applied, when the host knows it at once (CPU, or SGD anywhere);
+    /// `None` when the device decided (fused Adam on a GPU reads the found-inf guard itself).
+    pub applied: Option<bool>,
+}
+
+/// One optimizer step on the rows `idx` of `data` at global step `step`.
+///
+/// On the CPU the loss and the gradients are tested on the host before the update. On a CUDA
+/// device nothing waits for the device: the batch bits and the noise are drawn there, and the
+/// guard `loss + 0 * sum(grads)` (NaN or infinite exactly when something is) is handed to the
+/// fused Adam kernels, which skip the update by themselves.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: &Vae,
+    opt: &mut Optimizer,
+    cfg: &Config,
+    data: &DataSource,
+    idx: &[u32],
+    step: u64,
+    beta: f64,
+    lr: f64,
+    device: &Device,
+) -> Result<VaeStepOutput> {
+    let k = cfg.objective.k;
+    let seed = cfg.train.seed;
+    let x = data.batch(idx, step, device)?;
+    let eps = if device.is_cpu() {
+        model.draw_noise(k, idx.len(), &mut stream_rng(seed, Stream::Noise, step))?
+    } else {
+        model.draw_noise_keyed(
+            k,
+            idx.len(),
+            crate::rng::stream_key(seed, Stream::Noise, step),
+        )?
+    };
+    let pass = model.pass(
+        &x,
+        k,
+        &eps,
+        needs_densities(&cfg.objective, model.latents.len()),
+    )?;
+    let obj = objective(&pass, &cfg.objective, k, beta)?;
+    let flag = |v: f64| Tensor::new(v as f32, device);
+    let device_guard = !device.is_cpu() && cfg.optim.kind == crate::config::OptimizerKind::Adam;
+    if !device_guard {
+        let loss = obj.loss.to_scalar::<f32>()?;
+        let applied = loss.is_finite() && {
+            let grads = obj.loss.backward()?;
+            let ok = check_finite_grads(&model.store, &grads).is_ok();
+            if ok {
+                opt.step(&grads, lr, None)?;
+            }
+            ok
+        };
+        return Ok(VaeStepOutput {
+            loss: obj.loss,
+            bound: obj.bound,
+            skipped: flag(if applied { 0.0 } else { 1.0 })?,
+            applied: Some(applied),
+        });
+    }
+    let grads = obj.loss.backward()?;
+    let mut guard = obj.loss.detach();
+    for (_, var) in model.store.iter() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            guard = (guard + (g.sum_all()? * 0.0)?)?;
+        }
+    }
+    opt.step(&grads, lr, Some(&guard))?;
+    // 0 * x is NaN exactly when x is NaN or infinite.
+    let skipped = (&guard * 0.0)?
+        .ne(0f32)?
+        .to_dtype(candle_core::DType::F32)?;
+    Ok(VaeStepOutput {
+        loss: obj.loss,
+        bound: obj.bound,
+        skipped,
+        applied: None,
+    })
+}
+
