@@ -35,6 +35,9 @@ pub struct ModelConfig {
     pub decoder: DecoderKind,
     /// Stochastic layers, bottom (next to x) first.
     pub layers: Vec<LayerConfig>,
+    /// Conditional VAE: classes of the one-hot label fed to the bottom encoder and to the
+    /// likelihood (0: unconditional).
+    pub classes: usize,
 }
 
 /// One stochastic layer: the deterministic hidden widths below it and its latent size.
@@ -66,6 +69,7 @@ impl Default for ModelConfig {
                 hidden: vec![400],
                 latent: 20,
             }],
+            classes: 0,
         }
     }
 }
@@ -488,13 +492,21 @@ impl Config {
                 "synthetic 2-D data is real-valued: set model.decoder = \"gaussian\"".into(),
             );
         }
-        if self.data.binarize == Binarization::None
-            && self.model.decoder == DecoderKind::Bernoulli
+        if matches!(
+            self.data.binarize,
+            Binarization::None | Binarization::Dequantize
+        ) && self.model.decoder == DecoderKind::Bernoulli
             && self.data.synthetic().is_none()
+            && self.model.family == "vae"
         {
+            return err(format!(
+                "data.binarize = \"{}\" gives continuous data: use model.decoder = \"gaussian\"",
+                format!("{:?}", self.data.binarize).to_lowercase()
+            ));
+        }
+        if self.model.classes > 0 && self.data.synthetic().is_some() {
             return err(
-                "data.binarize = \"none\" gives continuous data: use model.decoder = \"gaussian\""
-                    .into(),
+                "model.classes: the synthetic 2-D sets have no labels to condition on".into(),
             );
         }
         crate::device::parse_device_spec(&self.train.device)?;
@@ -513,6 +525,7 @@ impl Config {
             ("model.activation", format!("{:?}", self.model.activation)),
             ("model.decoder", format!("{:?}", self.model.decoder)),
             ("model.layers", format!("{:?}", self.model.layers)),
+            ("model.classes", self.model.classes.to_string()),
             ("data.dataset", self.data.dataset.clone()),
         ]
     }

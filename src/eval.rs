@@ -9,7 +9,7 @@
 //! - active units (Burda et al. 2016, section 5.2): dimension `j` of layer `l` is active when
 //!   `Cov_x(E_q[z_lj | x]) > 0.01`. For layers above the first, `E_q[z_l|x]` is approximated by
 //!   propagating means (`z_{l-1} = mu_{l-1}`);
-//! - bits per dimension `nll / (D ln 2)`.
+//! - bits per dimension `nll / (D ln 2)`, or `(nll + D ln 256) / (D ln 2)` on dequantized 8-bit data.
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -145,6 +145,19 @@ pub fn active_units(model: &Vae, data: &DataSource, n: usize, batch: usize) -> R
     Ok(counts)
 }
 
+/// Bits per dimension of a negative log-likelihood `nll` (nats per row) on `data`: `nll / (D ln 2)`
+/// for binary data; for dequantized 8-bit data the density lives on `[0, 1)^D`, and on the pixel
+/// scale (`[0, 256)^D`, bins of width 1) it is `(nll + D ln 256) / (D ln 2)`.
+pub fn bits_per_dim(nll: f64, data: &DataSource) -> f64 {
+    let d = data.dim() as f64;
+    let shift = if data.is_dequantized() {
+        d * 256f64.ln()
+    } else {
+        0.0
+    };
+    (nll + shift) / (d * std::f64::consts::LN_2)
+}
+
 /// Runs the full evaluation on the first `limit` rows (0: all) of `data`.
 pub fn evaluate(
     model: &Vae,
@@ -170,7 +183,7 @@ pub fn evaluate(
         nll_stderr: (var / n as f64).sqrt(),
         k,
         n,
-        bits_per_dim: nll / (data.dim() as f64 * std::f64::consts::LN_2),
+        bits_per_dim: bits_per_dim(nll, data),
         active_units: active_units(model, data, n, 1000)?,
         seconds: t0.elapsed().as_secs_f64(),
     })

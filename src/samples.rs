@@ -1,5 +1,6 @@
 //! Images a person looks at: prior samples, reconstructions beside their inputs, and latent
-//! interpolations (decoded along the straight line between two posterior means).
+//! interpolations (decoded along the straight line between two posterior means). A conditional
+//! model's prior samples form a class-conditional grid: row `c` holds samples given label `c`.
 
 use std::path::Path;
 
@@ -31,9 +32,28 @@ pub fn write_samples(
     if shape.0 == 1 {
         return Ok(()); // 2-D data: nothing to draw as images
     }
-    let z = model.sample_z1(n, &mut stream_rng(seed, Stream::Sample, index))?;
-    let images = rows_of(&model.decode_mean(&z)?)?;
+    let mut rng = stream_rng(seed, Stream::Sample, index);
+    if model.classes > 0 {
+        let per_class = n.div_ceil(model.classes).max(1);
+        let rows = per_class * model.classes;
+        let z = model.sample_z1(rows, &mut rng)?;
+        let labels: Vec<u32> = (0..rows).map(|r| (r / per_class) as u32).collect();
+        let y = one_hot(&labels, model.classes, model.device())?;
+        let images = rows_of(&model.decode_mean(&z, Some(&y))?)?;
+        return write_grid(path, &images, shape.0, shape.1, per_class, 2);
+    }
+    let z = model.sample_z1(n, &mut rng)?;
+    let images = rows_of(&model.decode_mean(&z, None)?)?;
     write_grid(path, &images, shape.0, shape.1, per_row(n), 2)
+}
+
+/// One-hot rows for `labels`.
+pub fn one_hot(labels: &[u32], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mut y = vec![0f32; labels.len() * classes];
+    for (r, &l) in labels.iter().enumerate() {
+        y[r * classes + l as usize] = 1.0;
+    }
+    Ok(Tensor::from_vec(y, (labels.len(), classes), device)?)
 }
 
 /// The first `n` images of `data` (left) next to their reconstructions from the posterior mean.
@@ -45,9 +65,10 @@ pub fn write_reconstructions(
     shape: (usize, usize),
 ) -> Result<()> {
     let n = n.min(data.len());
-    let x = data.range(0, n, model.device())?;
-    let (mu, _) = model.encode(&x)?;
-    let rec = rows_of(&model.decode_mean(&mu)?)?;
+    let input = data.range(0, n, model.device())?;
+    let (x, y) = model.split_input(&input)?;
+    let (mu, _) = model.encode(&input)?;
+    let rec = rows_of(&model.decode_mean(&mu, y.as_ref())?)?;
     let inputs = rows_of(&x)?;
     let mut images = Vec::with_capacity(2 * n);
     for (a, b) in inputs.into_iter().zip(rec) {
@@ -67,8 +88,9 @@ pub fn write_interpolation(
     shape: (usize, usize),
 ) -> Result<()> {
     let pairs = pairs.min(data.len() / 2).max(1);
-    let x = data.range(0, 2 * pairs, model.device())?;
-    let (mu, _) = model.encode(&x)?;
+    let input = data.range(0, 2 * pairs, model.device())?;
+    let (_, y) = model.split_input(&input)?;
+    let (mu, _) = model.encode(&input)?;
     let mut images = Vec::with_capacity(pairs * steps);
     for p in 0..pairs {
         let a = mu.get(2 * p)?;
@@ -79,7 +101,14 @@ pub fn write_interpolation(
                 ((&a * (1.0 - t))? + (&b * t)?)?.unsqueeze(0)
             })
             .collect::<candle_core::Result<_>>()?;
-        images.extend(rows_of(&model.decode_mean(&Tensor::cat(&zs, 0)?)?)?);
+        // A conditional model interpolates given the first image's label.
+        let y_pair = y
+            .as_ref()
+            .map(|y| y.get(2 * p)?.unsqueeze(0)?.repeat((steps, 1)))
+            .transpose()?;
+        images.extend(rows_of(
+            &model.decode_mean(&Tensor::cat(&zs, 0)?, y_pair.as_ref())?,
+        )?);
     }
     write_grid(path, &images, shape.0, shape.1, steps, 2)
 }

@@ -80,10 +80,24 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
         train.truncate(cfg.data.limit_train);
     }
     let mode = cfg.data.binarize;
+    let classes = cfg.model.classes;
+    let labelled = |s: DataSource| -> Result<DataSource> {
+        if classes > 0 {
+            s.with_one_hot(classes)
+        } else {
+            Ok(s)
+        }
+    };
     Ok(Datasets {
-        train: DataSource::from_images(&train, mode, seed),
-        valid: valid_set.map(|v| DataSource::for_evaluation(&v, mode, seed)),
-        test: DataSource::for_evaluation(&test, mode, TEST_BINARIZATION_SEED),
+        train: labelled(DataSource::from_images(&train, mode, seed))?,
+        valid: valid_set
+            .map(|v| labelled(DataSource::for_evaluation(&v, mode, seed)))
+            .transpose()?,
+        test: labelled(DataSource::for_evaluation(
+            &test,
+            mode,
+            TEST_BINARIZATION_SEED,
+        ))?,
         rows: train.rows,
         cols: train.cols,
         num_classes: train.num_classes().max(test.num_classes()),

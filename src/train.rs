@@ -257,7 +257,8 @@ fn save_checkpoint(
     epoch: u64,
     keep: usize,
 ) -> Result<PathBuf> {
-    let files = trainee.checkpoint_files(cfg, session::model_metadata(cfg, data, step, epoch), epoch)?;
+    let files =
+        trainee.checkpoint_files(cfg, session::model_metadata(cfg, data, step, epoch), epoch)?;
     checkpoint::save(run_dir, step, &files, keep)
 }
 
@@ -431,12 +432,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             fields.push(("samples_per_s", sps));
             fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
             fields.push(("skipped_steps", skipped as f64));
-            metrics.log(
-                "train",
-                step,
-                step as f64 / steps_per_epoch as f64,
-                &fields,
-            )?;
+            metrics.log("train", step, step as f64 / steps_per_epoch as f64, &fields)?;
             window = (0.0, 0, Instant::now(), 0);
             window_values.clear();
             window_skipped = zero.clone();
@@ -543,10 +539,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             .iter()
             .find(|(n, _)| *n == "test_elbo")
             .map(|(_, v)| *v),
-        last_eval: last_eval
-            .iter()
-            .map(|(n, v)| (n.to_string(), *v))
-            .collect(),
+        last_eval: last_eval.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
         final_eval,
         seconds: t_start.elapsed().as_secs_f64(),
         interrupted,

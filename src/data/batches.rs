@@ -4,7 +4,12 @@
 //! `x ~ Bernoulli(pixel / 255)` for every minibatch (keyed by the optimizer step, so a resumed run
 //! draws the same bits); *fixed* binarization samples once with the run seed; the test set is
 //! binarized once with [`crate::rng::TEST_BINARIZATION_SEED`]. `none` feeds `pixel / 255` as
-//! continuous data (for Gaussian decoders).
+//! continuous data (for Gaussian decoders). *dequantize* feeds `x = (pixel + u) / 256` with
+//! `u ~ U[0, 1)` drawn afresh for every minibatch (keyed by the step, like the bits), the uniform
+//! dequantization of Theis et al. 2016 ("A note on the evaluation of generative models"): a
+//! continuous density on `[0, 1)^D` then bounds the discrete model's log-likelihood, and
+//! `bits/dim = (nll + D ln 256) / (D ln 2)` on the 8-bit pixel scale. Evaluation rows are
+//! dequantized once with the evaluation seed.
 //!
 //! A Bernoulli(p / 255) bit is drawn exactly from a 32-bit uniform `r` as `r * 255 < p * 2^32`.
 
@@ -27,6 +32,8 @@ pub enum Binarization {
     Fixed,
     /// No binarization: `x = pixel / 255`.
     None,
+    /// Uniform dequantization: `x = (pixel + u) / 256`, `u ~ U[0, 1)` for every minibatch.
+    Dequantize,
 }
 
 /// Rows of model inputs, stored compactly, from which minibatches are drawn.
@@ -38,6 +45,10 @@ pub struct DataSource {
     seed: u64,
     /// Labels, if the data set has them.
     pub labels: Option<Vec<u8>>,
+    /// Evaluation rows dequantized once (stored as real rows).
+    dequantized_eval: bool,
+    /// Classes of the one-hot label appended to every row (0: none), for conditional models.
+    one_hot: usize,
     /// Pixels uploaded once to a CUDA device for on-device binarization (dynamic rows only).
     device_pixels: std::sync::OnceLock<Tensor>,
 }
@@ -48,8 +59,24 @@ enum Rows {
     Dynamic(Vec<u8>),
     /// Values already final: 0/1 bits or pixel bytes scaled by 1/255.
     Bytes { data: Vec<u8>, scale: f32 },
-    /// Real-valued rows (synthetic sets).
+    /// Real-valued rows (synthetic sets, dequantized evaluation images).
     Real(Vec<f32>),
+    /// Raw pixels, dequantized afresh for every batch.
+    Dequantize(Vec<u8>),
+}
+
+/// `(pixel + u) / 256` for 32-bit uniforms `r` (`u = r / 2^32`).
+#[inline(always)]
+fn dequantize_value(r: u32, p: u8) -> f32 {
+    ((p as f64 + r as f64 * (1.0 / 4_294_967_296.0)) / 256.0) as f32
+}
+
+/// Dequantizes `pixels` with uniforms drawn from `rng`.
+pub fn dequantize(pixels: &[u8], rng: &mut impl RngCore) -> Vec<f32> {
+    pixels
+        .iter()
+        .map(|&p| dequantize_value(rng.next_u32(), p))
+        .collect()
 }
 
 /// A Bernoulli(p / 255) draw from the 32-bit uniform `r`, as 0.0 or 1.0.
@@ -79,6 +106,7 @@ impl DataSource {
                 data: set.pixels.clone(),
                 scale: 1.0 / 255.0,
             },
+            Binarization::Dequantize => Rows::Dequantize(set.pixels.clone()),
         };
         DataSource {
             dim: set.dim(),
@@ -86,6 +114,8 @@ impl DataSource {
             rows,
             seed,
             labels: set.labels.clone(),
+            dequantized_eval: false,
+            one_hot: 0,
             device_pixels: std::sync::OnceLock::new(),
         }
     }
@@ -94,6 +124,15 @@ impl DataSource {
     pub fn for_evaluation(set: &ImageSet, mode: Binarization, seed: u64) -> Self {
         let mode = match mode {
             Binarization::None => Binarization::None,
+            Binarization::Dequantize => {
+                let mut src = Self::from_images(set, Binarization::None, seed);
+                src.rows = Rows::Real(dequantize(
+                    &set.pixels,
+                    &mut stream_rng(seed, Stream::FixedBinarize, 0),
+                ));
+                src.dequantized_eval = true;
+                return src;
+            }
             _ => Binarization::Fixed,
         };
         Self::from_images(set, mode, seed)
@@ -107,6 +146,8 @@ impl DataSource {
             rows: Rows::Real(data),
             seed,
             labels: None,
+            dequantized_eval: false,
+            one_hot: 0,
             device_pixels: std::sync::OnceLock::new(),
         }
     }
@@ -131,12 +172,50 @@ impl DataSource {
         matches!(self.rows, Rows::Dynamic(_) | Rows::Bytes { scale: 1.0, .. })
     }
 
+    /// Appends the one-hot label (`classes` wide) to every row a batch returns (conditional
+    /// models); every row must have a label below `classes`.
+    pub fn with_one_hot(mut self, classes: usize) -> Result<Self> {
+        let labels = self.labels.as_ref().ok_or_else(|| {
+            crate::error::Error::Data(
+                "a conditional model needs labels, this data set has none".into(),
+            )
+        })?;
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            return Err(crate::error::Error::Data(format!(
+                "label {bad} is out of range for model.classes = {classes}"
+            )));
+        }
+        self.one_hot = classes;
+        Ok(self)
+    }
+
+    /// Classes of the appended one-hot label (0: none).
+    pub fn one_hot_classes(&self) -> usize {
+        self.one_hot
+    }
+
+    /// The rows `idx` as an `(idx.len(), dim)` f32 tensor, followed by their one-hot labels when
+    /// [`DataSource::with_one_hot`] was set; `step` keys dynamic binarization.
+    pub fn batch(&self, idx: &[u32], step: u64, device: &Device) -> Result<Tensor> {
+        let x = self.batch_values(idx, step, device)?;
+        if self.one_hot == 0 {
+            return Ok(x);
+        }
+        let labels = self.labels.as_ref().expect("checked by with_one_hot");
+        let mut y = vec![0f32; idx.len() * self.one_hot];
+        for (row, &i) in idx.iter().enumerate() {
+            y[row * self.one_hot + labels[i as usize] as usize] = 1.0;
+        }
+        let y = Tensor::from_vec(y, (idx.len(), self.one_hot), device)?;
+        Ok(Tensor::cat(&[&x, &y], 1)?)
+    }
+
     /// The rows `idx` as an `(idx.len(), dim)` f32 tensor; `step` keys dynamic binarization.
     ///
     /// On a CUDA device with dynamic binarization the pixels live on the device (uploaded once)
     /// and the bits are drawn there by [`crate::ops::random::binarize_rows`] from the counter
     /// stream of `(seed, Binarize, step)`: only the indices cross the bus.
-    pub fn batch(&self, idx: &[u32], step: u64, device: &Device) -> Result<Tensor> {
+    fn batch_values(&self, idx: &[u32], step: u64, device: &Device) -> Result<Tensor> {
         if let (Rows::Dynamic(pixels), true) = (&self.rows, device.is_cuda()) {
             let on_device = match self.device_pixels.get() {
                 Some(t) if t.device().same_device(device) => t.clone(),
@@ -176,6 +255,15 @@ impl DataSource {
                     out.extend_from_slice(&data[i as usize * d..(i as usize + 1) * d]);
                 }
             }
+            Rows::Dequantize(pixels) => {
+                let mut rng = stream_rng(self.seed, Stream::Binarize, step);
+                let mut uniform = vec![0u32; idx.len() * d];
+                rng.fill(&mut uniform[..]);
+                for (row, &i) in uniform.chunks_exact(d.max(1)).zip(idx) {
+                    let px = &pixels[i as usize * d..(i as usize + 1) * d];
+                    out.extend(row.iter().zip(px).map(|(&r, &p)| dequantize_value(r, p)));
+                }
+            }
         }
         Ok(Tensor::from_vec(out, (idx.len(), d), device)?)
     }
@@ -186,10 +274,15 @@ impl DataSource {
         self.batch(&idx, 0, device)
     }
 
+    /// True when rows are dequantized 8-bit pixels (densities on `[0, 1)^D`).
+    pub fn is_dequantized(&self) -> bool {
+        matches!(self.rows, Rows::Dequantize(_)) || self.dequantized_eval
+    }
+
     /// The stored bytes (0/1 or pixels), for exporting evaluation data. `None` for real rows.
     pub fn bytes(&self) -> Option<&[u8]> {
         match &self.rows {
-            Rows::Dynamic(p) => Some(p),
+            Rows::Dynamic(p) | Rows::Dequantize(p) => Some(p),
             Rows::Bytes { data, .. } => Some(data),
             Rows::Real(_) => None,
         }
@@ -252,5 +345,32 @@ mod tests {
             .unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn dequantized_values_stay_inside_their_pixel_bin() {
+        let pixels: Vec<u8> = (0..=255u8).collect();
+        let set = ImageSet {
+            pixels: pixels.clone(),
+            labels: None,
+            n: 16,
+            rows: 4,
+            cols: 4,
+        };
+        let src = DataSource::from_images(&set, Binarization::Dequantize, 3);
+        let idx: Vec<u32> = (0..16).collect();
+        let x = src.batch(&idx, 9, &Device::Cpu).unwrap();
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut frac = 0f64;
+        for (v, p) in x.iter().zip(&pixels) {
+            let lo = *p as f32 / 256.0;
+            assert!(*v >= lo && *v <= lo + 1.0 / 256.0, "{v} outside bin of {p}");
+            frac += (*v as f64 * 256.0 - *p as f64) / 256.0;
+        }
+        // The offsets are uniform on [0, 1): mean 0.5 (sd of the mean 0.018 for 256 values).
+        assert!((frac - 0.5).abs() < 0.08, "mean offset {frac}");
+        let again = src.batch(&idx, 10, &Device::Cpu).unwrap();
+        assert_ne!(x, again.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(!src.is_binary() && src.is_dequantized());
     }
 }

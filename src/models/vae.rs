@@ -7,6 +7,12 @@
 //! and returns the per-sample terms of `log w = log p(x, z) - log q(z | x)`; the objectives in
 //! [`crate::objectives`] combine them into the ELBO or the IWAE bound. Rows are sample-major:
 //! row `i * B + b` is sample `i` of data point `b`.
+//!
+//! A *conditional* VAE (Sohn et al. 2015, "Learning Structured Output Representation using Deep
+//! Conditional Generative Models"; Kingma et al. 2014's M2 with observed labels) has
+//! `model.classes = C > 0`: input rows carry the one-hot label after the `D` data values, the
+//! bottom encoder sees `[x, y]` (`q(z_1 | x, y)`), the likelihood sees `[z_1, y]`
+//! (`p(x | z_1, y)`), and the prior stays `N(0, I)`, so the bound is that of `log p(x | y)`.
 
 use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +44,8 @@ pub struct Vae {
     pub latents: Vec<usize>,
     /// Data dimension D.
     pub input_dim: usize,
+    /// Classes of the conditioning label (0: unconditional).
+    pub classes: usize,
 }
 
 /// The per-sample terms of one pass, each of shape `(k * B)`.
@@ -64,6 +72,7 @@ impl Vae {
         let mut store = ParamStore::new(device.clone());
         let act = cfg.activation;
         let latents: Vec<usize> = cfg.layers.iter().map(|l| l.latent).collect();
+        let classes = cfg.classes;
         let mut dims = vec![input_dim];
         dims.extend(&latents);
         let mut encoders = Vec::new();
@@ -71,7 +80,7 @@ impl Vae {
             encoders.push(GaussianHead::new(
                 &mut store,
                 &format!("encoders.{l}"),
-                dims[l],
+                dims[l] + if l == 0 { classes } else { 0 },
                 &layer.hidden,
                 dims[l + 1],
                 act,
@@ -83,7 +92,7 @@ impl Vae {
             DecoderKind::Bernoulli => XDecoder::Bernoulli(BernoulliHead::new(
                 &mut store,
                 "decoders.0",
-                dims[1],
+                dims[1] + classes,
                 &rev0,
                 input_dim,
                 act,
@@ -92,7 +101,7 @@ impl Vae {
             DecoderKind::Gaussian => XDecoder::Gaussian(GaussianHead::new(
                 &mut store,
                 "decoders.0",
-                dims[1],
+                dims[1] + classes,
                 &rev0,
                 input_dim,
                 act,
@@ -119,7 +128,43 @@ impl Vae {
             x_decoder,
             latents,
             input_dim,
+            classes,
         })
+    }
+
+    /// Splits an input row block into the data `x` and, for a conditional model, the one-hot
+    /// labels `y` that follow it.
+    pub fn split_input(&self, input: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let width = input.dim(1)?;
+        if width != self.input_dim + self.classes {
+            return Err(crate::error::Error::Data(format!(
+                "input rows have {width} values, the model expects {} data values{}",
+                self.input_dim,
+                if self.classes > 0 {
+                    format!(" and a one-hot label of {} classes", self.classes)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        if self.classes == 0 {
+            return Ok((input.clone(), None));
+        }
+        Ok((
+            input.narrow(1, 0, self.input_dim)?,
+            Some(input.narrow(1, self.input_dim, self.classes)?),
+        ))
+    }
+
+    /// The likelihood network's input: `z_1`, joined by the labels of a conditional model.
+    fn decoder_input(&self, z1: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        match (y, self.classes) {
+            (_, 0) => Ok(z1.clone()),
+            (Some(y), _) => Ok(Tensor::cat(&[z1, &y.to_dtype(z1.dtype())?], 1)?),
+            (None, c) => Err(crate::error::Error::Config(format!(
+                "a conditional model ({c} classes) needs labels to decode"
+            ))),
+        }
     }
 
     /// The device of the parameters.
@@ -165,9 +210,11 @@ impl Vae {
     /// Samples `k` latent paths per row of `x` and evaluates the terms of the log weights.
     /// With `densities = false` only `log p(x | z_1)` and `q(z_1|x)` are computed (enough for the
     /// single-layer ELBO with analytic KL).
-    pub fn pass(&self, x: &Tensor, k: usize, eps: &[Tensor], densities: bool) -> Result<Pass> {
-        let b = x.dim(0)?;
-        let (mu1, lv1) = self.encoders[0].forward(x)?;
+    pub fn pass(&self, input: &Tensor, k: usize, eps: &[Tensor], densities: bool) -> Result<Pass> {
+        let b = input.dim(0)?;
+        let (x, y) = self.split_input(input)?;
+        let x = &x;
+        let (mu1, lv1) = self.encoders[0].forward(input)?;
         let (mut mu, mut lv) = (repeat_rows(&mu1, k)?, repeat_rows(&lv1, k)?);
         let mut zs = Vec::with_capacity(self.latents.len());
         let mut log_qz: Option<Tensor> = None;
@@ -196,10 +243,12 @@ impl Vae {
             None
         };
         let xk = repeat_rows(x, k)?;
+        let yk = y.as_ref().map(|y| repeat_rows(y, k)).transpose()?;
+        let h = self.decoder_input(&zs[0], yk.as_ref())?;
         let log_px = match &self.x_decoder {
-            XDecoder::Bernoulli(d) => bernoulli_log_likelihood(&d.forward(&zs[0])?, &xk)?,
+            XDecoder::Bernoulli(d) => bernoulli_log_likelihood(&d.forward(&h)?, &xk)?,
             XDecoder::Gaussian(d) => {
-                let (m, v) = d.forward(&zs[0])?;
+                let (m, v) = d.forward(&h)?;
                 gaussian_log_density(&xk, &m, &v)?
             }
         };
@@ -224,11 +273,13 @@ impl Vae {
         Ok(out)
     }
 
-    /// The mean of `p(x | z_1)`: pixel probabilities (Bernoulli) or the Gaussian mean.
-    pub fn decode_mean(&self, z1: &Tensor) -> Result<Tensor> {
+    /// The mean of `p(x | z_1)` (`p(x | z_1, y)` with one-hot labels `y` for a conditional
+    /// model): pixel probabilities (Bernoulli) or the Gaussian mean.
+    pub fn decode_mean(&self, z1: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.decoder_input(z1, y)?;
         Ok(match &self.x_decoder {
-            XDecoder::Bernoulli(d) => candle_nn::ops::sigmoid(&d.forward(z1)?)?,
-            XDecoder::Gaussian(d) => d.forward(z1)?.0,
+            XDecoder::Bernoulli(d) => candle_nn::ops::sigmoid(&d.forward(&h)?)?,
+            XDecoder::Gaussian(d) => d.forward(&h)?.0,
         })
     }
 
@@ -271,14 +322,20 @@ pub fn parameter_count(cfg: &ModelConfig, input_dim: usize) -> Option<usize> {
     dims.extend(cfg.layers.iter().map(|l| l.latent));
     let mut total = 0usize;
     for (l, layer) in cfg.layers.iter().enumerate() {
-        total = total.checked_add(mlp(dims[l], &layer.hidden, dims[l + 1], 2)?)?;
+        let extra = if l == 0 { cfg.classes } else { 0 };
+        total = total.checked_add(mlp(
+            dims[l].checked_add(extra)?,
+            &layer.hidden,
+            dims[l + 1],
+            2,
+        )?)?;
         let rev: Vec<usize> = layer.hidden.iter().rev().copied().collect();
         let heads = if l == 0 && cfg.decoder == DecoderKind::Bernoulli {
             1
         } else {
             2
         };
-        total = total.checked_add(mlp(dims[l + 1], &rev, dims[l], heads)?)?;
+        total = total.checked_add(mlp(dims[l + 1].checked_add(extra)?, &rev, dims[l], heads)?)?;
     }
     Some(total)
 }

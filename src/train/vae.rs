@@ -6,7 +6,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::{optim_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee};
+use super::{
+    optim_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
+};
 use crate::checkpoint::{FileContents, LoadedFile, MODEL_FILE, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
@@ -260,4 +262,3 @@ pub fn train_step(
         applied: None,
     })
 }
-
