@@ -1,9 +1,11 @@
 //! Models. Each family keeps its parameters in a [`params::ParamStore`] whose names are the
 //! PyTorch `state_dict` names of the equivalent module tree (see `docs/checkpoints.md`).
 
+pub mod flow;
 pub mod mlp;
 pub mod params;
 pub mod vae;
 
+pub use flow::Flow;
 pub use params::ParamStore;
 pub use vae::Vae;

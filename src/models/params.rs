@@ -53,6 +53,13 @@ impl ParamStore {
         Ok(t)
     }
 
+    /// Adds a parameter; returns its tensor (which shares the variable's storage).
+    pub(crate) fn push(&mut self, name: String, var: Var) -> Result<Tensor> {
+        let t = var.as_tensor().clone();
+        self.params.push((name, var));
+        Ok(t)
+    }
+
     /// Parameters in creation order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.params.iter().map(|(n, v)| (n.as_str(), v))

@@ -1,0 +1,338 @@
+//! A RealNVP-style normalizing flow (Dinh, Sohl-Dickstein & Bengio 2017, "Density estimation
+//! using Real NVP") with MLP coupling networks, ActNorm (Kingma & Dhariwal 2018, "Glow",
+//! section 3.1) and a standard-normal base.
+//!
+//! The flow `f = f_L o ... o f_1` maps data `x` to `z = f(x)`; by the change of variables
+//! `log p(x) = log N(f(x); 0, I) + sum_l log |det df_l / dh_{l-1}|`. Each step `l` is
+//!
+//! - ActNorm: `h' = (h + b) * exp(s)` per dimension, `log|det| = sum_j s_j`; `b` and `s` are
+//!   initialized from the first batch so that `h'` has zero mean and unit variance
+//!   ([`Flow::initialize`]), then trained as ordinary parameters (a checkpoint restores them);
+//! - an affine coupling with a binary mask `m` (1: passed through and conditioned on):
+//!   `(a, t) = NN(m * h)`, `s = c * tanh(a) * (1 - m)`, `t = t * (1 - m)`,
+//!   `h' = h * exp(s) + t`, `log|det| = sum_j s_j`; inverse `h = (h' - t) * exp(-s)`, with
+//!   `a, t` computed from `m * h' = m * h`. The learned per-dimension `c` bounds the log-scale as
+//!   in the RealNVP code; the network's last layer starts at zero, so every coupling starts as
+//!   the identity.
+//!
+//! Masks alternate between the two cells of a checkerboard over the image
+//! (`(row + col + l) mod 2`); on 2-D points (`1 x 2`) that alternates the two coordinates.
+//!
+//! Images are modelled after uniform dequantization (`x = (pixel + u) / 256`, see
+//! [`crate::data::batches`]) and the logit transform of RealNVP section 4.1,
+//! `y = logit(alpha + (1 - 2 alpha) x)`, whose log-Jacobian per dimension is
+//! `ln(1 - 2 alpha) - ln p - ln(1 - p)`, `p = alpha + (1 - 2 alpha) x`. Then
+//! `log p_x(x) = log p_y(y) + sum_j log|dy_j/dx_j|`, and on the 8-bit pixel scale (bins of width
+//! 1 in `[0, 256)^D`) `bits/dim = -(log p_x(x) - D ln 256) / (D ln 2)` ([`bits_per_dim`]).
+
+use candle_core::{DType, Device, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::mlp::{Dense, Trunk};
+use super::params::ParamStore;
+use crate::error::{Error, Result};
+use crate::ops::gaussian::standard_normal_log_density;
+use crate::ops::linear::Activation;
+
+/// Architecture of a flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowConfig {
+    /// Coupling layers (each preceded by an ActNorm when `actnorm` is on).
+    pub coupling_layers: usize,
+    /// Hidden widths of every coupling network (ReLU).
+    pub hidden: Vec<usize>,
+    /// ActNorm before every coupling.
+    pub actnorm: bool,
+    /// Logit-transform margin for images (MAF's MNIST setting, 1e-6, by default; RealNVP used
+    /// 0.05 on natural images). Unused on 2-D data.
+    pub alpha: f64,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        FlowConfig {
+            coupling_layers: 8,
+            hidden: vec![512, 512],
+            actnorm: true,
+            alpha: 1e-6,
+        }
+    }
+}
+
+impl FlowConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.coupling_layers == 0 {
+            return Err(Error::Config(
+                "flow.coupling_layers must be at least 1".into(),
+            ));
+        }
+        if self.hidden.is_empty() || self.hidden.contains(&0) {
+            return Err(Error::Config(
+                "flow.hidden: at least one hidden layer, every width positive".into(),
+            ));
+        }
+        if !(self.alpha >= 0.0 && self.alpha < 0.5) {
+            return Err(Error::Config(format!(
+                "flow.alpha = {}: must be in [0, 0.5)",
+                self.alpha
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parameters of a flow on `dim` values (`None` on overflow), without allocating.
+    pub fn parameter_count(&self, dim: usize) -> Option<usize> {
+        let mut per_layer = 0usize;
+        let mut d = dim;
+        for &h in &self.hidden {
+            per_layer = per_layer.checked_add(d.checked_add(1)?.checked_mul(h)?)?;
+            d = h;
+        }
+        per_layer = per_layer.checked_add(d.checked_add(1)?.checked_mul(dim.checked_mul(2)?)?)?;
+        per_layer = per_layer.checked_add(dim)?; // scale c
+        if self.actnorm {
+            per_layer = per_layer.checked_add(dim.checked_mul(2)?)?;
+        }
+        per_layer.checked_mul(self.coupling_layers)
+    }
+}
+
+impl ParamStore {
+    /// Creates a parameter filled with `value`.
+    pub fn constant(&mut self, name: String, shape: &[usize], value: f32) -> Result<Tensor> {
+        let t = Tensor::full(value, shape, self.device())?;
+        self.push(name, candle_core::Var::from_tensor(&t)?)
+    }
+}
+
+/// Per-dimension shift and log-scale, initialized from data.
+#[derive(Debug, Clone)]
+struct ActNorm {
+    bias: Tensor,
+    logs: Tensor,
+}
+
+/// One affine coupling.
+#[derive(Debug, Clone)]
+struct Coupling {
+    /// `1` where the input passes through, `(1, D)`.
+    mask: Tensor,
+    /// `1 - mask`.
+    inv_mask: Tensor,
+    trunk: Trunk,
+    /// Last layer: `2D` outputs, the raw log-scales then the shifts.
+    out: Dense,
+    /// Per-dimension bound `c` of the log-scale.
+    scale: Tensor,
+}
+
+/// A RealNVP-style flow on `dim` values.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// All parameters, PyTorch-named (`layers.{l}.actnorm.bias`, `layers.{l}.coupling.net.0.weight`...).
+    pub store: ParamStore,
+    actnorms: Vec<Option<ActNorm>>,
+    couplings: Vec<Coupling>,
+    /// Values per row.
+    pub dim: usize,
+    cfg: FlowConfig,
+}
+
+impl Flow {
+    /// A flow for data of `rows x cols` values, drawn from `rng` (PyTorch's default
+    /// initialization, the couplings' last layers at zero).
+    pub fn new(
+        cfg: &FlowConfig,
+        shape: (usize, usize),
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let dim = shape.0 * shape.1;
+        if dim < 2 {
+            return Err(Error::Config(format!(
+                "a coupling flow needs at least 2 values per row, the data has {dim}"
+            )));
+        }
+        let mut store = ParamStore::new(device.clone());
+        let mut actnorms = Vec::new();
+        let mut couplings = Vec::new();
+        for l in 0..cfg.coupling_layers {
+            let p = format!("layers.{l}");
+            actnorms.push(if cfg.actnorm {
+                Some(ActNorm {
+                    bias: store.constant(format!("{p}.actnorm.bias"), &[dim], 0.0)?,
+                    logs: store.constant(format!("{p}.actnorm.logs"), &[dim], 0.0)?,
+                })
+            } else {
+                None
+            });
+            let mask: Vec<f32> = (0..dim)
+                .map(|i| ((i / shape.1 + i % shape.1 + l) % 2) as f32)
+                .collect();
+            let mask = Tensor::from_vec(mask, (1, dim), device)?;
+            let inv_mask = (1.0 - &mask)?;
+            let trunk = Trunk::new(
+                &mut store,
+                &format!("{p}.coupling"),
+                dim,
+                &cfg.hidden,
+                Activation::Relu,
+                rng,
+            )?;
+            let last = trunk.out_dim;
+            let out = Dense {
+                weight: store.constant(
+                    format!("{p}.coupling.out.weight"),
+                    &[2 * dim, last],
+                    0.0,
+                )?,
+                bias: store.constant(format!("{p}.coupling.out.bias"), &[2 * dim], 0.0)?,
+                act: Activation::Identity,
+            };
+            let scale = store.constant(format!("{p}.coupling.scale"), &[dim], 1.0)?;
+            couplings.push(Coupling {
+                mask,
+                inv_mask,
+                trunk,
+                out,
+                scale,
+            });
+        }
+        Ok(Flow {
+            store,
+            actnorms,
+            couplings,
+            dim,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration the flow was built from.
+    pub fn config(&self) -> &FlowConfig {
+        &self.cfg
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> &Device {
+        self.store.device()
+    }
+
+    /// `(s, t)` of coupling `c` given its input (only the masked part is read).
+    fn scale_shift(c: &Coupling, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dim = h.dim(1)?;
+        let o = c
+            .out
+            .forward(&c.trunk.forward(&h.broadcast_mul(&c.mask)?)?)?;
+        let a = o.narrow(1, 0, dim)?;
+        let t = o.narrow(1, dim, dim)?.broadcast_mul(&c.inv_mask)?;
+        let s = a
+            .tanh()?
+            .broadcast_mul(&c.scale.unsqueeze(0)?)?
+            .broadcast_mul(&c.inv_mask)?;
+        Ok((s, t))
+    }
+
+    /// Data-dependent ActNorm initialization (Glow): each ActNorm's bias and log-scale are set
+    /// so that its output on `x` has zero mean and unit variance per dimension.
+    pub fn initialize(&self, x: &Tensor) -> Result<()> {
+        let mut h = x.detach();
+        for (an, c) in self.actnorms.iter().zip(&self.couplings) {
+            if let Some(an) = an {
+                let mean = h.mean(0)?;
+                let std = h.broadcast_sub(&mean)?.sqr()?.mean(0)?.sqrt()?;
+                let logs = (std + 1e-6)?.log()?.neg()?;
+                set_var(&self.store, &an.bias, &mean.neg()?)?;
+                set_var(&self.store, &an.logs, &logs)?;
+                h = h.broadcast_add(&an.bias)?.broadcast_mul(&an.logs.exp()?)?;
+            }
+            let (s, t) = Self::scale_shift(c, &h)?;
+            h = ((h * s.exp()?)? + t)?.detach();
+        }
+        Ok(())
+    }
+
+    /// `(z, log|det dz/dx|)` per row.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut h = x.clone();
+        let mut log_det = Tensor::zeros(x.dim(0)?, DType::F32, x.device())?;
+        for (an, c) in self.actnorms.iter().zip(&self.couplings) {
+            if let Some(an) = an {
+                h = h.broadcast_add(&an.bias)?.broadcast_mul(&an.logs.exp()?)?;
+                log_det = log_det.broadcast_add(&an.logs.sum_all()?)?;
+            }
+            let (s, t) = Self::scale_shift(c, &h)?;
+            h = ((h * s.exp()?)? + t)?;
+            log_det = (log_det + s.sum(D::Minus1)?)?;
+        }
+        Ok((h, log_det))
+    }
+
+    /// `x = f^{-1}(z)`.
+    pub fn inverse(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = z.clone();
+        for (an, c) in self.actnorms.iter().zip(&self.couplings).rev() {
+            let (s, t) = Self::scale_shift(c, &h)?;
+            h = ((h - t)? * s.neg()?.exp()?)?;
+            if let Some(an) = an {
+                h = h
+                    .broadcast_mul(&an.logs.neg()?.exp()?)?
+                    .broadcast_sub(&an.bias)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Exact `log p(x)` per row (nats), by the change of variables.
+    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        let (z, log_det) = self.forward(x)?;
+        Ok((standard_normal_log_density(&z)? + log_det)?)
+    }
+
+    /// `n` samples: `f^{-1}(z)`, `z ~ N(0, I)` drawn from `rng`.
+    pub fn sample(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        let z = Tensor::from_vec(
+            crate::rng::normal_vec(rng, n * self.dim),
+            (n, self.dim),
+            self.device(),
+        )?;
+        self.inverse(&z)
+    }
+}
+
+fn set_var(store: &ParamStore, t: &Tensor, value: &Tensor) -> Result<()> {
+    let var = store
+        .iter()
+        .find(|(_, v)| v.as_tensor().id() == t.id())
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| Error::Config("actnorm parameter missing from the store".into()))?;
+    var.set(&value.to_dtype(DType::F32)?.contiguous()?)?;
+    Ok(())
+}
+
+/// The logit transform of RealNVP section 4.1 for data in `[0, 1]`:
+/// `y = logit(alpha + (1 - 2 alpha) x)` and the per-row `sum_j log|dy_j / dx_j|`.
+pub fn logit_transform(x: &Tensor, alpha: f64) -> Result<(Tensor, Tensor)> {
+    let p = ((x * (1.0 - 2.0 * alpha))? + alpha)?;
+    let log_p = p.log()?;
+    let log_1mp = (1.0 - &p)?.log()?;
+    let y = (&log_p - &log_1mp)?;
+    let per_dim = ((log_p + log_1mp)?.neg()? + (1.0 - 2.0 * alpha).ln())?;
+    Ok((y, per_dim.sum(D::Minus1)?))
+}
+
+/// Inverse of [`logit_transform`]: `x = (sigmoid(y) - alpha) / (1 - 2 alpha)`, clamped to [0, 1].
+pub fn inverse_logit_transform(y: &Tensor, alpha: f64) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(y)?;
+    Ok(((s - alpha)? / (1.0 - 2.0 * alpha))?.clamp(0f32, 1f32)?)
+}
+
+/// Bits per dimension on the 8-bit pixel scale of a dequantized image whose density on
+/// `[0, 1)^D` is `log_px` nats: `-(log_px - D ln 256) / (D ln 2)`.
+pub fn bits_per_dim(log_px: f64, dim: usize) -> f64 {
+    let d = dim as f64;
+    -(log_px - d * 256f64.ln()) / (d * std::f64::consts::LN_2)
+}
