@@ -328,36 +328,59 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!("--max-rows must be at least 1");
             }
             let data = crate::session::load_datasets(&cfg)?;
-            if data.dim() != ck.model.input_dim {
+            if data.dim() != ck.model.input_dim() {
                 bail!(
                     "the data has {} values per image but the model expects {}",
                     data.dim(),
-                    ck.model.input_dim
+                    ck.model.input_dim()
                 );
             }
             let limit = a.limit.unwrap_or(cfg.eval.limit);
-            let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
-                crate::eval::evaluate(&ck.model, &data.test, k, limit, max_rows, a.seed)
-            })?;
-            if a.json {
-                let mut v = serde_json::to_value(&r)?;
-                v["checkpoint"] = serde_json::Value::from(ck.dir.display().to_string());
-                v["step"] = serde_json::Value::from(ck.step);
-                return print_json(&v);
-            }
-            println!(
+            let mut v = serde_json::json!({
+                "checkpoint": ck.dir.display().to_string(),
+                "step": ck.step,
+                "family": cfg.model.family,
+            });
+            let mut lines = vec![format!(
                 "checkpoint: {} (step {}, epoch {})",
                 ck.dir.display(),
                 ck.step,
                 ck.epoch
-            );
-            println!("test -ELBO: {:.3} nats", r.test_elbo);
-            println!(
-                "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
-                r.k, r.n, r.nll, r.nll_stderr
-            );
-            println!("bits/dim: {:.4}", r.bits_per_dim);
-            println!("active units per layer: {:?}", r.active_units);
+            )];
+            match &ck.model {
+                crate::session::Model::Vae(model) => {
+                    let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
+                        crate::eval::evaluate(model, &data.test, k, limit, max_rows, a.seed)
+                    })?;
+                    merge(&mut v, serde_json::to_value(&r)?);
+                    lines.push(format!("test -ELBO: {:.3} nats", r.test_elbo));
+                    lines.push(format!(
+                        "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
+                        r.k, r.n, r.nll, r.nll_stderr
+                    ));
+                    lines.push(format!("bits/dim: {:.4}", r.bits_per_dim));
+                    lines.push(format!("active units per layer: {:?}", r.active_units));
+                }
+                crate::session::Model::Flow(flow) => {
+                    let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
+                        crate::eval::evaluate_flow(flow, &data.test, limit, 1000)
+                    })?;
+                    merge(&mut v, serde_json::to_value(&r)?);
+                    lines.push(format!(
+                        "test NLL (exact, {} rows): {:.3} +- {:.3} nats",
+                        r.n, r.nll, r.nll_stderr
+                    ));
+                    if let Some(b) = r.bits_per_dim {
+                        lines.push(format!("bits/dim: {b:.4}"));
+                    }
+                }
+            }
+            if a.json {
+                return print_json(&v);
+            }
+            for l in lines {
+                println!("{l}");
+            }
             Ok(())
         }
         Command::Sample(a) => {
@@ -366,12 +389,27 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
             let shape = ck.image_shape;
-            if shape.0 == 1 {
+            if shape.0 == 1 && !matches!(ck.model, crate::session::Model::Flow(_)) {
                 bail!("this model was trained on 2-D points, not images");
             }
+            let model = match (&ck.model, a.kind) {
+                (crate::session::Model::Vae(m), _) => m,
+                (crate::session::Model::Flow(f), SampleKind::Prior) => {
+                    let extent = ck
+                        .config
+                        .data
+                        .synthetic()
+                        .map(|s| s.extent())
+                        .unwrap_or((-6.0, 6.0));
+                    crate::samples::write_flow_samples(f, &a.out, a.n, a.seed, 0, shape, extent)?;
+                    println!("wrote {}", a.out.display());
+                    return Ok(());
+                }
+                (_, kind) => bail!("--kind {kind:?} needs a model with an encoder (a VAE)"),
+            };
             match a.kind {
                 SampleKind::Prior => {
-                    crate::samples::write_samples(&ck.model, &a.out, a.n, a.seed, 0, shape)?
+                    crate::samples::write_samples(model, &a.out, a.n, a.seed, 0, shape)?
                 }
                 SampleKind::Reconstructions | SampleKind::Interpolation => {
                     let mut cfg = ck.config.clone();
@@ -381,11 +419,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     let data = crate::session::load_datasets(&cfg)?;
                     if let SampleKind::Reconstructions = a.kind {
                         crate::samples::write_reconstructions(
-                            &ck.model, &data.test, &a.out, a.n, shape,
+                            model, &data.test, &a.out, a.n, shape,
                         )?
                     } else {
                         crate::samples::write_interpolation(
-                            &ck.model, &data.test, &a.out, a.n, 10, shape,
+                            model, &data.test, &a.out, a.n, 10, shape,
                         )?
                     }
                 }
@@ -462,6 +500,13 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Copies the fields of the object `extra` into the object `into`.
+fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(e)) = (into.as_object_mut(), extra) {
+        o.extend(e);
     }
 }
 

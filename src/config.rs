@@ -29,7 +29,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Model family; `vae` covers the VAE and the IWAE (same model, different bound).
+    /// Model family: `vae` (the VAE and the IWAE: same model, different bound), `flow`
+    /// (RealNVP) or `gan`.
     pub family: String,
     pub activation: Activation,
     pub decoder: DecoderKind,
@@ -38,6 +39,8 @@ pub struct ModelConfig {
     /// Conditional VAE: classes of the one-hot label fed to the bottom encoder and to the
     /// likelihood (0: unconditional).
     pub classes: usize,
+    /// The flow's architecture (`family = "flow"`).
+    pub flow: crate::models::flow::FlowConfig,
 }
 
 /// One stochastic layer: the deterministic hidden widths below it and its latent size.
@@ -70,6 +73,7 @@ impl Default for ModelConfig {
                 latent: 20,
             }],
             classes: 0,
+            flow: Default::default(),
         }
     }
 }
@@ -401,49 +405,28 @@ impl Config {
     /// Checks every value a user can get wrong, with a message naming the field.
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(Error::Config(m));
-        if self.model.family != "vae" {
-            return err(format!(
-                "model.family = {:?}: only \"vae\" is implemented in this build",
-                self.model.family
-            ));
-        }
-        if self.model.layers.is_empty() {
-            return err("model.layers: at least one stochastic layer is required".into());
-        }
-        for (i, l) in self.model.layers.iter().enumerate() {
-            if l.latent == 0 || l.hidden.contains(&0) {
+        match self.model.family.as_str() {
+            "vae" => self.validate_vae()?,
+            "flow" => {
+                self.model.flow.validate()?;
+                if self.data.synthetic().is_none() && self.data.binarize != Binarization::Dequantize
+                {
+                    return err(
+                        "a flow is a density on continuous data: set data.binarize = \"dequantize\""
+                            .into(),
+                    );
+                }
+            }
+            other => {
                 return err(format!(
-                    "model.layers[{i}]: widths and latent size must be positive"
-                ));
+                    "model.family = {other:?}: expected \"vae\", \"flow\" or \"gan\""
+                ))
             }
         }
-        if self.objective.k == 0 {
-            return err("objective.k must be at least 1".into());
-        }
-        if !(self.objective.beta.is_finite() && self.objective.beta >= 0.0) {
-            return err(format!(
-                "objective.beta = {}: must be finite and >= 0",
-                self.objective.beta
-            ));
-        }
-        if !(self.objective.warmup_epochs >= 0.0 && self.objective.free_bits >= 0.0) {
-            return err("objective.warmup_epochs and objective.free_bits must be >= 0".into());
-        }
-        if self.objective.kl == KlEstimator::Analytic
-            && self.model.layers.len() > 1
-            && self.objective.kind == ObjectiveKind::Elbo
-        {
-            // Analytic KL is only closed-form for the single-layer model.
+        if self.model.classes > 0 && self.model.family != "vae" {
             return err(
-                "objective.kl = \"analytic\" needs one stochastic layer; use \"monte_carlo\""
-                    .into(),
+                "model.classes (conditioning) is implemented for the vae family only".into(),
             );
-        }
-        if self.objective.free_bits > 0.0
-            && (self.objective.kind != ObjectiveKind::Elbo
-                || self.objective.kl != KlEstimator::Analytic)
-        {
-            return err("objective.free_bits needs kind = \"elbo\" with kl = \"analytic\"".into());
         }
         if self.train.batch_size == 0 {
             return err("train.batch_size must be at least 1".into());
@@ -487,6 +470,56 @@ impl Config {
                 self.data.dataset
             ));
         }
+        if self.model.classes > 0 && self.data.synthetic().is_some() {
+            return err(
+                "model.classes: the synthetic 2-D sets have no labels to condition on".into(),
+            );
+        }
+        crate::device::parse_device_spec(&self.train.device)?;
+        Ok(())
+    }
+
+    /// The checks of the `vae` family.
+    fn validate_vae(&self) -> Result<()> {
+        let err = |m: String| Err(Error::Config(m));
+        if self.model.layers.is_empty() {
+            return err("model.layers: at least one stochastic layer is required".into());
+        }
+        for (i, l) in self.model.layers.iter().enumerate() {
+            if l.latent == 0 || l.hidden.contains(&0) {
+                return err(format!(
+                    "model.layers[{i}]: widths and latent size must be positive"
+                ));
+            }
+        }
+        if self.objective.k == 0 {
+            return err("objective.k must be at least 1".into());
+        }
+        if !(self.objective.beta.is_finite() && self.objective.beta >= 0.0) {
+            return err(format!(
+                "objective.beta = {}: must be finite and >= 0",
+                self.objective.beta
+            ));
+        }
+        if !(self.objective.warmup_epochs >= 0.0 && self.objective.free_bits >= 0.0) {
+            return err("objective.warmup_epochs and objective.free_bits must be >= 0".into());
+        }
+        if self.objective.kl == KlEstimator::Analytic
+            && self.model.layers.len() > 1
+            && self.objective.kind == ObjectiveKind::Elbo
+        {
+            // Analytic KL is only closed-form for the single-layer model.
+            return err(
+                "objective.kl = \"analytic\" needs one stochastic layer; use \"monte_carlo\""
+                    .into(),
+            );
+        }
+        if self.objective.free_bits > 0.0
+            && (self.objective.kind != ObjectiveKind::Elbo
+                || self.objective.kl != KlEstimator::Analytic)
+        {
+            return err("objective.free_bits needs kind = \"elbo\" with kl = \"analytic\"".into());
+        }
         if self.data.synthetic().is_some() && self.model.decoder != DecoderKind::Gaussian {
             return err(
                 "synthetic 2-D data is real-valued: set model.decoder = \"gaussian\"".into(),
@@ -504,12 +537,6 @@ impl Config {
                 format!("{:?}", self.data.binarize).to_lowercase()
             ));
         }
-        if self.model.classes > 0 && self.data.synthetic().is_some() {
-            return err(
-                "model.classes: the synthetic 2-D sets have no labels to condition on".into(),
-            );
-        }
-        crate::device::parse_device_spec(&self.train.device)?;
         Ok(())
     }
 
@@ -526,6 +553,7 @@ impl Config {
             ("model.decoder", format!("{:?}", self.model.decoder)),
             ("model.layers", format!("{:?}", self.model.layers)),
             ("model.classes", self.model.classes.to_string()),
+            ("model.flow", format!("{:?}", self.model.flow)),
             ("data.dataset", self.data.dataset.clone()),
         ]
     }

@@ -47,6 +47,31 @@ pub fn write_samples(
     write_grid(path, &images, shape.0, shape.1, per_row(n), 2)
 }
 
+/// `n` flow samples as an image grid, or for a 2-D flow its density on `extent^2` as a
+/// 256 x 256 gray-level map (brighter is denser, scaled to the maximum).
+pub fn write_flow_samples(
+    flow: &crate::models::Flow,
+    path: &Path,
+    n: usize,
+    seed: u64,
+    index: u64,
+    shape: (usize, usize),
+    extent: (f32, f32),
+) -> Result<()> {
+    if shape.0 == 1 {
+        let density = flow.density_grid(256, extent.0, extent.1)?;
+        let max = density
+            .iter()
+            .copied()
+            .fold(0f32, f32::max)
+            .max(f32::MIN_POSITIVE);
+        let image: Vec<f32> = density.iter().map(|v| v / max).collect();
+        return write_grid(path, &[image], 256, 256, 1, 1);
+    }
+    let x = flow.sample_data(n, &mut stream_rng(seed, Stream::Sample, index))?;
+    write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row(n), 2)
+}
+
 /// One-hot rows for `labels`.
 pub fn one_hot(labels: &[u32], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
     let mut y = vec![0f32; labels.len() * classes];

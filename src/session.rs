@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::data::images::Split;
 use crate::data::{DataSource, ImageSet};
 use crate::error::{Error, Result};
-use crate::models::Vae;
+use crate::models::{Flow, Vae};
 use crate::rng::{stream_rng, Stream, TEST_BINARIZATION_SEED};
 
 /// Training, validation and test rows of a run.
@@ -144,10 +144,45 @@ pub fn model_metadata(
     ])
 }
 
+/// A model of any family.
+#[derive(Debug, Clone)]
+pub enum Model {
+    Vae(Vae),
+    Flow(Flow),
+}
+
+impl Model {
+    /// The parameters.
+    pub fn store(&self) -> &crate::models::ParamStore {
+        match self {
+            Model::Vae(m) => &m.store,
+            Model::Flow(m) => &m.store,
+        }
+    }
+
+    /// Values per data row.
+    pub fn input_dim(&self) -> usize {
+        match self {
+            Model::Vae(m) => m.input_dim,
+            Model::Flow(m) => m.dim,
+        }
+    }
+}
+
+/// A fresh flow for `cfg` on data of `shape`.
+pub fn build_flow(cfg: &Config, shape: (usize, usize), device: &Device) -> Result<Flow> {
+    Flow::new(
+        &cfg.model.flow,
+        shape,
+        device,
+        &mut stream_rng(cfg.train.seed, Stream::Init, 0),
+    )
+}
+
 /// A model restored from a checkpoint.
 pub struct LoadedCheckpoint {
     pub dir: PathBuf,
-    pub model: Vae,
+    pub model: Model,
     pub config: Config,
     pub step: u64,
     pub epoch: u64,
@@ -172,10 +207,10 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             "format version {version}, this build reads {FORMAT_VERSION}"
         )));
     }
-    let family = file.meta("model_family")?;
-    if family != "vae" {
+    let family = file.meta("model_family")?.to_string();
+    if !["vae", "flow"].contains(&family.as_str()) {
         return Err(file.error(format!(
-            "model family `{family}`: this command expects a `vae` checkpoint"
+            "model family `{family}`: this build reads `vae` and `flow` checkpoints"
         )));
     }
     let config: Config = serde_json::from_str(file.meta("config")?)
@@ -183,6 +218,12 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     config
         .validate()
         .map_err(|e| file.error(format!("metadata `config`: {e}")))?;
+    if config.model.family != family {
+        return Err(file.error(format!(
+            "metadata `model_family` is `{family}` but its config says `{}`",
+            config.model.family
+        )));
+    }
     let input_dim: usize = parse_num(&file, "input_dim")?;
     if input_dim == 0 {
         return Err(file.error("metadata `input_dim` is 0"));
@@ -201,17 +242,23 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     let epoch = parse_num(&file, "epoch")?;
     // The config must not describe more parameters than the file holds: a corrupt or hostile
     // config would otherwise make us allocate a huge model before any tensor is compared.
-    let wanted = crate::models::vae::parameter_count(&config.model, input_dim)
-        .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;
+    let wanted = match family.as_str() {
+        "flow" => config.model.flow.parameter_count(input_dim),
+        _ => crate::models::vae::parameter_count(&config.model, input_dim),
+    }
+    .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;
     if wanted > file.f32_elements() {
         return Err(file.error(format!(
             "metadata `config` describes {wanted} parameters but the file holds {} values",
             file.f32_elements()
         )));
     }
-    let model = build_model(&config, input_dim, device)?;
+    let model = match family.as_str() {
+        "flow" => Model::Flow(build_flow(&config, image_shape, device)?),
+        _ => Model::Vae(build_model(&config, input_dim, device)?),
+    };
     model
-        .store
+        .store()
         .load_from(|name, dims| file.tensor(name, dims, device))
         .map_err(|e| file.error(e))?;
     Ok(LoadedCheckpoint {

@@ -20,8 +20,10 @@ use crate::report::MetricsWriter;
 use crate::rng::epoch_permutation;
 use crate::session::{self, Datasets};
 
+pub mod flow;
 pub mod vae;
 
+pub use flow::FlowTrainee;
 pub use vae::{train_step, VaeStepOutput, VaeTrainee};
 
 /// Where and how to train.
@@ -50,6 +52,8 @@ pub struct TrainSummary {
     pub test_elbo: Option<f64>,
     /// Figures of the last epoch-end evaluation.
     pub last_eval: std::collections::BTreeMap<String, f64>,
+    /// Figures of the end-of-training evaluation (any family).
+    pub final_figures: std::collections::BTreeMap<String, f64>,
     pub final_eval: Option<eval::EvalReport>,
     pub seconds: f64,
     /// True when a signal stopped the run early (a checkpoint was written).
@@ -239,13 +243,20 @@ fn start(
     data: &Datasets,
     device: &Device,
 ) -> Result<(Box<dyn Trainee>, u64)> {
+    let family = cfg.model.family.as_str();
     let Some(resume) = resume else {
-        return Ok((Box::new(VaeTrainee::fresh(cfg, data, device)?), 0));
+        return Ok(match family {
+            "flow" => (Box::new(FlowTrainee::fresh(cfg, data, device)?), 0),
+            _ => (Box::new(VaeTrainee::fresh(cfg, data, device)?), 0),
+        });
     };
     let ck = session::load_checkpoint(resume, device)?;
     check_resumable(cfg, &ck)?;
     let step = ck.step;
-    Ok((Box::new(VaeTrainee::restore(cfg, ck, data, device)?), step))
+    Ok(match family {
+        "flow" => (Box::new(FlowTrainee::restore(cfg, ck, data, device)?), step),
+        _ => (Box::new(VaeTrainee::restore(cfg, ck, data, device)?), step),
+    })
 }
 
 fn save_checkpoint(
@@ -520,11 +531,13 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             &[("wall_s", t_start.elapsed().as_secs_f64())],
         )?;
     }
+    let mut final_figures = std::collections::BTreeMap::new();
     let final_eval = if finished && !interrupted {
         let fin = trainee.finish(cfg, &data, run_dir)?;
         if !fin.figures.is_empty() {
             metrics.log("final_eval", step, cfg.train.epochs as f64, &fin.figures)?;
         }
+        final_figures.extend(fin.figures.iter().map(|(n, v)| (n.to_string(), *v)));
         fin.report
     } else {
         None
@@ -541,6 +554,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             .map(|(_, v)| *v),
         last_eval: last_eval.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
         final_eval,
+        final_figures,
         seconds: t_start.elapsed().as_secs_f64(),
         interrupted,
     })

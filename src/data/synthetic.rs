@@ -43,6 +43,16 @@ impl Synthetic {
         }
     }
 
+    /// A square `[lo, hi]^2` that holds practically all of the distribution's mass, for plots.
+    pub fn extent(self) -> (f32, f32) {
+        match self {
+            Synthetic::Ring8 => (-3.0, 3.0),
+            Synthetic::Grid25 => (-6.0, 6.0),
+            Synthetic::Moons => (-1.5, 2.5),
+            Synthetic::Checkerboard => (-4.5, 4.5),
+        }
+    }
+
     /// Draws `n` points.
     pub fn sample(self, n: usize, rng: &mut ChaCha8Rng) -> Vec<[f32; 2]> {
         let normal = |rng: &mut ChaCha8Rng| rng.sample::<f32, _>(rand_distr::StandardNormal);

@@ -138,6 +138,8 @@ pub struct Flow {
     couplings: Vec<Coupling>,
     /// Values per row.
     pub dim: usize,
+    /// Data shape: images (`rows > 1`) are modelled through the logit transform.
+    pub shape: (usize, usize),
     cfg: FlowConfig,
 }
 
@@ -207,6 +209,7 @@ impl Flow {
             actnorms,
             couplings,
             dim,
+            shape,
             cfg: cfg.clone(),
         })
     }
@@ -300,6 +303,65 @@ impl Flow {
             self.device(),
         )?;
         self.inverse(&z)
+    }
+}
+
+impl Flow {
+    /// True when the flow models images through the logit transform (`rows > 1`); 2-D points
+    /// are modelled directly.
+    pub fn uses_logit(&self) -> bool {
+        self.shape.0 > 1
+    }
+
+    /// The model-space input of data rows `x` and the per-row log-Jacobian of that map.
+    pub fn to_model_space(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        if self.uses_logit() {
+            let (y, lj) = logit_transform(x, self.cfg.alpha)?;
+            Ok((y, Some(lj)))
+        } else {
+            Ok((x.clone(), None))
+        }
+    }
+
+    /// Exact per-row `log p(x)` of data rows (nats; for images, a density on `[0, 1)^D`).
+    pub fn data_log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, lj) = self.to_model_space(x)?;
+        let lp = self.log_prob(&y)?;
+        Ok(match lj {
+            Some(lj) => (lp + lj)?,
+            None => lp,
+        })
+    }
+
+    /// `n` samples in data space (images in `[0, 1]`).
+    pub fn sample_data(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        let y = self.sample(n, rng)?;
+        if self.uses_logit() {
+            inverse_logit_transform(&y, self.cfg.alpha)
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The density `p(x)` on the centres of an `n x n` grid over `[lo, hi]^2` (2-D flows), row
+    /// 0 at the top (largest y), for density plots.
+    pub fn density_grid(&self, n: usize, lo: f32, hi: f32) -> Result<Vec<f32>> {
+        if self.dim != 2 {
+            return Err(Error::Config(format!(
+                "a density grid needs a 2-D flow, this one has {} dimensions",
+                self.dim
+            )));
+        }
+        let h = (hi - lo) / n as f32;
+        let mut pts = Vec::with_capacity(2 * n * n);
+        for r in 0..n {
+            for c in 0..n {
+                pts.push(lo + (c as f32 + 0.5) * h);
+                pts.push(hi - (r as f32 + 0.5) * h);
+            }
+        }
+        let grid = Tensor::from_vec(pts, (n * n, 2), self.device())?;
+        Ok(self.log_prob(&grid)?.exp()?.to_vec1()?)
     }
 }
 

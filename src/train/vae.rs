@@ -42,23 +42,23 @@ impl VaeTrainee {
         data: &Datasets,
         device: &Device,
     ) -> Result<Self> {
-        if ck.model.input_dim != data.dim() {
+        let crate::session::Model::Vae(model) = ck.model else {
+            return Err(Error::checkpoint(&ck.dir, "not a vae checkpoint"));
+        };
+        if model.input_dim != data.dim() {
             return Err(Error::checkpoint(
                 &ck.dir,
                 format!(
                     "data dimension differs: checkpoint has {}, the data has {}",
-                    ck.model.input_dim,
+                    model.input_dim,
                     data.dim()
                 ),
             ));
         }
-        let mut opt = Optimizer::new(&cfg.optim, &ck.model.store)?;
+        let mut opt = Optimizer::new(&cfg.optim, &model.store)?;
         let optim_file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
         restore_optimizer(&mut opt, &optim_file, "", device)?;
-        Ok(VaeTrainee {
-            model: ck.model,
-            opt,
-        })
+        Ok(VaeTrainee { model, opt })
     }
 }
 
