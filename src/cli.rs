@@ -21,8 +21,11 @@ pub struct Cli {
 pub enum Command {
     /// Train a model from a TOML config (flags override the file).
     Train(TrainArgs),
-    /// Evaluate a checkpoint: test ELBO, importance-sampled NLL, active units, bits/dim.
+    /// Evaluate a checkpoint: test ELBO, importance-sampled NLL, active units, bits/dim, and
+    /// the sample metrics (MNIST-FID, Inception-Score analogue, mode coverage, ...).
     Eval(EvalArgs),
+    /// Redraw a run directory's training curves (`curves.png`) from its `metrics.jsonl`.
+    Plot(PlotArgs),
     /// Write a PNG grid of samples, reconstructions or a latent interpolation.
     Sample(SampleArgs),
     /// Measure training throughput (samples/s) of a config.
@@ -33,6 +36,13 @@ pub enum Command {
     CheckKernels(CheckKernelsArgs),
     /// Write the exact evaluation data of a config or checkpoint as an IDX file.
     ExportData(ExportArgs),
+}
+
+/// Flags of `trainer plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run directory.
+    pub run: PathBuf,
 }
 
 /// Flags shared by commands that take a config.
@@ -114,9 +124,14 @@ pub struct EvalArgs {
     /// Directory with IDX image files (default: the one the model was trained on).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Seed of the importance samples.
+    /// Seed of the importance samples and of the generated samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Samples drawn for the sample-quality metrics (MNIST-FID, Inception-Score analogue,
+    /// class histogram, PCA spectrum, duplicates, mode coverage); 0 skips them. Default:
+    /// 10000 for images, 2500 for 2-D points.
+    #[arg(long)]
+    pub samples: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -374,6 +389,19 @@ pub fn run(cli: Cli) -> Result<()> {
                         lines.push(format!("bits/dim: {b:.4}"));
                     }
                 }
+                crate::session::Model::Gan(_) => {
+                    lines.push("a GAN has no likelihood: sample metrics only".into());
+                }
+            }
+            let n = a
+                .samples
+                .unwrap_or(if ck.image_shape.0 > 1 { 10_000 } else { 2_500 });
+            if n > 0 {
+                let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
+                    crate::metrics::sample_metrics(&ck.model, &cfg, &data, n, a.seed)
+                })?;
+                lines.extend(r.lines());
+                merge(&mut v, serde_json::to_value(&r)?);
             }
             if a.json {
                 return print_json(&v);
@@ -383,17 +411,29 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Plot(a) => {
+            crate::report::plot::write_training_curves(&a.run)?;
+            println!("wrote {}", a.run.join("curves.png").display());
+            Ok(())
+        }
         Command::Sample(a) => {
             if a.n == 0 {
                 bail!("--n must be at least 1");
             }
             let ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
             let shape = ck.image_shape;
-            if shape.0 == 1 && !matches!(ck.model, crate::session::Model::Flow(_)) {
+            if shape.0 == 1 && matches!(ck.model, crate::session::Model::Vae(_)) {
                 bail!("this model was trained on 2-D points, not images");
             }
             let model = match (&ck.model, a.kind) {
                 (crate::session::Model::Vae(m), _) => m,
+                (crate::session::Model::Gan(_), SampleKind::Prior) => {
+                    let mut cfg = ck.config.clone();
+                    cfg.train.seed = a.seed;
+                    crate::samples::write_model_samples(&ck.model, &cfg, &a.out, a.n, 0, shape)?;
+                    println!("wrote {}", a.out.display());
+                    return Ok(());
+                }
                 (crate::session::Model::Flow(f), SampleKind::Prior) => {
                     let extent = ck
                         .config

@@ -41,6 +41,8 @@ pub struct ModelConfig {
     pub classes: usize,
     /// The flow's architecture (`family = "flow"`).
     pub flow: crate::models::flow::FlowConfig,
+    /// The GAN's architecture and losses (`family = "gan"`).
+    pub gan: crate::models::gan::GanConfig,
 }
 
 /// One stochastic layer: the deterministic hidden widths below it and its latent size.
@@ -74,6 +76,7 @@ impl Default for ModelConfig {
             }],
             classes: 0,
             flow: Default::default(),
+            gan: Default::default(),
         }
     }
 }
@@ -245,6 +248,10 @@ pub enum ScheduleKind {
     Step,
     /// The IWAE paper's: for i = 0..7, 3^i epochs at `lr * 10^(-i/7)` (3280 epochs in all).
     Iwae,
+    /// Linear decay over `step_epochs` epochs: `lr * (1 - e / step_epochs)` in epoch `e`
+    /// (0-based), so the last of `step_epochs` epochs runs at `lr / step_epochs`; 0 after.
+    /// Set `step_epochs` to `train.epochs` for the SN-GAN decay to zero.
+    Linear,
 }
 
 /// Optimizer settings.
@@ -417,6 +424,14 @@ impl Config {
                     );
                 }
             }
+            "gan" => {
+                self.model.gan.validate()?;
+                if self.data.synthetic().is_none() && self.data.binarize != Binarization::None {
+                    return err(
+                        "the GAN learns gray-level images: set data.binarize = \"none\"".into(),
+                    );
+                }
+            }
             other => {
                 return err(format!(
                     "model.family = {other:?}: expected \"vae\", \"flow\" or \"gan\""
@@ -450,6 +465,9 @@ impl Config {
             return err(
                 "optim.eps must be > 0, optim.weight_decay >= 0, optim.momentum in [0, 1)".into(),
             );
+        }
+        if o.schedule == ScheduleKind::Linear && o.step_epochs == 0 {
+            return err("optim.step_epochs must be >= 1 for the linear schedule".into());
         }
         if o.schedule == ScheduleKind::Step
             && (o.step_epochs == 0 || o.gamma.is_nan() || o.gamma <= 0.0)
@@ -554,6 +572,16 @@ impl Config {
             ("model.layers", format!("{:?}", self.model.layers)),
             ("model.classes", self.model.classes.to_string()),
             ("model.flow", format!("{:?}", self.model.flow)),
+            (
+                "model.gan",
+                format!(
+                    "latent {} gen {:?} disc {:?} spectral_norm {}",
+                    self.model.gan.latent,
+                    self.model.gan.gen_hidden,
+                    self.model.gan.disc_hidden,
+                    self.model.gan.spectral_norm
+                ),
+            ),
             ("data.dataset", self.data.dataset.clone()),
         ]
     }

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod kernel_check;
+pub mod metrics;
 pub mod models;
 pub mod objectives;
 pub mod ops;

@@ -218,6 +218,7 @@ pub fn learning_rate(cfg: &OptimConfig, epoch: usize) -> f64 {
     match cfg.schedule {
         ScheduleKind::Constant => cfg.lr,
         ScheduleKind::Step => cfg.lr * cfg.gamma.powi((epoch / cfg.step_epochs) as i32),
+        ScheduleKind::Linear => cfg.lr * (1.0 - epoch as f64 / cfg.step_epochs as f64).max(0.0),
         ScheduleKind::Iwae => {
             let (mut start, mut i) = (0usize, 0i32);
             while i < 7 && epoch >= start + 3usize.pow(i as u32) {
@@ -377,6 +378,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(learning_rate(&cfg, 0), 1e-3);
+        let linear = OptimConfig {
+            schedule: ScheduleKind::Linear,
+            step_epochs: 4,
+            ..OptimConfig::default()
+        };
+        let lrs: Vec<f64> = (0..6).map(|e| learning_rate(&linear, e)).collect();
+        for (got, want) in lrs.iter().zip([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0, 0.0]) {
+            assert!((got - want).abs() < 1e-15, "{lrs:?}");
+        }
         assert!((learning_rate(&cfg, 1) - 1e-3 * 10f64.powf(-1.0 / 7.0)).abs() < 1e-12);
         assert!((learning_rate(&cfg, 3) - 1e-3 * 10f64.powf(-1.0 / 7.0)).abs() < 1e-12);
         assert!((learning_rate(&cfg, 4) - 1e-3 * 10f64.powf(-2.0 / 7.0)).abs() < 1e-12);

@@ -29,6 +29,15 @@ pub enum Stream {
     Split = 8,
     /// Synthetic data generation.
     Synthetic = 9,
+    /// GAN generator noise for the generator's own update (the discriminator's fakes use `Noise`).
+    GeneratorNoise = 10,
+    /// Interpolation points of the WGAN gradient penalty.
+    Penalty = 11,
+    /// Initial spectral-normalization vectors.
+    SpectralInit = 12,
+    /// Sample-quality metrics: the feature classifier's initialization and shuffling, and the
+    /// subsets the metrics compare.
+    Metrics = 13,
 }
 
 /// The seed with which every test set is binarized, independent of the run seed, so that

@@ -137,3 +137,44 @@ pub fn write_interpolation(
     }
     write_grid(path, &images, shape.0, shape.1, steps, 2)
 }
+
+/// Samples of any model: a grid of `n` images, or for 2-D data a 256 x 256 map of where
+/// 20,000 samples fall (log-scaled counts, brighter is denser) over the data set's extent.
+pub fn write_model_samples(
+    model: &crate::session::Model,
+    cfg: &crate::config::Config,
+    path: &Path,
+    n: usize,
+    index: u64,
+    shape: (usize, usize),
+) -> Result<()> {
+    let mut rng = stream_rng(cfg.train.seed, Stream::Sample, index);
+    if shape.0 == 1 {
+        let extent = cfg
+            .data
+            .synthetic()
+            .map(|s| s.extent())
+            .unwrap_or((-6.0, 6.0));
+        let pts = rows_of(&model.sample(20_000, &mut rng)?)?;
+        return write_grid(path, &[point_map(&pts, 256, extent)], 256, 256, 1, 1);
+    }
+    let x = model.sample(n, &mut rng)?;
+    write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row(n), 2)
+}
+
+/// Log-scaled counts of 2-D points on a `size x size` grid over `extent^2` (row 0 at the top),
+/// normalized to [0, 1].
+pub fn point_map(points: &[Vec<f32>], size: usize, extent: (f32, f32)) -> Vec<f32> {
+    let mut counts = vec![0f32; size * size];
+    let scale = size as f32 / (extent.1 - extent.0);
+    for p in points {
+        let c = ((p[0] - extent.0) * scale).floor();
+        let r = ((extent.1 - p[1]) * scale).floor();
+        if c >= 0.0 && r >= 0.0 && (c as usize) < size && (r as usize) < size {
+            counts[r as usize * size + c as usize] += 1.0;
+        }
+    }
+    let max = counts.iter().copied().fold(0f32, f32::max);
+    let norm = (1.0 + max).ln().max(f32::MIN_POSITIVE);
+    counts.iter().map(|c| (1.0 + c).ln() / norm).collect()
+}

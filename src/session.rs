@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::data::images::Split;
 use crate::data::{DataSource, ImageSet};
 use crate::error::{Error, Result};
-use crate::models::{Flow, Vae};
+use crate::models::{Flow, Gan, Vae};
 use crate::rng::{stream_rng, Stream, TEST_BINARIZATION_SEED};
 
 /// Training, validation and test rows of a run.
@@ -149,6 +149,7 @@ pub fn model_metadata(
 pub enum Model {
     Vae(Vae),
     Flow(Flow),
+    Gan(Gan),
 }
 
 impl Model {
@@ -157,6 +158,31 @@ impl Model {
         match self {
             Model::Vae(m) => &m.store,
             Model::Flow(m) => &m.store,
+            Model::Gan(m) => &m.gen_store,
+        }
+    }
+
+    /// `n` samples in data space (images in `[0, 1]`: a VAE's decoded means, a flow's
+    /// inverse-logit samples, a GAN's outputs), drawn with `rng`. A conditional VAE's samples
+    /// cycle through the classes (row `i` has label `i mod C`).
+    pub fn sample(
+        &self,
+        n: usize,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<candle_core::Tensor> {
+        match self {
+            Model::Vae(m) => {
+                let z = m.sample_z1(n, rng)?;
+                if m.classes > 0 {
+                    let labels: Vec<u32> = (0..n).map(|i| (i % m.classes) as u32).collect();
+                    let y = crate::samples::one_hot(&labels, m.classes, m.device())?;
+                    m.decode_mean(&z, Some(&y))
+                } else {
+                    m.decode_mean(&z, None)
+                }
+            }
+            Model::Flow(f) => f.sample_data(n, rng),
+            Model::Gan(g) => g.sample(n, rng),
         }
     }
 
@@ -165,6 +191,7 @@ impl Model {
         match self {
             Model::Vae(m) => m.input_dim,
             Model::Flow(m) => m.dim,
+            Model::Gan(m) => m.dim,
         }
     }
 }
@@ -174,6 +201,17 @@ pub fn build_flow(cfg: &Config, shape: (usize, usize), device: &Device) -> Resul
     Flow::new(
         &cfg.model.flow,
         shape,
+        device,
+        &mut stream_rng(cfg.train.seed, Stream::Init, 0),
+    )
+}
+
+/// Fresh GAN players for `cfg` on rows of `dim` values (`images`: sigmoid outputs).
+pub fn build_gan(cfg: &Config, dim: usize, images: bool, device: &Device) -> Result<Gan> {
+    Gan::new(
+        &cfg.model.gan,
+        dim,
+        images,
         device,
         &mut stream_rng(cfg.train.seed, Stream::Init, 0),
     )
@@ -208,9 +246,9 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         )));
     }
     let family = file.meta("model_family")?.to_string();
-    if !["vae", "flow"].contains(&family.as_str()) {
+    if !["vae", "flow", "gan"].contains(&family.as_str()) {
         return Err(file.error(format!(
-            "model family `{family}`: this build reads `vae` and `flow` checkpoints"
+            "model family `{family}`: this build reads `vae`, `flow` and `gan` checkpoints"
         )));
     }
     let config: Config = serde_json::from_str(file.meta("config")?)
@@ -244,6 +282,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     // config would otherwise make us allocate a huge model before any tensor is compared.
     let wanted = match family.as_str() {
         "flow" => config.model.flow.parameter_count(input_dim),
+        "gan" => config.model.gan.parameter_count(input_dim),
         _ => crate::models::vae::parameter_count(&config.model, input_dim),
     }
     .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;
@@ -253,14 +292,23 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             file.f32_elements()
         )));
     }
+    let lookup = |name: &str, dims: &[usize]| file.tensor(name, dims, device);
     let model = match family.as_str() {
         "flow" => Model::Flow(build_flow(&config, image_shape, device)?),
+        "gan" => {
+            let mut gan = build_gan(&config, input_dim, image_shape.0 > 1, device)?;
+            gan.gen_store.load_from(lookup).map_err(|e| file.error(e))?;
+            gan.disc_store
+                .load_from(lookup)
+                .map_err(|e| file.error(e))?;
+            gan.load_buffers(lookup).map_err(|e| file.error(e))?;
+            Model::Gan(gan)
+        }
         _ => Model::Vae(build_model(&config, input_dim, device)?),
     };
-    model
-        .store()
-        .load_from(|name, dims| file.tensor(name, dims, device))
-        .map_err(|e| file.error(e))?;
+    if !matches!(model, Model::Gan(_)) {
+        model.store().load_from(lookup).map_err(|e| file.error(e))?;
+    }
     Ok(LoadedCheckpoint {
         dir,
         model,

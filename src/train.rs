@@ -21,9 +21,11 @@ use crate::rng::epoch_permutation;
 use crate::session::{self, Datasets};
 
 pub mod flow;
+pub mod gan;
 pub mod vae;
 
 pub use flow::FlowTrainee;
+pub use gan::GanTrainee;
 pub use vae::{train_step, VaeStepOutput, VaeTrainee};
 
 /// Where and how to train.
@@ -247,6 +249,7 @@ fn start(
     let Some(resume) = resume else {
         return Ok(match family {
             "flow" => (Box::new(FlowTrainee::fresh(cfg, data, device)?), 0),
+            "gan" => (Box::new(GanTrainee::fresh(cfg, data, device)?), 0),
             _ => (Box::new(VaeTrainee::fresh(cfg, data, device)?), 0),
         });
     };
@@ -255,6 +258,7 @@ fn start(
     let step = ck.step;
     Ok(match family {
         "flow" => (Box::new(FlowTrainee::restore(cfg, ck, data, device)?), step),
+        "gan" => (Box::new(GanTrainee::restore(cfg, ck, data, device)?), step),
         _ => (Box::new(VaeTrainee::restore(cfg, ck, data, device)?), step),
     })
 }
@@ -500,6 +504,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             }
             metrics.flush()?;
         }
+        if epoch_done && cfg.train.sample_every > 0 {
+            metrics.flush()?;
+            if let Err(e) = crate::report::plot::write_training_curves(run_dir) {
+                tracing::warn!("could not draw the training curves: {e}");
+            }
+        }
         if stop
             .as_ref()
             .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
@@ -543,6 +553,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         None
     };
     metrics.flush()?;
+    if let Err(e) = crate::report::plot::write_training_curves(run_dir) {
+        tracing::warn!("could not draw the training curves: {e}");
+    }
     Ok(TrainSummary {
         run_dir: run_dir.clone(),
         steps: step,

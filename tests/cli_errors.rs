@@ -352,14 +352,26 @@ fn checkpoint_misshapen_tensor() {
 }
 
 #[test]
-fn checkpoint_from_another_family() {
+fn checkpoint_from_an_unknown_family() {
+    checkpoint_case(
+        |b| {
+            with_header(b, |h| {
+                h["__metadata__"]["model_family"] = serde_json::json!("diffusion")
+            })
+        },
+        "model family `diffusion`",
+    );
+}
+
+#[test]
+fn checkpoint_family_that_contradicts_its_config() {
     checkpoint_case(
         |b| {
             with_header(b, |h| {
                 h["__metadata__"]["model_family"] = serde_json::json!("gan")
             })
         },
-        "model family `gan`",
+        "is `gan` but its config says `vae`",
     );
 }
 

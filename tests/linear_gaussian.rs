@@ -108,6 +108,7 @@ fn model(m: &[f64; Z], v: &[f64; Z]) -> Vae {
             hidden: vec![],
             latent: Z,
         }],
+        ..ModelConfig::default()
     };
     let dev = Device::Cpu;
     let vae = Vae::new(&cfg, D, &dev, &mut stream_rng(0, Stream::Init, 0)).unwrap();

@@ -2,10 +2,12 @@
 //! PyTorch `state_dict` names of the equivalent module tree (see `docs/checkpoints.md`).
 
 pub mod flow;
+pub mod gan;
 pub mod mlp;
 pub mod params;
 pub mod vae;
 
 pub use flow::Flow;
+pub use gan::Gan;
 pub use params::ParamStore;
 pub use vae::Vae;

@@ -15,6 +15,7 @@ pub mod gaussian;
 pub mod linear;
 pub mod logsumexp;
 pub mod random;
+pub mod spectral_norm;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};

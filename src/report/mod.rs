@@ -1,6 +1,7 @@
 //! Outputs a person reads: metrics (JSONL and TensorBoard scalars) and PNG image grids.
 
 pub mod metrics;
+pub mod plot;
 pub mod png;
 pub mod tensorboard;
 

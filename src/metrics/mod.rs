@@ -1,0 +1,306 @@
+//! Sample-quality metrics for any model that samples (`trainer eval`, and cheap versions at the
+//! end of every GAN epoch):
+//!
+//! - [`modes`]: mode coverage and high-quality share on the 8-Gaussian ring and 25-Gaussian grid;
+//! - [`duplicates`]: the birthday-paradox duplicate test;
+//! - [`classifier`], [`frechet`], [`classes`]: MNIST-FID, the Inception-Score analogue and the
+//!   class histogram under gentrain's own MNIST classifier;
+//! - [`spectrum`]: PCA spectra of generated and real data.
+
+pub mod classes;
+pub mod classifier;
+pub mod duplicates;
+pub mod frechet;
+pub mod modes;
+pub mod spectrum;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::data::images::{ImageSet, Split};
+use crate::error::{Error, Result};
+use crate::rng::{stream_rng, Stream};
+use crate::session::{Datasets, Model};
+
+use self::classifier::Classifier;
+use self::duplicates::DuplicateReport;
+use self::modes::ModeCoverage;
+use self::spectrum::SpectrumReport;
+
+/// Largest sample of the duplicate test (its cost grows with the square).
+pub const DUPLICATE_SAMPLE: usize = 1000;
+
+/// Metrics of generated images under the MNIST classifier.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageMetrics {
+    /// Frechet distance of classifier features, generated vs the test images.
+    pub fid_mnist: f64,
+    /// The same distance between as many training images and the test images: the floor a
+    /// perfect model reaches at this sample size.
+    pub fid_mnist_real: f64,
+    /// Inception-Score analogue of the generated images (1 to 10).
+    pub inception_score_mnist: f64,
+    /// Inception-Score analogue of the test images.
+    pub inception_score_mnist_real: f64,
+    /// Share of generated images per predicted class.
+    pub class_histogram: Vec<f64>,
+    /// Classes that receive more than 5% of the generated images.
+    pub classes_above_5_percent: usize,
+    /// Smallest class share.
+    pub min_class_fraction: f64,
+    /// Test accuracy of the classifier.
+    pub classifier_test_accuracy: f64,
+    #[serde(flatten)]
+    pub spectrum: SpectrumReport,
+}
+
+/// Everything [`sample_metrics`] measured; absent parts do not apply to the data.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleReport {
+    /// Generated samples the metrics used.
+    pub samples: usize,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub modes: Option<ModeCoverage>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImageMetrics>,
+    /// Absent when the test data has fewer than 2 rows.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<DuplicateReport>,
+}
+
+impl SampleReport {
+    /// Human-readable lines.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!("sample metrics over {} samples:", self.samples)];
+        if let Some(m) = &self.modes {
+            out.push(format!(
+                "  modes covered: {} / {} (>= {} high-quality samples each); high-quality samples: {:.1}%",
+                m.modes_covered,
+                m.modes_total,
+                m.min_count,
+                100.0 * m.high_quality_fraction
+            ));
+        }
+        if let Some(i) = &self.images {
+            out.push(format!(
+                "  MNIST-FID: {:.3} (real training images vs test at this size: {:.3})",
+                i.fid_mnist, i.fid_mnist_real
+            ));
+            out.push(format!(
+                "  Inception-Score analogue: {:.3} (test images: {:.3}); classifier test accuracy {:.2}%",
+                i.inception_score_mnist,
+                i.inception_score_mnist_real,
+                100.0 * i.classifier_test_accuracy
+            ));
+            let hist: Vec<String> = i
+                .class_histogram
+                .iter()
+                .map(|f| format!("{:.1}", 100.0 * f))
+                .collect();
+            out.push(format!(
+                "  class histogram (%): [{}]; {} classes above 5%",
+                hist.join(", "),
+                i.classes_above_5_percent
+            ));
+            let head = |v: &[f64]| {
+                v.iter()
+                    .take(5)
+                    .map(|f| format!("{f:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            out.push(format!(
+                "  PCA explained variance, first 5: generated [{}], real [{}]; L1 over {}: {:.3}; total variance ratio {:.3}",
+                head(&i.spectrum.pca_generated),
+                head(&i.spectrum.pca_real),
+                spectrum::COMPONENTS,
+                i.spectrum.pca_spectrum_l1,
+                i.spectrum.total_variance_ratio
+            ));
+        }
+        let Some(d) = &self.duplicates else {
+            return out;
+        };
+        out.push(format!(
+            "  duplicates: {} pairs among {} samples closer than {:.4} (closest generated pair {:.4}, closest real pair {:.4})",
+            d.duplicate_pairs,
+            d.duplicate_sample_size,
+            d.duplicate_threshold,
+            d.closest_pair_generated,
+            d.closest_pair_real
+        ));
+        out
+    }
+}
+
+/// `n` samples of `model` on the CPU, drawn in chunks from seeded streams.
+pub fn draw_samples(model: &Model, n: usize, seed: u64) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    for (chunk, start) in (0..n).step_by(1000).enumerate() {
+        let len = 1000.min(n - start);
+        let mut rng = stream_rng(seed, Stream::Metrics, 1000 + chunk as u64);
+        parts.push(model.sample(len, &mut rng)?.to_device(&Device::Cpu)?);
+    }
+    let x = Tensor::cat(&parts, 0)?;
+    let bad = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|v| !v.is_finite())
+        .count();
+    if bad > 0 {
+        return Err(Error::NonFinite(format!(
+            "{bad} of the generated values are NaN or infinite"
+        )));
+    }
+    Ok(x)
+}
+
+/// Up to `n` rows of the real test data in model space (`[0, 1]` images, 2-D points).
+fn real_rows(data: &Datasets, test: Option<&ImageSet>, n: usize) -> Result<Tensor> {
+    match test {
+        Some(set) => classifier::scaled(set, 0, n.min(set.n)),
+        None => Ok(data.test.range(0, n.min(data.test.len()), &Device::Cpu)?),
+    }
+}
+
+/// Every sample metric that applies to `model` on the data of `cfg`, from `n` samples.
+pub fn sample_metrics(
+    model: &Model,
+    cfg: &Config,
+    data: &Datasets,
+    n: usize,
+    seed: u64,
+) -> Result<SampleReport> {
+    if n < 2 {
+        return Err(Error::Config(
+            "sample metrics need at least 2 samples".into(),
+        ));
+    }
+    let generated = draw_samples(model, n, seed)?;
+    let modes = match cfg.data.synthetic().and_then(|s| s.modes()) {
+        Some((centres, std)) => Some(modes::mode_coverage(
+            &generated.to_vec2::<f32>()?,
+            &centres,
+            std,
+        )?),
+        None => None,
+    };
+    let test = if cfg.data.synthetic().is_none() {
+        Some(ImageSet::load(&cfg.data.dir, Split::Test)?)
+    } else {
+        None
+    };
+    let images = match &test {
+        Some(t) if t.labels.is_some() => Some(image_metrics(cfg, &generated, t)?),
+        _ => None,
+    };
+    let real = real_rows(data, test.as_ref(), 10_000)?;
+    let s = n.min(DUPLICATE_SAMPLE).min(real.dim(0)?);
+    let duplicates = if s >= 2 {
+        let pick = random_rows(&real, s, seed)?;
+        Some(duplicates::duplicate_test(
+            &generated.narrow(0, 0, s)?,
+            &pick,
+        )?)
+    } else {
+        None
+    };
+    Ok(SampleReport {
+        samples: n,
+        modes,
+        images,
+        duplicates,
+    })
+}
+
+/// `s` rows of `x` drawn without replacement with a seeded stream.
+fn random_rows(x: &Tensor, s: usize, seed: u64) -> Result<Tensor> {
+    use rand::seq::index::sample;
+    let n = x.dim(0)?;
+    if s > n {
+        return Err(Error::Data(format!(
+            "the duplicate test needs {s} real rows, the data has {n}"
+        )));
+    }
+    let idx: Vec<u32> = sample(&mut stream_rng(seed, Stream::Metrics, 2), n, s)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    Ok(x.index_select(&Tensor::new(idx, x.device())?, 0)?)
+}
+
+/// MNIST-FID, the Inception-Score analogue, the class histogram and the PCA spectra of
+/// `generated` (rows in `[0, 1]`) against the test images `test`.
+pub fn image_metrics(cfg: &Config, generated: &Tensor, test: &ImageSet) -> Result<ImageMetrics> {
+    let clf = Classifier::for_data_dir(&cfg.data.dir)?;
+    let n = generated.dim(0)?;
+    let real = classifier::scaled(test, 0, test.n)?;
+    let (fg, pg) = clf.features_and_probs(generated)?;
+    let (fr, pr) = clf.features_and_probs(&real)?;
+    let stats_real = frechet::gaussian_stats(&fr)?;
+    let fid_mnist = frechet::frechet_distance(&frechet::gaussian_stats(&fg)?, &stats_real)?;
+    // The floor: as many training images as generated ones, against the same test statistics.
+    let train = ImageSet::load(&cfg.data.dir, Split::Train)?;
+    let floor_rows = random_rows(&classifier::scaled(&train, 0, train.n)?, n.min(train.n), 7)?;
+    let (ft, _) = clf.features_and_probs(&floor_rows)?;
+    let fid_mnist_real = frechet::frechet_distance(&frechet::gaussian_stats(&ft)?, &stats_real)?;
+    let pg: Vec<Vec<f32>> = pg.to_vec2()?;
+    let class_histogram = classes::class_histogram(&pg, clf.classes)?;
+    let spectrum = spectrum::compare_spectra(
+        &frechet::gaussian_stats(generated)?,
+        &frechet::gaussian_stats(&real)?,
+    );
+    Ok(ImageMetrics {
+        fid_mnist,
+        fid_mnist_real,
+        inception_score_mnist: classes::inception_score(&pg)?,
+        inception_score_mnist_real: classes::inception_score(&pr.to_vec2()?)?,
+        classes_above_5_percent: class_histogram.iter().filter(|&&f| f > 0.05).count(),
+        min_class_fraction: class_histogram.iter().copied().fold(1.0, f64::min),
+        class_histogram,
+        classifier_test_accuracy: clf.test_accuracy,
+        spectrum,
+    })
+}
+
+/// Cheap figures of a model's samples for epoch-end logs: mode coverage on the 2-D mixtures
+/// (2,500 samples); MNIST-FID and the smallest class share on labelled images (2,000 samples).
+pub fn quick_sample_figures(
+    model: &Model,
+    cfg: &Config,
+    _data: &Datasets,
+) -> Result<Vec<(&'static str, f64)>> {
+    let seed = cfg.train.seed;
+    if let Some(set) = cfg.data.synthetic() {
+        let Some((centres, std)) = set.modes() else {
+            return Ok(Vec::new());
+        };
+        let x = draw_samples(model, 2500, seed)?;
+        let r = modes::mode_coverage(&x.to_vec2()?, &centres, std)?;
+        return Ok(vec![
+            ("modes_covered", r.modes_covered as f64),
+            ("high_quality_fraction", r.high_quality_fraction),
+        ]);
+    }
+    let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
+    if test.labels.is_none() {
+        return Ok(Vec::new());
+    }
+    let clf = Classifier::for_data_dir(&cfg.data.dir)?;
+    let (fg, pg) = clf.features_and_probs(&draw_samples(model, 2000, seed)?)?;
+    let (fr, _) = clf.features_and_probs(&classifier::scaled(&test, 0, test.n)?)?;
+    let fid = frechet::frechet_distance(
+        &frechet::gaussian_stats(&fg)?,
+        &frechet::gaussian_stats(&fr)?,
+    )?;
+    let hist = classes::class_histogram(&pg.to_vec2()?, clf.classes)?;
+    Ok(vec![
+        ("fid_mnist_2k", fid),
+        (
+            "min_class_fraction",
+            hist.iter().copied().fold(1.0, f64::min),
+        ),
+    ])
+}

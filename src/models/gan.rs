@@ -1,0 +1,407 @@
+//! Generative adversarial networks (Goodfellow et al. 2014) with MLP players:
+//!
+//! - generator `G(z)`, `z ~ N(0, I_latent)`: ReLU hidden layers, a linear output for 2-D points
+//!   and a sigmoid for images in `[0, 1]`;
+//! - discriminator `D(x)`: LeakyReLU(0.2) hidden layers and a linear scalar output, optionally
+//!   with spectral normalization on every layer (Miyato et al. 2018, [`crate::ops::spectral_norm`]);
+//! - losses ([`GanLoss`]): non-saturating (D: `softplus(-D(x)) + softplus(D(G(z)))`,
+//!   G: `softplus(-D(G(z)))`, Goodfellow et al. section 3), hinge (D: `relu(1 - D(x)) +
+//!   relu(1 + D(G(z)))`, G: `-D(G(z))`, Lim & Ye 2017 / Miyato et al. 2018) and WGAN-GP
+//!   (D: `D(G(z)) - D(x) + lambda (||grad_x D(x_hat)|| - 1)^2` at random interpolates
+//!   `x_hat`, G: `-D(G(z))`, Gulrajani et al. 2017).
+//!
+//! The gradient penalty needs `grad_x D` inside a loss that is differentiated again; candle's
+//! backprop does not differentiate its own backward graph, so [`Gan::input_gradient`] builds the
+//! discriminator's input gradient as an ordinary forward graph: the chain rule written out
+//! layer by layer, `g_{l-1} = (g_l * lrelu'(a_l)) W_l`, from `g_L = w_out`. The LeakyReLU
+//! derivative is piecewise constant (1 or 0.2), so treating it as a constant is exact wherever
+//! the derivative exists (everywhere but a null set), and one ordinary `backward()` of the
+//! penalty then gives its exact gradient with respect to every weight (through the spectral
+//! normalization too). `tests/gan.rs` checks both against finite differences.
+//!
+//! Parameter names follow PyTorch (`gen.net.0.weight`, `disc.net.0.weight_orig` with the
+//! buffers `disc.net.0.weight_u` and `disc.net.0.weight_v` of `torch.nn.utils.spectral_norm`).
+
+use candle_core::{DType, Device, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::mlp::{Dense, Trunk};
+use super::params::ParamStore;
+use crate::error::{Error, Result};
+use crate::ops::linear::Activation;
+use crate::ops::spectral_norm;
+
+/// The adversarial objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GanLoss {
+    /// Non-saturating (the `-log D(G(z))` generator loss).
+    #[default]
+    NonSaturating,
+    /// Hinge.
+    Hinge,
+    /// Wasserstein with gradient penalty.
+    WganGp,
+}
+
+/// A GAN's architecture and training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GanConfig {
+    /// Size of the generator's noise `z`.
+    pub latent: usize,
+    /// Generator hidden widths (ReLU).
+    pub gen_hidden: Vec<usize>,
+    /// Discriminator hidden widths (LeakyReLU 0.2).
+    pub disc_hidden: Vec<usize>,
+    pub loss: GanLoss,
+    /// Discriminator updates per generator update.
+    pub n_critic: usize,
+    /// Spectral normalization on every discriminator layer.
+    pub spectral_norm: bool,
+    /// Power iterations per discriminator update.
+    pub sn_iterations: usize,
+    /// Gradient-penalty weight `lambda` (WGAN-GP).
+    pub gp_weight: f64,
+}
+
+impl Default for GanConfig {
+    fn default() -> Self {
+        GanConfig {
+            latent: 64,
+            gen_hidden: vec![256, 256],
+            disc_hidden: vec![256, 256],
+            loss: GanLoss::NonSaturating,
+            n_critic: 1,
+            spectral_norm: false,
+            sn_iterations: 1,
+            gp_weight: 10.0,
+        }
+    }
+}
+
+impl GanConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(format!("gan.{m}")));
+        if self.latent == 0 {
+            return bad("latent must be at least 1");
+        }
+        if self.gen_hidden.contains(&0) || self.disc_hidden.contains(&0) {
+            return bad("gen_hidden / disc_hidden: every width must be positive");
+        }
+        if self.n_critic == 0 || self.sn_iterations == 0 {
+            return bad("n_critic and sn_iterations must be at least 1");
+        }
+        if !(self.gp_weight.is_finite() && self.gp_weight >= 0.0) {
+            return bad("gp_weight must be finite and >= 0");
+        }
+        Ok(())
+    }
+
+    /// Parameters of both players for data of `dim` values (`None` on overflow).
+    pub fn parameter_count(&self, dim: usize) -> Option<usize> {
+        fn mlp(d_in: usize, hidden: &[usize], d_out: usize) -> Option<usize> {
+            let mut total = 0usize;
+            let mut d = d_in;
+            for &h in hidden.iter().chain(std::iter::once(&d_out)) {
+                total = total.checked_add(d.checked_add(1)?.checked_mul(h)?)?;
+                d = h;
+            }
+            Some(total)
+        }
+        mlp(self.latent, &self.gen_hidden, dim)?.checked_add(mlp(dim, &self.disc_hidden, 1)?)
+    }
+}
+
+/// One discriminator layer: weight (spectrally normalized or not), bias, and the power-iteration
+/// vectors when normalized.
+#[derive(Debug, Clone)]
+struct DiscLayer {
+    name: String,
+    weight: Tensor,
+    bias: Tensor,
+    /// `(u, v)` buffers (spectral norm only).
+    uv: Option<(Tensor, Tensor)>,
+}
+
+/// Generator and discriminator.
+#[derive(Debug, Clone)]
+pub struct Gan {
+    /// Generator parameters (`gen.*`).
+    pub gen_store: ParamStore,
+    /// Discriminator parameters (`disc.*`).
+    pub disc_store: ParamStore,
+    gen_trunk: Trunk,
+    gen_out: Dense,
+    disc: Vec<DiscLayer>,
+    /// Squash generator outputs into `[0, 1]` (images).
+    sigmoid_output: bool,
+    /// Values per data row.
+    pub dim: usize,
+    cfg: GanConfig,
+}
+
+impl Gan {
+    /// Both players with PyTorch's default initialization; `images` selects the sigmoid output.
+    pub fn new(
+        cfg: &GanConfig,
+        dim: usize,
+        images: bool,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if dim == 0 {
+            return Err(Error::Config(
+                "a GAN needs at least one value per row".into(),
+            ));
+        }
+        let mut gen_store = ParamStore::new(device.clone());
+        let gen_trunk = Trunk::new(
+            &mut gen_store,
+            "gen",
+            cfg.latent,
+            &cfg.gen_hidden,
+            Activation::Relu,
+            rng,
+        )?;
+        let gen_out = Dense::new(
+            &mut gen_store,
+            &format!("gen.net.{}", 2 * cfg.gen_hidden.len()),
+            gen_trunk.out_dim,
+            dim,
+            Activation::Identity,
+            rng,
+        )?;
+        let mut disc_store = ParamStore::new(device.clone());
+        let mut disc = Vec::new();
+        let mut d_in = dim;
+        let widths: Vec<usize> = cfg.disc_hidden.iter().copied().chain([1]).collect();
+        for (i, &w) in widths.iter().enumerate() {
+            let name = format!("disc.net.{}", 2 * i);
+            let bound = 1.0 / (d_in as f32).sqrt();
+            let wname = if cfg.spectral_norm {
+                format!("{name}.weight_orig")
+            } else {
+                format!("{name}.weight")
+            };
+            let weight = disc_store.uniform(wname, &[w, d_in], bound, rng)?;
+            let bias = disc_store.uniform(format!("{name}.bias"), &[w], bound, rng)?;
+            let uv = if cfg.spectral_norm {
+                // PyTorch: u, v ~ N(0, 1), normalized.
+                let u = unit(crate::rng::normal_vec(rng, w), device)?;
+                let v = unit(crate::rng::normal_vec(rng, d_in), device)?;
+                Some((u, v))
+            } else {
+                None
+            };
+            disc.push(DiscLayer {
+                name,
+                weight,
+                bias,
+                uv,
+            });
+            d_in = w;
+        }
+        Ok(Gan {
+            gen_store,
+            disc_store,
+            gen_trunk,
+            gen_out,
+            disc,
+            sigmoid_output: images,
+            dim,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GanConfig {
+        &self.cfg
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> &Device {
+        self.gen_store.device()
+    }
+
+    /// `G(z)`.
+    pub fn generate(&self, z: &Tensor) -> Result<Tensor> {
+        let out = self.gen_out.forward(&self.gen_trunk.forward(z)?)?;
+        Ok(if self.sigmoid_output {
+            candle_nn::ops::sigmoid(&out)?
+        } else {
+            out
+        })
+    }
+
+    /// Standard-normal noise `(n, latent)` from `rng`.
+    pub fn noise(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            crate::rng::normal_vec(rng, n * self.cfg.latent),
+            (n, self.cfg.latent),
+            self.device(),
+        )?)
+    }
+
+    /// `n` samples `G(z)` with noise from `rng`.
+    pub fn sample(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        self.generate(&self.noise(n, rng)?)
+    }
+
+    /// Runs `sn_iterations` power-iteration steps on every spectrally normalized layer and
+    /// stores the new `u`, `v` (once per discriminator update, as PyTorch does per training
+    /// forward).
+    pub fn update_spectral_vectors(&mut self) -> Result<()> {
+        let iters = self.cfg.sn_iterations;
+        for l in &mut self.disc {
+            if let Some((u, _)) = &l.uv {
+                let (u, v) = spectral_norm::power_iteration(&l.weight, u, iters)?;
+                l.uv = Some((u, v));
+            }
+        }
+        Ok(())
+    }
+
+    /// The weights the discriminator uses: `W / sigma(W)` under spectral norm, else `W`.
+    fn effective_weights(&self) -> Result<Vec<Tensor>> {
+        self.disc
+            .iter()
+            .map(|l| match &l.uv {
+                Some((u, v)) => Ok(spectral_norm::normalized(&l.weight, u, v)?),
+                None => Ok(l.weight.clone()),
+            })
+            .collect()
+    }
+
+    /// `D(x)`, shape `(B)`.
+    pub fn discriminate(&self, x: &Tensor) -> Result<Tensor> {
+        let ws = self.effective_weights()?;
+        let mut h = x.clone();
+        let last = ws.len() - 1;
+        for (i, (w, l)) in ws.iter().zip(&self.disc).enumerate() {
+            let a = h.matmul(&w.t()?)?.broadcast_add(&l.bias)?;
+            h = if i == last {
+                a
+            } else {
+                candle_nn::ops::leaky_relu(&a, 0.2)?
+            };
+        }
+        Ok(h.squeeze(D::Minus1)?)
+    }
+
+    /// `(D(x), grad_x D(x))`, the gradient built as a forward graph (see the module docs) so
+    /// that losses of it can be differentiated with respect to the discriminator's weights.
+    pub fn input_gradient(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ws = self.effective_weights()?;
+        let last = ws.len() - 1;
+        let mut h = x.clone();
+        let mut slopes = Vec::with_capacity(last);
+        for (i, (w, l)) in ws.iter().zip(&self.disc).enumerate() {
+            let a = h.matmul(&w.t()?)?.broadcast_add(&l.bias)?;
+            if i == last {
+                h = a;
+            } else {
+                // lrelu'(a): 1 where a > 0, else 0.2; a constant of the graph.
+                let slope = (a.detach().gt(0f32)?.to_dtype(DType::F32)? * 0.8)? + 0.2;
+                slopes.push(slope?);
+                h = candle_nn::ops::leaky_relu(&a, 0.2)?;
+            }
+        }
+        let b = x.dim(0)?;
+        // dD/dh_{L-1} = w_out (1, H) for every row.
+        let mut g = ws[last].broadcast_as((b, ws[last].dim(1)?))?.contiguous()?;
+        for l in (0..last).rev() {
+            g = (g * &slopes[l])?.matmul(&ws[l])?;
+        }
+        Ok((h.squeeze(D::Minus1)?, g))
+    }
+
+    /// The spectral-normalization buffers under their PyTorch names.
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for l in &self.disc {
+            if let Some((u, v)) = &l.uv {
+                out.push((format!("{}.weight_u", l.name), u.clone()));
+                out.push((format!("{}.weight_v", l.name), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// Replaces the buffers with the tensors of the same names.
+    pub fn load_buffers(
+        &mut self,
+        mut lookup: impl FnMut(&str, &[usize]) -> std::result::Result<Tensor, String>,
+    ) -> std::result::Result<(), String> {
+        for l in &mut self.disc {
+            if let Some((u, v)) = &l.uv {
+                let nu = lookup(&format!("{}.weight_u", l.name), u.dims())?;
+                let nv = lookup(&format!("{}.weight_v", l.name), v.dims())?;
+                l.uv = Some((nu, nv));
+            }
+        }
+        Ok(())
+    }
+
+    /// Discriminator loss on real rows `x` and generated rows `fake` (already detached from the
+    /// generator), with the interpolation weights `t: (B, 1)` in `[0, 1]` of the gradient
+    /// penalty; returns `(loss, mean D(x), mean D(fake), penalty)`.
+    pub fn disc_loss(
+        &self,
+        x: &Tensor,
+        fake: &Tensor,
+        t: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        let d_real = self.discriminate(x)?;
+        let d_fake = self.discriminate(fake)?;
+        let mut penalty = None;
+        let loss = match self.cfg.loss {
+            GanLoss::NonSaturating => {
+                (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?
+            }
+            GanLoss::Hinge => {
+                ((1.0 - &d_real)?.relu()?.mean_all()? + (&d_fake + 1.0)?.relu()?.mean_all()?)?
+            }
+            GanLoss::WganGp => {
+                let b = x.dim(0)?;
+                let t = t.broadcast_as((b, x.dim(1)?))?;
+                let x_hat = ((x * &t)? + (fake * (1.0 - &t)?)?)?.detach();
+                let (_, g) = self.input_gradient(&x_hat)?;
+                let norm = (g.sqr()?.sum(D::Minus1)? + 1e-12)?.sqrt()?;
+                let gp = (norm - 1.0)?.sqr()?.mean_all()?;
+                let loss =
+                    ((d_fake.mean_all()? - d_real.mean_all()?)? + (&gp * self.cfg.gp_weight)?)?;
+                penalty = Some(gp);
+                loss
+            }
+        };
+        Ok((loss, d_real.mean_all()?, d_fake.mean_all()?, penalty))
+    }
+
+    /// Generator loss on generated rows `fake` (differentiable through the generator).
+    pub fn gen_loss(&self, fake: &Tensor) -> Result<Tensor> {
+        let d = self.discriminate(fake)?;
+        Ok(match self.cfg.loss {
+            GanLoss::NonSaturating => softplus(&d.neg()?)?.mean_all()?,
+            GanLoss::Hinge | GanLoss::WganGp => d.mean_all()?.neg()?,
+        })
+    }
+}
+
+/// `ln(1 + e^x)`, stable for large `|x|`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}
+
+fn unit(v: Vec<f32>, device: &Device) -> Result<Tensor> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    let n = v.len();
+    Ok(Tensor::from_vec(
+        v.into_iter().map(|x| x / norm).collect::<Vec<_>>(),
+        n,
+        device,
+    )?)
+}

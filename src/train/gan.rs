@@ -1,0 +1,202 @@
+//! The GAN family in the training loop: alternating updates (Goodfellow et al. 2014,
+//! algorithm 1) with `n_critic` discriminator updates per generator update, spectral-norm
+//! power iterations once per discriminator update, and every random draw keyed by the step
+//! (fakes, the generator's own noise, gradient-penalty interpolation weights), so a resumed
+//! run continues exactly.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+
+use super::{
+    optim_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
+};
+use crate::checkpoint::{FileContents, LoadedFile, MODEL_FILE, OPTIM_FILE};
+use crate::config::Config;
+use crate::data::DataSource;
+use crate::error::{Error, Result};
+use crate::models::Gan;
+use crate::optim::{check_finite_grads, Optimizer};
+use crate::rng::{stream_rng, Stream};
+use crate::session::{self, Datasets, Model};
+
+/// A GAN and its two optimizers.
+pub struct GanTrainee {
+    pub gan: Gan,
+    pub gen_opt: Optimizer,
+    pub disc_opt: Optimizer,
+    /// The last generator loss (reported between generator updates when `n_critic > 1`).
+    last_gen_loss: Option<Tensor>,
+}
+
+impl GanTrainee {
+    /// Fresh players for `cfg`.
+    pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
+        let gan = session::build_gan(cfg, data.dim(), data.rows > 1, device)?;
+        Self::with(cfg, gan)
+    }
+
+    fn with(cfg: &Config, gan: Gan) -> Result<Self> {
+        Ok(GanTrainee {
+            gen_opt: Optimizer::new(&cfg.optim, &gan.gen_store)?,
+            disc_opt: Optimizer::new(&cfg.optim, &gan.disc_store)?,
+            gan,
+            last_gen_loss: None,
+        })
+    }
+
+    /// The players, spectral-norm vectors and optimizer states of a checkpoint.
+    pub fn restore(
+        cfg: &Config,
+        ck: session::LoadedCheckpoint,
+        data: &Datasets,
+        device: &Device,
+    ) -> Result<Self> {
+        let Model::Gan(gan) = ck.model else {
+            return Err(Error::checkpoint(&ck.dir, "not a gan checkpoint"));
+        };
+        if gan.dim != data.dim() {
+            return Err(Error::checkpoint(
+                &ck.dir,
+                format!(
+                    "data dimension differs: checkpoint has {}, the data has {}",
+                    gan.dim,
+                    data.dim()
+                ),
+            ));
+        }
+        let mut t = Self::with(cfg, gan)?;
+        let file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
+        restore_optimizer(&mut t.gen_opt, &file, "gen_", device)?;
+        restore_optimizer(&mut t.disc_opt, &file, "disc_", device)?;
+        Ok(t)
+    }
+}
+
+/// One discriminator update and, every `n_critic`-th step, one generator update; the
+/// host checks the losses and gradients before each update (`Error::NonFinite` handling is the
+/// loop's, through `applied`).
+impl Trainee for GanTrainee {
+    fn numel(&self) -> usize {
+        self.gan.gen_store.numel() + self.gan.disc_store.numel()
+    }
+
+    fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
+        let seed = ctx.cfg.train.seed;
+        let x = data.batch(idx, ctx.step, ctx.device)?;
+        let b = x.dim(0)?;
+        self.gan.update_spectral_vectors()?;
+        let z = self
+            .gan
+            .noise(b, &mut stream_rng(seed, Stream::Noise, ctx.step))?;
+        let fake = self.gan.generate(&z)?.detach();
+        let mut rng = stream_rng(seed, Stream::Penalty, ctx.step);
+        let t: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+        let t = Tensor::from_vec(t, (b, 1), ctx.device)?;
+        let (d_loss, d_real, d_fake, gp) = self.gan.disc_loss(&x, &fake, &t)?;
+        let mut applied = d_loss.to_scalar::<f32>()?.is_finite() && {
+            let grads = d_loss.backward()?;
+            let ok = check_finite_grads(&self.gan.disc_store, &grads).is_ok();
+            if ok {
+                self.disc_opt.step(&grads, ctx.lr, None)?;
+            }
+            ok
+        };
+        if applied && (ctx.step + 1) % self.gan.config().n_critic as u64 == 0 {
+            let z = self
+                .gan
+                .noise(b, &mut stream_rng(seed, Stream::GeneratorNoise, ctx.step))?;
+            let g_loss = self.gan.gen_loss(&self.gan.generate(&z)?)?;
+            applied = g_loss.to_scalar::<f32>()?.is_finite() && {
+                let grads = g_loss.backward()?;
+                let ok = check_finite_grads(&self.gan.gen_store, &grads).is_ok();
+                if ok {
+                    self.gen_opt.step(&grads, ctx.lr, None)?;
+                }
+                ok
+            };
+            self.last_gen_loss = Some(g_loss.detach());
+        }
+        let mut values = vec![("d_loss", d_loss.detach())];
+        if let Some(g) = &self.last_gen_loss {
+            values.push(("g_loss", g.clone()));
+        }
+        values.push(("d_real", d_real));
+        values.push(("d_fake", d_fake));
+        if let Some(gp) = gp {
+            values.push(("gradient_penalty", gp.detach()));
+        }
+        Ok(StepOutput {
+            loss: d_loss,
+            values,
+            constants: Vec::new(),
+            skipped: Tensor::new(if applied { 0f32 } else { 1f32 }, ctx.device)?,
+            applied: Some(applied),
+        })
+    }
+
+    fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {
+        let figures =
+            crate::metrics::quick_sample_figures(&Model::Gan(self.gan.clone()), cfg, data)?;
+        let summary = figures
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(EpochEval {
+            summary,
+            figures,
+            score: None,
+        })
+    }
+
+    fn write_samples(&self, cfg: &Config, data: &Datasets, path: &Path, epoch: u64) -> Result<()> {
+        crate::samples::write_model_samples(
+            &Model::Gan(self.gan.clone()),
+            cfg,
+            path,
+            64,
+            epoch,
+            (data.rows, data.cols),
+        )
+    }
+
+    fn checkpoint_files(
+        &self,
+        cfg: &Config,
+        metadata: std::collections::HashMap<String, String>,
+        epoch: u64,
+    ) -> Result<Vec<(&'static str, FileContents)>> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .gan
+            .gen_store
+            .iter()
+            .chain(self.gan.disc_store.iter())
+            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+            .collect();
+        tensors.extend(self.gan.named_buffers());
+        Ok(vec![
+            (MODEL_FILE, FileContents { tensors, metadata }),
+            (
+                OPTIM_FILE,
+                optim_contents(
+                    cfg,
+                    &[("gen_", &self.gen_opt), ("disc_", &self.disc_opt)],
+                    epoch,
+                )?,
+            ),
+        ])
+    }
+
+    fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {
+        Ok(FinalEval {
+            figures: crate::metrics::quick_sample_figures(
+                &Model::Gan(self.gan.clone()),
+                cfg,
+                data,
+            )?,
+            report: None,
+        })
+    }
+}
