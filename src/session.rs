@@ -206,12 +206,13 @@ pub fn build_flow(cfg: &Config, shape: (usize, usize), device: &Device) -> Resul
     )
 }
 
-/// Fresh GAN players for `cfg` on rows of `dim` values (`images`: sigmoid outputs).
-pub fn build_gan(cfg: &Config, dim: usize, images: bool, device: &Device) -> Result<Gan> {
+/// Fresh GAN players for `cfg` on rows of `dim` values of data of `shape` (images when
+/// `shape.0 > 1`: sigmoid outputs).
+pub fn build_gan(cfg: &Config, dim: usize, shape: (usize, usize), device: &Device) -> Result<Gan> {
     Gan::new(
         &cfg.model.gan,
         dim,
-        images,
+        (shape.0 > 1).then_some(shape),
         device,
         &mut stream_rng(cfg.train.seed, Stream::Init, 0),
     )
@@ -296,7 +297,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     let model = match family.as_str() {
         "flow" => Model::Flow(build_flow(&config, image_shape, device)?),
         "gan" => {
-            let mut gan = build_gan(&config, input_dim, image_shape.0 > 1, device)?;
+            let mut gan = build_gan(&config, input_dim, image_shape, device)?;
             gan.gen_store.load_from(lookup).map_err(|e| file.error(e))?;
             gan.disc_store
                 .load_from(lookup)

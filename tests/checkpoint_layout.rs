@@ -143,7 +143,12 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
     assert!(neg_elbo > nll - 1.0, "{r}");
     assert_eq!((r["k"].as_u64(), r["n"].as_u64()), (Some(10), Some(20)));
     // The sample metrics of labelled images (the classifier is trained on the small set).
-    for key in ["fid_mnist", "inception_score_mnist", "min_class_fraction", "duplicate_pairs"] {
+    for key in [
+        "fid_mnist",
+        "inception_score_mnist",
+        "min_class_fraction",
+        "duplicate_pairs",
+    ] {
         assert!(r[key].as_f64().is_some(), "eval --json lacks {key}: {r}");
     }
     assert_eq!(r["class_histogram"].as_array().map(|h| h.len()), Some(10));

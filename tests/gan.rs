@@ -5,14 +5,14 @@
 //! checkpoints and exact resume; and a short SN-GAN run that must find the modes of the ring.
 
 use candle_core::{Device, Tensor, Var};
-use gentrain::models::gan::{Gan, GanConfig, GanLoss};
+use gentrain::models::gan::{Gan, GanArchitecture, GanConfig, GanLoss};
 use gentrain::rng::{normal_vec, stream_rng, Stream};
 
 fn gan(cfg: GanConfig, dim: usize, seed: u64) -> Gan {
     Gan::new(
         &cfg,
         dim,
-        false,
+        None,
         &Device::Cpu,
         &mut stream_rng(seed, Stream::Init, 0),
     )
@@ -30,6 +30,33 @@ fn small(loss: GanLoss, spectral_norm: bool) -> GanConfig {
     }
 }
 
+/// An MLP pair on 4-D rows and a DCGAN pair on 8x8 images, with and without spectral norm:
+/// `(label, players, values per row)`.
+fn cases(loss: GanLoss, seed: u64) -> Vec<(String, Gan, usize)> {
+    let mut out = Vec::new();
+    for sn in [false, true] {
+        out.push((format!("mlp sn={sn}"), gan(small(loss, sn), 4, seed), 4));
+        let cfg = GanConfig {
+            latent: 3,
+            architecture: GanArchitecture::Dcgan,
+            conv_channels: [3, 4],
+            loss,
+            spectral_norm: sn,
+            ..GanConfig::default()
+        };
+        let g = Gan::new(
+            &cfg,
+            64,
+            Some((8, 8)),
+            &Device::Cpu,
+            &mut stream_rng(seed, Stream::Init, 0),
+        )
+        .unwrap();
+        out.push((format!("dcgan sn={sn}"), g, 64));
+    }
+    out
+}
+
 fn rows(seed: u64, n: usize, d: usize) -> Tensor {
     Tensor::from_vec(
         normal_vec(&mut stream_rng(seed, Stream::Noise, 0), n * d),
@@ -37,6 +64,42 @@ fn rows(seed: u64, n: usize, d: usize) -> Tensor {
         &Device::Cpu,
     )
     .unwrap()
+}
+
+/// A finite-difference derivative of `f` at 0 that the function's kinks cannot fake: central
+/// differences with steps 4e-3 and 1e-3 must agree within 2%, otherwise a LeakyReLU kink lies
+/// within the step and `None` says so (these networks are piecewise smooth).
+fn fd(f: impl Fn(f32) -> f64) -> Option<f64> {
+    let central = |eps: f32| (f(eps) - f(-eps)) / (2.0 * eps as f64);
+    let (coarse, fine) = (central(4e-3), central(1e-3));
+    ((coarse - fine).abs() <= 2e-2 * (1e-3 + coarse.abs().max(fine.abs()))).then_some(fine)
+}
+
+/// Compares `analytic` with [`fd`] of `f`: `Some(relative error)`, or `None` at a kink.
+fn fd_error(f: impl Fn(f32) -> f64, analytic: f64) -> Option<f64> {
+    fd(f).map(|n| (n - analytic).abs() / (1e-3 + n.abs().max(analytic.abs())))
+}
+
+/// [`fd_error`] of `value` with respect to entry `i` of `var` (restored afterwards).
+fn entry_fd_error(var: &Var, i: usize, value: impl Fn() -> f64, analytic: f64) -> Option<f64> {
+    let original: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let set = |delta: f32| {
+        let mut v = original.clone();
+        v[i] += delta;
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    };
+    let err = fd_error(
+        |d| {
+            set(d);
+            let v = value();
+            set(0.0);
+            v
+        },
+        analytic,
+    );
+    set(0.0);
+    err
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
@@ -51,12 +114,11 @@ fn to_f64(t: &Tensor) -> Vec<f64> {
 
 #[test]
 fn input_gradient_matches_autograd_and_finite_differences() {
-    for sn in [false, true] {
-        let mut g = gan(small(GanLoss::WganGp, sn), 4, 1);
+    for (sn, mut g, dim) in cases(GanLoss::WganGp, 1) {
         for _ in 0..3 {
             g.update_spectral_vectors().unwrap();
         }
-        let x = rows(2, 9, 4);
+        let x = rows(2, 9, dim);
         let (d, grad) = g.input_gradient(&x).unwrap();
         // The forward value equals the discriminator's.
         let d_plain = g.discriminate(&x).unwrap();
@@ -80,36 +142,41 @@ fn input_gradient_matches_autograd_and_finite_differences() {
                 "sn {sn}: {a} vs autograd {b}"
             );
         }
-        // Central differences in f32, eps 1e-2 (piecewise linear: exact away from kinks).
+        // Finite differences in f32 (piecewise linear: exact away from kinks).
         let xs: Vec<Vec<f32>> = x.to_vec2().unwrap();
-        let eps = 1e-2f32;
-        let mut worst = 0f64;
+        let (mut worst, mut kinks) = (0f64, 0usize);
         for r in 0..9 {
-            for c in 0..4 {
+            for c in 0..dim {
                 let bump = |s: f32| {
                     let mut v = xs.clone();
                     v[r][c] += s;
                     let t = Tensor::new(v, &Device::Cpu).unwrap();
                     to_f64(&g.discriminate(&t).unwrap())[r]
                 };
-                let fd = (bump(eps) - bump(-eps)) / (2.0 * eps as f64);
-                worst = worst.max((fd - ours[r * 4 + c]).abs() / (1e-3 + fd.abs()));
+                match fd_error(bump, ours[r * dim + c]) {
+                    Some(e) => worst = worst.max(e),
+                    None => kinks += 1,
+                }
             }
         }
         assert!(
             worst < 2e-2,
-            "sn {sn}: worst relative error vs finite differences {worst}"
+            "{sn}: worst relative error vs finite differences {worst}"
+        );
+        assert!(
+            kinks * 10 <= 9 * dim,
+            "{sn}: {kinks} of {} entries at kinks",
+            9 * dim
         );
     }
 }
 
 #[test]
 fn gradient_penalty_parameter_gradient_matches_finite_differences() {
-    for sn in [false, true] {
-        let mut g = gan(small(GanLoss::WganGp, sn), 3, 3);
+    for (sn, mut g, dim) in cases(GanLoss::WganGp, 3) {
         g.update_spectral_vectors().unwrap();
-        let x = rows(4, 8, 3);
-        let fake = rows(5, 8, 3);
+        let x = rows(4, 8, dim);
+        let fake = rows(5, 8, dim);
         let t = Tensor::from_vec(
             (0..8).map(|i| (i as f32 + 0.5) / 8.0).collect::<Vec<_>>(),
             (8, 1),
@@ -130,7 +197,7 @@ fn gradient_penalty_parameter_gradient_matches_finite_differences() {
             .iter()
             .map(|(n, v)| (n.to_string(), v.clone()))
             .collect();
-        let mut checked = 0;
+        let (mut checked, mut kinks) = (0, 0);
         for (name, var) in &params {
             // Biases move only the (piecewise constant) LeakyReLU slopes, so the penalty's
             // gradient is 0 for them almost everywhere and candle may hold none.
@@ -138,32 +205,26 @@ fn gradient_penalty_parameter_gradient_matches_finite_differences() {
                 Some(g) => to_f64(g),
                 None => vec![0.0; var.elem_count()],
             };
-            let original: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            // A few entries of each parameter, central differences in f32.
-            for &i in [0usize, original.len() / 2, original.len() - 1].iter() {
-                let eps = 2e-3f32;
-                let set = |delta: f32| {
-                    let mut v = original.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                };
-                set(eps);
-                let up = penalty(&g).1;
-                set(-eps);
-                let down = penalty(&g).1;
-                set(0.0);
-                let fd = (up - down) / (2.0 * eps as f64);
-                let err = (fd - analytic[i]).abs() / (1e-3 + fd.abs().max(analytic[i].abs()));
-                assert!(
-                    err < 5e-2,
-                    "sn {sn}: d penalty / d {name}[{i}]: autograd {} vs finite differences {fd}",
-                    analytic[i]
-                );
+            // A few entries of each parameter, finite differences in f32.
+            let n = var.elem_count();
+            for &i in [0usize, n / 2, n - 1].iter() {
+                let err = entry_fd_error(var, i, || penalty(&g).1, analytic[i]);
+                match err {
+                    Some(e) => assert!(
+                        e < 5e-2,
+                        "{sn}: d penalty / d {name}[{i}]: autograd {} vs finite differences (error {e})",
+                        analytic[i]
+                    ),
+                    None => kinks += 1,
+                }
                 checked += 1;
             }
         }
         assert_eq!(checked, 3 * params.len());
+        assert!(
+            kinks * 4 <= checked,
+            "{sn}: {kinks} of {checked} checks at kinks"
+        );
     }
 }
 
@@ -232,6 +293,64 @@ fn losses_match_hand_computed_values() {
     constant_discriminator(&g, 200.0);
     let (d_loss, ..) = g.disc_loss(&x, &fake, &t).unwrap();
     assert!((d_loss.to_scalar::<f32>().unwrap() - 200.0).abs() < 1e-3);
+}
+
+#[test]
+fn dcgan_generator_gradient_matches_finite_differences() {
+    // The generator's gradient flows through candle's transposed-convolution backward.
+    for (label, g, dim) in cases(GanLoss::NonSaturating, 12) {
+        if dim != 64 {
+            continue;
+        }
+        let z = rows(13, 6, 3);
+        let out = g.generate(&z).unwrap();
+        assert_eq!(out.dims(), [6, 64]);
+        assert!(to_f64(&out).iter().all(|v| (0.0..=1.0).contains(v)));
+        // A fixed random linear functional of G(z), reduced in f64, so that each weight's
+        // derivative is far above f32 round-off.
+        let r = rows(14, 6, 64).to_dtype(candle_core::DType::F64).unwrap();
+        let loss = |g: &Gan| {
+            let out = g
+                .generate(&z)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap();
+            (out * &r).unwrap().sum_all().unwrap()
+        };
+        let grads = loss(&g).backward().unwrap();
+        let params: Vec<(String, Var)> = g
+            .gen_store
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
+        assert_eq!(
+            params.len(),
+            6,
+            "{label}: fc, two transposed convolutions, biases"
+        );
+        let mut checked = 0;
+        for (name, var) in &params {
+            let analytic: Vec<f64> = to_f64(grads.get(var.as_tensor()).unwrap());
+            let n = var.elem_count();
+            for &i in [0usize, n / 3, n - 1].iter() {
+                let err =
+                    entry_fd_error(var, i, || loss(&g).to_scalar::<f64>().unwrap(), analytic[i]);
+                // The generator is smooth except at ReLU kinks; a kink is rare here.
+                if let Some(e) = err {
+                    assert!(
+                        e < 5e-2,
+                        "{label}: d G loss / d {name}[{i}]: autograd {} (error {e})",
+                        analytic[i]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(
+            checked >= 15,
+            "{label}: only {checked} of 18 entries checked"
+        );
+    }
 }
 
 #[test]

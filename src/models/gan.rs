@@ -45,12 +45,29 @@ pub enum GanLoss {
     WganGp,
 }
 
+/// The players' architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GanArchitecture {
+    /// MLPs (`gen_hidden`, `disc_hidden`); any data.
+    #[default]
+    Mlp,
+    /// DCGAN-style (Radford et al. 2016) for one-channel images whose sides are multiples of 4:
+    /// generator `z -> Linear -> (C2, H/4, W/4) -> ConvT 4x4/2 -> (C1, H/2, W/2) -> ConvT 4x4/2
+    /// -> sigmoid`, discriminator `Conv 4x4/2 -> (C1, H/2, W/2) -> Conv 4x4/2 -> (C2, H/4, W/4)
+    /// -> Linear` with `[C1, C2] = conv_channels`.
+    Dcgan,
+}
+
 /// A GAN's architecture and training settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GanConfig {
     /// Size of the generator's noise `z`.
     pub latent: usize,
+    pub architecture: GanArchitecture,
+    /// Channels `[C1, C2]` of the DCGAN layers (`architecture = "dcgan"`).
+    pub conv_channels: [usize; 2],
     /// Generator hidden widths (ReLU).
     pub gen_hidden: Vec<usize>,
     /// Discriminator hidden widths (LeakyReLU 0.2).
@@ -70,6 +87,8 @@ impl Default for GanConfig {
     fn default() -> Self {
         GanConfig {
             latent: 64,
+            architecture: GanArchitecture::Mlp,
+            conv_channels: [32, 64],
             gen_hidden: vec![256, 256],
             disc_hidden: vec![256, 256],
             loss: GanLoss::NonSaturating,
@@ -88,6 +107,9 @@ impl GanConfig {
         if self.latent == 0 {
             return bad("latent must be at least 1");
         }
+        if self.conv_channels.contains(&0) {
+            return bad("conv_channels must be positive");
+        }
         if self.gen_hidden.contains(&0) || self.disc_hidden.contains(&0) {
             return bad("gen_hidden / disc_hidden: every width must be positive");
         }
@@ -100,7 +122,8 @@ impl GanConfig {
         Ok(())
     }
 
-    /// Parameters of both players for data of `dim` values (`None` on overflow).
+    /// Parameters of both players for data of `dim` values (`None` on overflow). A DCGAN is
+    /// counted for square images (its true shape is checked when it is built).
     pub fn parameter_count(&self, dim: usize) -> Option<usize> {
         fn mlp(d_in: usize, hidden: &[usize], d_out: usize) -> Option<usize> {
             let mut total = 0usize;
@@ -111,7 +134,26 @@ impl GanConfig {
             }
             Some(total)
         }
-        mlp(self.latent, &self.gen_hidden, dim)?.checked_add(mlp(dim, &self.disc_hidden, 1)?)
+        match self.architecture {
+            GanArchitecture::Mlp => mlp(self.latent, &self.gen_hidden, dim)?.checked_add(mlp(
+                dim,
+                &self.disc_hidden,
+                1,
+            )?),
+            GanArchitecture::Dcgan => {
+                let [c1, c2] = self.conv_channels;
+                let quarter = dim / 16; // (H/4) (W/4)
+                                        // A 4x4 (transposed) convolution between a and b channels, with b biases.
+                let conv = |a: usize, b: usize| a.checked_mul(b)?.checked_mul(16)?.checked_add(b);
+                let fc_g = (self.latent + 1).checked_mul(c2.checked_mul(quarter)?)?;
+                let fc_d = c2.checked_mul(quarter)?.checked_add(1)?;
+                fc_g.checked_add(conv(c2, c1)?)?
+                    .checked_add(conv(c1, 1)?)?
+                    .checked_add(conv(1, c1)?)?
+                    .checked_add(conv(c1, c2)?)?
+                    .checked_add(fc_d)
+            }
+        }
     }
 }
 
@@ -124,6 +166,128 @@ struct DiscLayer {
     bias: Tensor,
     /// `(u, v)` buffers (spectral norm only).
     uv: Option<(Tensor, Tensor)>,
+    /// Input shape `(C, H, W)` of a 4x4 stride-2 convolution (`None`: a dense layer).
+    conv: Option<(usize, usize, usize)>,
+}
+
+impl DiscLayer {
+    /// A layer with weight `shape` (`[out, in]` dense, `[out, in, 4, 4]` convolution over
+    /// inputs of shape `conv`), PyTorch's default initialization, and under spectral norm the
+    /// PyTorch names and unit `u ~ N(0, I)`, `v ~ N(0, I)` normalized.
+    fn new(
+        store: &mut ParamStore,
+        name: String,
+        shape: &[usize],
+        conv: Option<(usize, usize, usize)>,
+        spectral_norm: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let fan_in: usize = shape[1..].iter().product();
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let wname = if spectral_norm {
+            format!("{name}.weight_orig")
+        } else {
+            format!("{name}.weight")
+        };
+        let weight = store.uniform(wname, shape, bound, rng)?;
+        let bias = store.uniform(format!("{name}.bias"), &shape[..1], bound, rng)?;
+        let uv = if spectral_norm {
+            let device = store.device().clone();
+            let u = unit(crate::rng::normal_vec(rng, shape[0]), &device)?;
+            let v = unit(crate::rng::normal_vec(rng, fan_in), &device)?;
+            Some((u, v))
+        } else {
+            None
+        };
+        Ok(DiscLayer {
+            name,
+            weight,
+            bias,
+            uv,
+            conv,
+        })
+    }
+
+    /// `W` as the `(out, in * k * k)` matrix that spectral norm sees (PyTorch's `dim = 0`).
+    fn matrix(&self) -> Result<Tensor> {
+        Ok(self.weight.flatten_from(1)?)
+    }
+
+    /// The pre-activation `a = W h + b` for flattened inputs `h: (B, in)`, with the effective
+    /// weight `w`; flattened output.
+    fn affine(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(match self.conv {
+            None => h.matmul(&w.t()?)?.broadcast_add(&self.bias)?,
+            Some((c, hh, ww)) => {
+                let b = h.dim(0)?;
+                h.reshape((b, c, hh, ww))?
+                    .conv2d(w, 1, 2, 1, 1)?
+                    .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+                    .flatten_from(1)?
+            }
+        })
+    }
+
+    /// `g W`: the gradient with respect to the layer's input of `sum(g * a)` (the transpose of
+    /// the linear map), flattened.
+    fn transpose_apply(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(match self.conv {
+            None => g.matmul(w)?,
+            Some((_, hh, ww)) => {
+                let b = g.dim(0)?;
+                let out_c = w.dim(0)?;
+                g.reshape((b, out_c, hh / 2, ww / 2))?
+                    .conv_transpose2d(w, 1, 0, 2, 1)?
+                    .flatten_from(1)?
+            }
+        })
+    }
+}
+
+/// A 4x4 transposed convolution with stride 2 and padding 1 (doubles height and width).
+#[derive(Debug, Clone)]
+struct UpConv {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl UpConv {
+    fn new(
+        store: &mut ParamStore,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        // PyTorch's ConvTranspose2d init: fan_in = weight.size(1) * k * k = c_out * 16.
+        let bound = 1.0 / ((c_out * 16) as f32).sqrt();
+        Ok(UpConv {
+            weight: store.uniform(format!("{name}.weight"), &[c_in, c_out, 4, 4], bound, rng)?,
+            bias: store.uniform(format!("{name}.bias"), &[c_out], bound, rng)?,
+        })
+    }
+
+    /// `(B, C_in, H, W) -> (B, C_out, 2H, 2W)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv_transpose2d(&self.weight, 1, 0, 2, 1)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+    }
+}
+
+/// The generator network.
+#[derive(Debug, Clone)]
+enum Generator {
+    Mlp {
+        trunk: Trunk,
+        out: Dense,
+    },
+    Dcgan {
+        fc: Dense,
+        /// `(C2, H/4, W/4)` after the dense layer.
+        seed_shape: (usize, usize, usize),
+        up1: UpConv,
+        up2: UpConv,
+    },
 }
 
 /// Generator and discriminator.
@@ -133,8 +297,7 @@ pub struct Gan {
     pub gen_store: ParamStore,
     /// Discriminator parameters (`disc.*`).
     pub disc_store: ParamStore,
-    gen_trunk: Trunk,
-    gen_out: Dense,
+    generator: Generator,
     disc: Vec<DiscLayer>,
     /// Squash generator outputs into `[0, 1]` (images).
     sigmoid_output: bool,
@@ -144,11 +307,13 @@ pub struct Gan {
 }
 
 impl Gan {
-    /// Both players with PyTorch's default initialization; `images` selects the sigmoid output.
+    /// Both players with PyTorch's default initialization, for rows of `dim` values; `image`
+    /// (the `(rows, cols)` of one-channel images) selects the sigmoid output and allows the
+    /// DCGAN architecture.
     pub fn new(
         cfg: &GanConfig,
         dim: usize,
-        images: bool,
+        image: Option<(usize, usize)>,
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
@@ -159,65 +324,102 @@ impl Gan {
             ));
         }
         let mut gen_store = ParamStore::new(device.clone());
-        let gen_trunk = Trunk::new(
-            &mut gen_store,
-            "gen",
-            cfg.latent,
-            &cfg.gen_hidden,
-            Activation::Relu,
-            rng,
-        )?;
-        let gen_out = Dense::new(
-            &mut gen_store,
-            &format!("gen.net.{}", 2 * cfg.gen_hidden.len()),
-            gen_trunk.out_dim,
-            dim,
-            Activation::Identity,
-            rng,
-        )?;
         let mut disc_store = ParamStore::new(device.clone());
         let mut disc = Vec::new();
-        let mut d_in = dim;
-        let widths: Vec<usize> = cfg.disc_hidden.iter().copied().chain([1]).collect();
-        for (i, &w) in widths.iter().enumerate() {
-            let name = format!("disc.net.{}", 2 * i);
-            let bound = 1.0 / (d_in as f32).sqrt();
-            let wname = if cfg.spectral_norm {
-                format!("{name}.weight_orig")
-            } else {
-                format!("{name}.weight")
-            };
-            let weight = disc_store.uniform(wname, &[w, d_in], bound, rng)?;
-            let bias = disc_store.uniform(format!("{name}.bias"), &[w], bound, rng)?;
-            let uv = if cfg.spectral_norm {
-                // PyTorch: u, v ~ N(0, 1), normalized.
-                let u = unit(crate::rng::normal_vec(rng, w), device)?;
-                let v = unit(crate::rng::normal_vec(rng, d_in), device)?;
-                Some((u, v))
-            } else {
-                None
-            };
-            disc.push(DiscLayer {
-                name,
-                weight,
-                bias,
-                uv,
-            });
-            d_in = w;
-        }
+        let generator = match cfg.architecture {
+            GanArchitecture::Mlp => {
+                let trunk = Trunk::new(
+                    &mut gen_store,
+                    "gen",
+                    cfg.latent,
+                    &cfg.gen_hidden,
+                    Activation::Relu,
+                    rng,
+                )?;
+                let out = Dense::new(
+                    &mut gen_store,
+                    &format!("gen.net.{}", 2 * cfg.gen_hidden.len()),
+                    trunk.out_dim,
+                    dim,
+                    Activation::Identity,
+                    rng,
+                )?;
+                let mut d_in = dim;
+                let widths: Vec<usize> = cfg.disc_hidden.iter().copied().chain([1]).collect();
+                for (i, &w) in widths.iter().enumerate() {
+                    disc.push(DiscLayer::new(
+                        &mut disc_store,
+                        format!("disc.net.{}", 2 * i),
+                        &[w, d_in],
+                        None,
+                        cfg.spectral_norm,
+                        rng,
+                    )?);
+                    d_in = w;
+                }
+                Generator::Mlp { trunk, out }
+            }
+            GanArchitecture::Dcgan => {
+                let (h, w) = match image {
+                    Some((h, w)) if h % 4 == 0 && w % 4 == 0 && h * w == dim => (h, w),
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "gan.architecture = \"dcgan\" needs one-channel images with sides that are multiples of 4, got {image:?} ({dim} values per row)"
+                        )))
+                    }
+                };
+                let [c1, c2] = cfg.conv_channels;
+                let seed_shape = (c2, h / 4, w / 4);
+                let fc = Dense::new(
+                    &mut gen_store,
+                    "gen.net.0",
+                    cfg.latent,
+                    c2 * (h / 4) * (w / 4),
+                    Activation::Relu,
+                    rng,
+                )?;
+                let up1 = UpConv::new(&mut gen_store, "gen.net.3", c2, c1, rng)?;
+                let up2 = UpConv::new(&mut gen_store, "gen.net.5", c1, 1, rng)?;
+                for (name, shape, input) in [
+                    ("disc.net.0", [c1, 1, 4, 4], (1, h, w)),
+                    ("disc.net.2", [c2, c1, 4, 4], (c1, h / 2, w / 2)),
+                ] {
+                    disc.push(DiscLayer::new(
+                        &mut disc_store,
+                        name.to_string(),
+                        &shape,
+                        Some(input),
+                        cfg.spectral_norm,
+                        rng,
+                    )?);
+                }
+                disc.push(DiscLayer::new(
+                    &mut disc_store,
+                    "disc.net.5".to_string(),
+                    &[1, c2 * (h / 4) * (w / 4)],
+                    None,
+                    cfg.spectral_norm,
+                    rng,
+                )?);
+                Generator::Dcgan {
+                    fc,
+                    seed_shape,
+                    up1,
+                    up2,
+                }
+            }
+        };
         Ok(Gan {
             gen_store,
             disc_store,
-            gen_trunk,
-            gen_out,
+            generator,
             disc,
-            sigmoid_output: images,
+            sigmoid_output: image.is_some(),
             dim,
             cfg: cfg.clone(),
         })
     }
 
-    /// The configuration.
     pub fn config(&self) -> &GanConfig {
         &self.cfg
     }
@@ -227,9 +429,24 @@ impl Gan {
         self.gen_store.device()
     }
 
-    /// `G(z)`.
+    /// `G(z)`, rows of `dim` values.
     pub fn generate(&self, z: &Tensor) -> Result<Tensor> {
-        let out = self.gen_out.forward(&self.gen_trunk.forward(z)?)?;
+        let out = match &self.generator {
+            Generator::Mlp { trunk, out } => out.forward(&trunk.forward(z)?)?,
+            Generator::Dcgan {
+                fc,
+                seed_shape,
+                up1,
+                up2,
+            } => {
+                let b = z.dim(0)?;
+                let h = fc
+                    .forward(z)?
+                    .reshape((b, seed_shape.0, seed_shape.1, seed_shape.2))?;
+                let h = up1.forward(&h)?.relu()?;
+                up2.forward(&h)?.reshape((b, self.dim))?
+            }
+        };
         Ok(if self.sigmoid_output {
             candle_nn::ops::sigmoid(&out)?
         } else {
@@ -258,7 +475,7 @@ impl Gan {
         let iters = self.cfg.sn_iterations;
         for l in &mut self.disc {
             if let Some((u, _)) = &l.uv {
-                let (u, v) = spectral_norm::power_iteration(&l.weight, u, iters)?;
+                let (u, v) = spectral_norm::power_iteration(&l.matrix()?, u, iters)?;
                 l.uv = Some((u, v));
             }
         }
@@ -270,7 +487,10 @@ impl Gan {
         self.disc
             .iter()
             .map(|l| match &l.uv {
-                Some((u, v)) => Ok(spectral_norm::normalized(&l.weight, u, v)?),
+                Some((u, v)) => {
+                    let sigma = spectral_norm::sigma(&l.matrix()?, u, v)?;
+                    Ok(l.weight.broadcast_div(&sigma)?)
+                }
                 None => Ok(l.weight.clone()),
             })
             .collect()
@@ -282,7 +502,7 @@ impl Gan {
         let mut h = x.clone();
         let last = ws.len() - 1;
         for (i, (w, l)) in ws.iter().zip(&self.disc).enumerate() {
-            let a = h.matmul(&w.t()?)?.broadcast_add(&l.bias)?;
+            let a = l.affine(&h, w)?;
             h = if i == last {
                 a
             } else {
@@ -300,7 +520,7 @@ impl Gan {
         let mut h = x.clone();
         let mut slopes = Vec::with_capacity(last);
         for (i, (w, l)) in ws.iter().zip(&self.disc).enumerate() {
-            let a = h.matmul(&w.t()?)?.broadcast_add(&l.bias)?;
+            let a = l.affine(&h, w)?;
             if i == last {
                 h = a;
             } else {
@@ -314,7 +534,7 @@ impl Gan {
         // dD/dh_{L-1} = w_out (1, H) for every row.
         let mut g = ws[last].broadcast_as((b, ws[last].dim(1)?))?.contiguous()?;
         for l in (0..last).rev() {
-            g = (g * &slopes[l])?.matmul(&ws[l])?;
+            g = self.disc[l].transpose_apply(&(g * &slopes[l])?, &ws[l])?;
         }
         Ok((h.squeeze(D::Minus1)?, g))
     }

@@ -33,7 +33,7 @@ pub struct GanTrainee {
 impl GanTrainee {
     /// Fresh players for `cfg`.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
-        let gan = session::build_gan(cfg, data.dim(), data.rows > 1, device)?;
+        let gan = session::build_gan(cfg, data.dim(), (data.rows, data.cols), device)?;
         Self::with(cfg, gan)
     }
 
