@@ -215,16 +215,17 @@ pub fn sample_metrics(
     })
 }
 
+/// `s` distinct indices below `n` drawn with a seeded stream.
+fn random_indices(n: usize, s: usize, seed: u64) -> Result<Vec<usize>> {
+    if s > n {
+        return Err(Error::Data(format!("cannot draw {s} distinct rows of {n}")));
+    }
+    Ok(rand::seq::index::sample(&mut stream_rng(seed, Stream::Metrics, 2), n, s).into_vec())
+}
+
 /// `s` rows of `x` drawn without replacement with a seeded stream.
 fn random_rows(x: &Tensor, s: usize, seed: u64) -> Result<Tensor> {
-    use rand::seq::index::sample;
-    let n = x.dim(0)?;
-    if s > n {
-        return Err(Error::Data(format!(
-            "the duplicate test needs {s} real rows, the data has {n}"
-        )));
-    }
-    let idx: Vec<u32> = sample(&mut stream_rng(seed, Stream::Metrics, 2), n, s)
+    let idx: Vec<u32> = random_indices(x.dim(0)?, s, seed)?
         .into_iter()
         .map(|i| i as u32)
         .collect();
@@ -243,7 +244,12 @@ pub fn image_metrics(cfg: &Config, generated: &Tensor, test: &ImageSet) -> Resul
     let fid_mnist = frechet::frechet_distance(&frechet::gaussian_stats(&fg)?, &stats_real)?;
     // The floor: as many training images as generated ones, against the same test statistics.
     let train = ImageSet::load(&cfg.data.dir, Split::Train)?;
-    let floor_rows = random_rows(&classifier::scaled(&train, 0, train.n)?, n.min(train.n), 7)?;
+    let pick = random_indices(train.n, n.min(train.n), 7)?;
+    let pixels: Vec<f32> = pick
+        .iter()
+        .flat_map(|&i| train.image(i).iter().map(|&p| p as f32 / 255.0))
+        .collect();
+    let floor_rows = Tensor::from_vec(pixels, (pick.len(), train.dim()), &Device::Cpu)?;
     let (ft, _) = clf.features_and_probs(&floor_rows)?;
     let fid_mnist_real = frechet::frechet_distance(&frechet::gaussian_stats(&ft)?, &stats_real)?;
     let pg: Vec<Vec<f32>> = pg.to_vec2()?;
