@@ -36,8 +36,9 @@ pub struct ModelConfig {
     pub decoder: DecoderKind,
     /// Stochastic layers, bottom (next to x) first.
     pub layers: Vec<LayerConfig>,
-    /// Conditional VAE: classes of the one-hot label fed to the bottom encoder and to the
-    /// likelihood (0: unconditional).
+    /// Conditional models: classes of the one-hot label (0: unconditional). A VAE feeds it to
+    /// the bottom encoder and to the likelihood; a GAN to the generator's input and to a
+    /// projection discriminator.
     pub classes: usize,
     /// The flow's architecture (`family = "flow"`).
     pub flow: crate::models::flow::FlowConfig,
@@ -438,9 +439,9 @@ impl Config {
                 ))
             }
         }
-        if self.model.classes > 0 && self.model.family != "vae" {
+        if self.model.classes > 0 && self.model.family == "flow" {
             return err(
-                "model.classes (conditioning) is implemented for the vae family only".into(),
+                "model.classes (conditioning) is implemented for the vae and gan families".into(),
             );
         }
         if self.train.batch_size == 0 {

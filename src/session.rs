@@ -213,6 +213,7 @@ pub fn build_gan(cfg: &Config, dim: usize, shape: (usize, usize), device: &Devic
         &cfg.model.gan,
         dim,
         (shape.0 > 1).then_some(shape),
+        cfg.model.classes,
         device,
         &mut stream_rng(cfg.train.seed, Stream::Init, 0),
     )
@@ -283,7 +284,10 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     // config would otherwise make us allocate a huge model before any tensor is compared.
     let wanted = match family.as_str() {
         "flow" => config.model.flow.parameter_count(input_dim),
-        "gan" => config.model.gan.parameter_count(input_dim),
+        "gan" => config
+            .model
+            .gan
+            .parameter_count(input_dim, config.model.classes),
         _ => crate::models::vae::parameter_count(&config.model, input_dim),
     }
     .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;

@@ -13,6 +13,7 @@ fn gan(cfg: GanConfig, dim: usize, seed: u64) -> Gan {
         &cfg,
         dim,
         None,
+        0,
         &Device::Cpu,
         &mut stream_rng(seed, Stream::Init, 0),
     )
@@ -48,13 +49,37 @@ fn cases(loss: GanLoss, seed: u64) -> Vec<(String, Gan, usize)> {
             &cfg,
             64,
             Some((8, 8)),
+            0,
             &Device::Cpu,
             &mut stream_rng(seed, Stream::Init, 0),
         )
         .unwrap();
         out.push((format!("dcgan sn={sn}"), g, 64));
+        // A conditional MLP pair with a projection discriminator: 4 values and 3 classes.
+        let g = Gan::new(
+            &small(loss, sn),
+            4,
+            None,
+            3,
+            &Device::Cpu,
+            &mut stream_rng(seed, Stream::Init, 0),
+        )
+        .unwrap();
+        out.push((format!("conditional sn={sn}"), g, 4));
     }
     out
+}
+
+/// `n` random rows of `dim` values, followed by one-hot labels cycling through the classes of a
+/// conditional `g`.
+fn inputs(g: &Gan, seed: u64, n: usize, dim: usize) -> Tensor {
+    let x = rows(seed, n, dim);
+    if g.classes == 0 {
+        return x;
+    }
+    let labels: Vec<u32> = (0..n).map(|i| (i % g.classes) as u32).collect();
+    let y = gentrain::samples::one_hot(&labels, g.classes, &Device::Cpu).unwrap();
+    Tensor::cat(&[&x, &y], 1).unwrap()
 }
 
 fn rows(seed: u64, n: usize, d: usize) -> Tensor {
@@ -118,8 +143,10 @@ fn input_gradient_matches_autograd_and_finite_differences() {
         for _ in 0..3 {
             g.update_spectral_vectors().unwrap();
         }
-        let x = rows(2, 9, dim);
+        let x = inputs(&g, 2, 9, dim);
+        let width = x.dim(1).unwrap();
         let (d, grad) = g.input_gradient(&x).unwrap();
+        assert_eq!(grad.dims(), [9, dim]);
         // The forward value equals the discriminator's.
         let d_plain = g.discriminate(&x).unwrap();
         for (a, b) in to_f64(&d).iter().zip(to_f64(&d_plain)) {
@@ -134,7 +161,11 @@ fn input_gradient_matches_autograd_and_finite_differences() {
             .unwrap()
             .backward()
             .unwrap();
-        let auto = to_f64(grads.get(xv.as_tensor()).unwrap());
+        // The image part of each row only (labels are not differentiated).
+        let auto: Vec<f64> = to_f64(grads.get(xv.as_tensor()).unwrap())
+            .chunks(width)
+            .flat_map(|r| r[..dim].to_vec())
+            .collect();
         let ours = to_f64(&grad);
         for (a, b) in ours.iter().zip(&auto) {
             assert!(
@@ -175,8 +206,8 @@ fn input_gradient_matches_autograd_and_finite_differences() {
 fn gradient_penalty_parameter_gradient_matches_finite_differences() {
     for (sn, mut g, dim) in cases(GanLoss::WganGp, 3) {
         g.update_spectral_vectors().unwrap();
-        let x = rows(4, 8, dim);
-        let fake = rows(5, 8, dim);
+        let x = inputs(&g, 4, 8, dim);
+        let fake = inputs(&g, 5, 8, dim);
         let t = Tensor::from_vec(
             (0..8).map(|i| (i as f32 + 0.5) / 8.0).collect::<Vec<_>>(),
             (8, 1),
@@ -521,5 +552,54 @@ fn sn_gan_learns_the_eight_gaussian_ring() {
     assert!(
         covered >= 7.0 && hq >= 0.5,
         "modes covered {covered} of 8, high quality {hq}"
+    );
+}
+
+#[test]
+fn conditional_gan_uses_its_labels() {
+    let cfg = small(GanLoss::NonSaturating, true);
+    let g = Gan::new(
+        &cfg,
+        4,
+        None,
+        3,
+        &Device::Cpu,
+        &mut stream_rng(20, Stream::Init, 0),
+    )
+    .unwrap();
+    assert!(g.disc_store.iter().any(|(n, _)| n == "disc.embed.weight"));
+    let x = rows(21, 1, 4);
+    let d: Vec<f64> = (0..3)
+        .map(|c| {
+            let y = gentrain::samples::one_hot(&[c], 3, &Device::Cpu).unwrap();
+            to_f64(&g.discriminate(&Tensor::cat(&[&x, &y], 1).unwrap()).unwrap())[0]
+        })
+        .collect();
+    assert!(
+        d[0] != d[1] && d[1] != d[2],
+        "the label must change D: {d:?}"
+    );
+    // Rows without their labels are refused with a clear error, not mis-read.
+    assert!(g.discriminate(&x).is_err());
+    // Samples cycle through the classes and have the image width.
+    let s = g.sample(7, &mut stream_rng(22, Stream::Sample, 0)).unwrap();
+    assert_eq!(s.dims(), [7, 4]);
+    let z = g.noise(2, &mut stream_rng(23, Stream::Noise, 0)).unwrap();
+    let y = gentrain::samples::one_hot(&[0, 2], 3, &Device::Cpu).unwrap();
+    let out: Vec<Vec<f32>> = g
+        .generate(
+            &Tensor::cat(
+                &[&z.narrow(0, 0, 1).unwrap(), &z.narrow(0, 0, 1).unwrap()],
+                0,
+            )
+            .and_then(|z| Tensor::cat(&[&z, &y], 1))
+            .unwrap(),
+        )
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_ne!(
+        out[0], out[1],
+        "the same noise with different labels must differ"
     );
 }

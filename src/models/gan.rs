@@ -124,7 +124,7 @@ impl GanConfig {
 
     /// Parameters of both players for data of `dim` values (`None` on overflow). A DCGAN is
     /// counted for square images (its true shape is checked when it is built).
-    pub fn parameter_count(&self, dim: usize) -> Option<usize> {
+    pub fn parameter_count(&self, dim: usize, classes: usize) -> Option<usize> {
         fn mlp(d_in: usize, hidden: &[usize], d_out: usize) -> Option<usize> {
             let mut total = 0usize;
             let mut d = d_in;
@@ -134,26 +134,31 @@ impl GanConfig {
             }
             Some(total)
         }
-        match self.architecture {
-            GanArchitecture::Mlp => mlp(self.latent, &self.gen_hidden, dim)?.checked_add(mlp(
-                dim,
-                &self.disc_hidden,
-                1,
-            )?),
+        let g_in = self.latent.checked_add(classes)?;
+        let players = match self.architecture {
+            GanArchitecture::Mlp => {
+                mlp(g_in, &self.gen_hidden, dim)?.checked_add(mlp(dim, &self.disc_hidden, 1)?)?
+            }
             GanArchitecture::Dcgan => {
                 let [c1, c2] = self.conv_channels;
-                let quarter = dim / 16; // (H/4) (W/4)
-                                        // A 4x4 (transposed) convolution between a and b channels, with b biases.
+                // (H/4) (W/4) cells; a 4x4 (transposed) convolution between a and b channels has
+                // 16 a b weights and b biases.
+                let quarter = dim / 16;
                 let conv = |a: usize, b: usize| a.checked_mul(b)?.checked_mul(16)?.checked_add(b);
-                let fc_g = (self.latent + 1).checked_mul(c2.checked_mul(quarter)?)?;
+                let fc_g = (g_in + 1).checked_mul(c2.checked_mul(quarter)?)?;
                 let fc_d = c2.checked_mul(quarter)?.checked_add(1)?;
                 fc_g.checked_add(conv(c2, c1)?)?
                     .checked_add(conv(c1, 1)?)?
                     .checked_add(conv(1, c1)?)?
                     .checked_add(conv(c1, c2)?)?
-                    .checked_add(fc_d)
+                    .checked_add(fc_d)?
             }
-        }
+        };
+        let last_hidden = match self.architecture {
+            GanArchitecture::Mlp => self.disc_hidden.last().copied().unwrap_or(dim),
+            GanArchitecture::Dcgan => self.conv_channels[1].checked_mul(dim / 16)?,
+        };
+        players.checked_add(classes.checked_mul(last_hidden)?)
     }
 }
 
@@ -299,6 +304,10 @@ pub struct Gan {
     pub disc_store: ParamStore,
     generator: Generator,
     disc: Vec<DiscLayer>,
+    /// Conditional GANs: classes of the one-hot label (0: unconditional).
+    pub classes: usize,
+    /// Class embedding `(classes, H)` of the projection discriminator (`disc.embed.weight`).
+    embed: Option<Tensor>,
     /// Squash generator outputs into `[0, 1]` (images).
     sigmoid_output: bool,
     /// Values per data row.
@@ -314,10 +323,12 @@ impl Gan {
         cfg: &GanConfig,
         dim: usize,
         image: Option<(usize, usize)>,
+        classes: usize,
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         cfg.validate()?;
+        let g_in = cfg.latent + classes;
         if dim == 0 {
             return Err(Error::Config(
                 "a GAN needs at least one value per row".into(),
@@ -331,7 +342,7 @@ impl Gan {
                 let trunk = Trunk::new(
                     &mut gen_store,
                     "gen",
-                    cfg.latent,
+                    g_in,
                     &cfg.gen_hidden,
                     Activation::Relu,
                     rng,
@@ -373,7 +384,7 @@ impl Gan {
                 let fc = Dense::new(
                     &mut gen_store,
                     "gen.net.0",
-                    cfg.latent,
+                    g_in,
                     c2 * (h / 4) * (w / 4),
                     Activation::Relu,
                     rng,
@@ -409,11 +420,21 @@ impl Gan {
                 }
             }
         };
+        let embed = if classes > 0 {
+            let last = disc.last().expect("at least the output layer");
+            let h = last.weight.dim(1)?;
+            let bound = 1.0 / (h as f32).sqrt();
+            Some(disc_store.uniform("disc.embed.weight".into(), &[classes, h], bound, rng)?)
+        } else {
+            None
+        };
         Ok(Gan {
             gen_store,
             disc_store,
             generator,
             disc,
+            classes,
+            embed,
             sigmoid_output: image.is_some(),
             dim,
             cfg: cfg.clone(),
@@ -465,7 +486,13 @@ impl Gan {
 
     /// `n` samples `G(z)` with noise from `rng`.
     pub fn sample(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-        self.generate(&self.noise(n, rng)?)
+        let z = self.noise(n, rng)?;
+        if self.classes == 0 {
+            return self.generate(&z);
+        }
+        let labels: Vec<u32> = (0..n).map(|i| (i % self.classes) as u32).collect();
+        let y = crate::samples::one_hot(&labels, self.classes, self.device())?;
+        self.generate(&Tensor::cat(&[&z, &y], 1)?)
     }
 
     /// Runs `sn_iterations` power-iteration steps on every spectrally normalized layer and
@@ -496,47 +523,75 @@ impl Gan {
             .collect()
     }
 
-    /// `D(x)`, shape `(B)`.
-    pub fn discriminate(&self, x: &Tensor) -> Result<Tensor> {
-        let ws = self.effective_weights()?;
-        let mut h = x.clone();
-        let last = ws.len() - 1;
-        for (i, (w, l)) in ws.iter().zip(&self.disc).enumerate() {
-            let a = l.affine(&h, w)?;
-            h = if i == last {
-                a
-            } else {
-                candle_nn::ops::leaky_relu(&a, 0.2)?
-            };
+    /// Splits conditional rows `[x, one-hot y]` (`y` is `None` for an unconditional GAN).
+    fn split<'a>(&self, xy: &'a Tensor) -> Result<(std::borrow::Cow<'a, Tensor>, Option<Tensor>)> {
+        if self.classes == 0 {
+            return Ok((std::borrow::Cow::Borrowed(xy), None));
         }
-        Ok(h.squeeze(D::Minus1)?)
+        let width = xy.dim(1)?;
+        if width != self.dim + self.classes {
+            return Err(Error::Data(format!(
+                "a conditional GAN takes rows of {} values and {} label columns, got {width}",
+                self.dim, self.classes
+            )));
+        }
+        Ok((
+            std::borrow::Cow::Owned(xy.narrow(1, 0, self.dim)?),
+            Some(xy.narrow(1, self.dim, self.classes)?),
+        ))
     }
 
-    /// `(D(x), grad_x D(x))`, the gradient built as a forward graph (see the module docs) so
-    /// that losses of it can be differentiated with respect to the discriminator's weights.
-    pub fn input_gradient(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let ws = self.effective_weights()?;
+    /// Runs the discriminator on `x`; returns `D`, shape `(B)`, the LeakyReLU slopes of every
+    /// hidden layer (constants of the graph) and the last hidden features `phi`. With labels,
+    /// `D = w_out phi + b + <E^T y, phi>` (the projection discriminator of Miyato & Koyama
+    /// 2018).
+    fn run_discriminator(
+        &self,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        ws: &[Tensor],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let last = ws.len() - 1;
         let mut h = x.clone();
         let mut slopes = Vec::with_capacity(last);
-        for (i, (w, l)) in ws.iter().zip(&self.disc).enumerate() {
+        for (w, l) in ws[..last].iter().zip(&self.disc) {
             let a = l.affine(&h, w)?;
-            if i == last {
-                h = a;
-            } else {
-                // lrelu'(a): 1 where a > 0, else 0.2; a constant of the graph.
-                let slope = (a.detach().gt(0f32)?.to_dtype(DType::F32)? * 0.8)? + 0.2;
-                slopes.push(slope?);
-                h = candle_nn::ops::leaky_relu(&a, 0.2)?;
-            }
+            // lrelu'(a): 1 where a > 0, else 0.2.
+            slopes.push(((a.detach().gt(0f32)?.to_dtype(DType::F32)? * 0.8)? + 0.2)?);
+            h = candle_nn::ops::leaky_relu(&a, 0.2)?;
         }
+        let mut d = self.disc[last].affine(&h, &ws[last])?.squeeze(D::Minus1)?;
+        if let (Some(y), Some(e)) = (y, &self.embed) {
+            d = (d + (y.matmul(e)? * &h)?.sum(D::Minus1)?)?;
+        }
+        Ok((d, slopes))
+    }
+
+    /// `D(x)` (for a conditional GAN `D(x, y)` of rows `[x, one-hot y]`), shape `(B)`.
+    pub fn discriminate(&self, xy: &Tensor) -> Result<Tensor> {
+        let (x, y) = self.split(xy)?;
+        let ws = self.effective_weights()?;
+        Ok(self.run_discriminator(&x, y.as_ref(), &ws)?.0)
+    }
+
+    /// `(D(x), grad_x D(x))` (the gradient with respect to the image part of conditional rows),
+    /// the gradient built as a forward graph (see the module docs) so that losses of it can be
+    /// differentiated with respect to the discriminator's weights.
+    pub fn input_gradient(&self, xy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (x, y) = self.split(xy)?;
+        let ws = self.effective_weights()?;
+        let (d, slopes) = self.run_discriminator(&x, y.as_ref(), &ws)?;
+        let last = ws.len() - 1;
         let b = x.dim(0)?;
-        // dD/dh_{L-1} = w_out (1, H) for every row.
+        // dD/dphi = w_out (+ E^T y with labels) for every row.
         let mut g = ws[last].broadcast_as((b, ws[last].dim(1)?))?.contiguous()?;
+        if let (Some(y), Some(e)) = (&y, &self.embed) {
+            g = (g + y.matmul(e)?)?;
+        }
         for l in (0..last).rev() {
             g = self.disc[l].transpose_apply(&(g * &slopes[l])?, &ws[l])?;
         }
-        Ok((h.squeeze(D::Minus1)?, g))
+        Ok((d, g))
     }
 
     /// The spectral-normalization buffers under their PyTorch names.
@@ -567,8 +622,10 @@ impl Gan {
     }
 
     /// Discriminator loss on real rows `x` and generated rows `fake` (already detached from the
-    /// generator), with the interpolation weights `t: (B, 1)` in `[0, 1]` of the gradient
-    /// penalty; returns `(loss, mean D(x), mean D(fake), penalty)`.
+    /// generator; for a conditional GAN both carry the same one-hot labels, which the gradient
+    /// penalty's interpolation then leaves unchanged), with the interpolation weights
+    /// `t: (B, 1)` in `[0, 1]` of the gradient penalty; returns `(loss, mean D(x), mean D(fake),
+    /// penalty)`.
     pub fn disc_loss(
         &self,
         x: &Tensor,

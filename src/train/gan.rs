@@ -86,11 +86,25 @@ impl Trainee for GanTrainee {
         let seed = ctx.cfg.train.seed;
         let x = data.batch(idx, ctx.step, ctx.device)?;
         let b = x.dim(0)?;
+        // A conditional GAN's rows end with their one-hot labels; the fakes of this step are
+        // drawn for the same labels (the label columns are carried through unchanged).
+        let classes = self.gan.classes;
+        let labels = if classes > 0 {
+            Some(x.narrow(1, self.gan.dim, classes)?)
+        } else {
+            None
+        };
+        let with_labels = |t: Tensor| -> Result<Tensor> {
+            Ok(match &labels {
+                Some(y) => Tensor::cat(&[&t, y], 1)?,
+                None => t,
+            })
+        };
         self.gan.update_spectral_vectors()?;
         let z = self
             .gan
             .noise(b, &mut stream_rng(seed, Stream::Noise, ctx.step))?;
-        let fake = self.gan.generate(&z)?.detach();
+        let fake = with_labels(self.gan.generate(&with_labels(z)?)?.detach())?;
         let mut rng = stream_rng(seed, Stream::Penalty, ctx.step);
         let t: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
         let t = Tensor::from_vec(t, (b, 1), ctx.device)?;
@@ -107,7 +121,9 @@ impl Trainee for GanTrainee {
             let z = self
                 .gan
                 .noise(b, &mut stream_rng(seed, Stream::GeneratorNoise, ctx.step))?;
-            let g_loss = self.gan.gen_loss(&self.gan.generate(&z)?)?;
+            let g_loss = self
+                .gan
+                .gen_loss(&with_labels(self.gan.generate(&with_labels(z)?)?)?)?;
             applied = g_loss.to_scalar::<f32>()?.is_finite() && {
                 let grads = g_loss.backward()?;
                 let ok = check_finite_grads(&self.gan.gen_store, &grads).is_ok();
