@@ -186,6 +186,15 @@ impl Model {
         }
     }
 
+    /// Classes of a conditional model (0: unconditional).
+    pub fn classes(&self) -> usize {
+        match self {
+            Model::Vae(m) => m.classes,
+            Model::Flow(_) => 0,
+            Model::Gan(m) => m.classes,
+        }
+    }
+
     /// Values per data row.
     pub fn input_dim(&self) -> usize {
         match self {

@@ -65,6 +65,20 @@ pub fn inception_score(probs: &[Vec<f32>]) -> Result<f64> {
     Ok((kl / n).exp())
 }
 
+/// Share of predictions `pred[i]` equal to `i mod classes`, the label a conditional model's
+/// sample `i` was generated for (0 for no predictions).
+pub fn cycling_label_accuracy(pred: &[u32], classes: usize) -> f64 {
+    if pred.is_empty() || classes == 0 {
+        return 0.0;
+    }
+    let hits = pred
+        .iter()
+        .enumerate()
+        .filter(|(i, &p)| p as usize == i % classes)
+        .count();
+    hits as f64 / pred.len() as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +99,14 @@ mod tests {
         // Confident, 5 classes used evenly out of 10: score 5.
         let half: Vec<Vec<f32>> = (0..1000).map(|i| one_hot(2 * (i % 5), 10)).collect();
         assert!((inception_score(&half).unwrap() - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn label_accuracy_compares_with_cycling_labels() {
+        assert_eq!(cycling_label_accuracy(&[0, 1, 2, 0, 1, 2], 3), 1.0);
+        assert_eq!(cycling_label_accuracy(&[0, 0, 2, 0], 3), 0.75);
+        assert_eq!(cycling_label_accuracy(&[1, 2, 0], 3), 0.0);
+        assert_eq!(cycling_label_accuracy(&[], 3), 0.0);
     }
 
     #[test]

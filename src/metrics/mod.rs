@@ -51,6 +51,10 @@ pub struct ImageMetrics {
     pub min_class_fraction: f64,
     /// Test accuracy of the classifier.
     pub classifier_test_accuracy: f64,
+    /// Conditional models: share of samples the classifier assigns to the label they were
+    /// generated for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_accuracy: Option<f64>,
     #[serde(flatten)]
     pub spectrum: SpectrumReport,
 }
@@ -103,6 +107,12 @@ impl SampleReport {
                 hist.join(", "),
                 i.classes_above_5_percent
             ));
+            if let Some(a) = i.label_accuracy {
+                out.push(format!(
+                    "  samples classified as the label they were generated for: {:.1}%",
+                    100.0 * a
+                ));
+            }
             let head = |v: &[f64]| {
                 v.iter()
                     .take(5)
@@ -179,6 +189,7 @@ pub fn sample_metrics(
         ));
     }
     let generated = draw_samples(model, n, seed)?;
+    let conditional = model.classes();
     let modes = match cfg.data.synthetic().and_then(|s| s.modes()) {
         Some((centres, std)) => Some(modes::mode_coverage(
             &generated.to_vec2::<f32>()?,
@@ -193,7 +204,7 @@ pub fn sample_metrics(
         None
     };
     let images = match &test {
-        Some(t) if t.labels.is_some() => Some(image_metrics(cfg, &generated, t)?),
+        Some(t) if t.labels.is_some() => Some(image_metrics(cfg, &generated, t, conditional)?),
         _ => None,
     };
     let real = real_rows(data, test.as_ref(), 10_000)?;
@@ -233,8 +244,14 @@ fn random_rows(x: &Tensor, s: usize, seed: u64) -> Result<Tensor> {
 }
 
 /// MNIST-FID, the Inception-Score analogue, the class histogram and the PCA spectra of
-/// `generated` (rows in `[0, 1]`) against the test images `test`.
-pub fn image_metrics(cfg: &Config, generated: &Tensor, test: &ImageSet) -> Result<ImageMetrics> {
+/// `generated` (rows in `[0, 1]`) against the test images `test`; for a model conditioned on
+/// `conditional` classes (row `i` generated for label `i mod conditional`), the label accuracy.
+pub fn image_metrics(
+    cfg: &Config,
+    generated: &Tensor,
+    test: &ImageSet,
+    conditional: usize,
+) -> Result<ImageMetrics> {
     let clf = Classifier::for_data_dir(&cfg.data.dir)?;
     let n = generated.dim(0)?;
     let real = classifier::scaled(test, 0, test.n)?;
@@ -252,6 +269,14 @@ pub fn image_metrics(cfg: &Config, generated: &Tensor, test: &ImageSet) -> Resul
     let floor_rows = Tensor::from_vec(pixels, (pick.len(), train.dim()), &Device::Cpu)?;
     let (ft, _) = clf.features_and_probs(&floor_rows)?;
     let fid_mnist_real = frechet::frechet_distance(&frechet::gaussian_stats(&ft)?, &stats_real)?;
+    let label_accuracy = if conditional > 0 {
+        Some(classes::cycling_label_accuracy(
+            &pg.argmax(1)?.to_vec1::<u32>()?,
+            conditional,
+        ))
+    } else {
+        None
+    };
     let pg: Vec<Vec<f32>> = pg.to_vec2()?;
     let class_histogram = classes::class_histogram(&pg, clf.classes)?;
     let spectrum = spectrum::compare_spectra(
@@ -267,6 +292,7 @@ pub fn image_metrics(cfg: &Config, generated: &Tensor, test: &ImageSet) -> Resul
         min_class_fraction: class_histogram.iter().copied().fold(1.0, f64::min),
         class_histogram,
         classifier_test_accuracy: clf.test_accuracy,
+        label_accuracy,
         spectrum,
     })
 }
