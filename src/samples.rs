@@ -138,8 +138,9 @@ pub fn write_interpolation(
     write_grid(path, &images, shape.0, shape.1, steps, 2)
 }
 
-/// Samples of any model: a grid of `n` images, or for 2-D data a 256 x 256 map of where
-/// 20,000 samples fall (log-scaled counts, brighter is denser) over the data set's extent.
+/// Samples of any model: a grid of `n` images (for a conditional model one column per class,
+/// `n` rounded up to whole rows), or for 2-D data a 256 x 256 map of where 20,000 samples fall
+/// (log-scaled counts, brighter is denser) over the data set's extent.
 pub fn write_model_samples(
     model: &crate::session::Model,
     cfg: &crate::config::Config,
@@ -158,8 +159,15 @@ pub fn write_model_samples(
         let pts = rows_of(&model.sample(20_000, &mut rng)?)?;
         return write_grid(path, &[point_map(&pts, 256, extent)], 256, 256, 1, 1);
     }
+    // A conditional model's sample i has label i mod C: C per row puts each digit in a column.
+    let classes = model.classes();
+    let (n, per_row) = if classes > 0 {
+        (n.div_ceil(classes) * classes, classes)
+    } else {
+        (n, per_row(n))
+    };
     let x = model.sample(n, &mut rng)?;
-    write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row(n), 2)
+    write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row, 2)
 }
 
 /// Log-scaled counts of 2-D points on a `size x size` grid over `extent^2` (row 0 at the top),
