@@ -168,6 +168,21 @@ pub fn optim_contents(
     Ok(FileContents { tensors, metadata })
 }
 
+/// The files of a checkpoint: `model.safetensors` with the model's `tensors` and `metadata`,
+/// and `optim.safetensors` with the optimizers `opts` (see [`optim_contents`]).
+pub fn checkpoint_contents(
+    cfg: &Config,
+    tensors: Vec<(String, Tensor)>,
+    metadata: std::collections::HashMap<String, String>,
+    opts: &[(&str, &Optimizer)],
+    epoch: u64,
+) -> Result<Vec<(&'static str, FileContents)>> {
+    Ok(vec![
+        (checkpoint::MODEL_FILE, FileContents { tensors, metadata }),
+        (checkpoint::OPTIM_FILE, optim_contents(cfg, opts, epoch)?),
+    ])
+}
+
 /// Restores one optimizer of `optim.safetensors` (see [`optim_contents`]).
 pub fn restore_optimizer(
     opt: &mut Optimizer,

@@ -10,20 +10,7 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
     let data = small_mnist(&tmp.path().join("data"), 100, 20);
     let cfg = small_config(tmp.path(), &data, "");
     let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = train_json(&cfg, &run);
     assert!(summary["final_eval"]["nll"].as_f64().unwrap() > 50.0);
 
     for f in [

@@ -11,6 +11,18 @@ use gentrain::models::Flow;
 use gentrain::optim::Optimizer;
 use gentrain::rng::{normal_vec, stream_rng, Stream};
 
+/// `max |a - b|` over all elements.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn randn(seed: u64, shape: (usize, usize)) -> Tensor {
     let mut rng = stream_rng(seed, Stream::Synthetic, 99);
     Tensor::from_vec(normal_vec(&mut rng, shape.0 * shape.1), shape, &Device::Cpu).unwrap()
@@ -69,25 +81,11 @@ fn x_to_z_to_x_round_trips() {
                 > 0.0
         );
         let back = flow.inverse(&z).unwrap();
-        let err = (back - &x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&back, &x);
         assert!(err < 1e-4, "D = {d}: max |x - f^-1(f(x))| = {err}");
         // And the other way: z -> x -> z.
         let z2 = flow.forward(&flow.inverse(&z).unwrap()).unwrap().0;
-        let err = (z2 - &z)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&z2, &z);
         assert!(err < 1e-3, "D = {d}: max |z - f(f^-1(z))| = {err}");
     }
 }
@@ -195,14 +193,7 @@ fn logit_map_jacobian_inverse_and_bits_per_dim() {
     let lj = log_jac.to_vec1::<f32>().unwrap()[0] as f64;
     assert!((lj - brute).abs() < 1e-3, "{lj} vs {brute}");
     let back = inverse_logit_transform(&y, alpha).unwrap();
-    let err = (back - &x)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = max_abs_diff(&back, &x);
     assert!(err < 1e-5, "{err}");
 
     // A fresh flow without ActNorm is the identity: log p_y(y) = log N(y; 0, I), so bits/dim

@@ -10,42 +10,6 @@ use gentrain::config::ModelConfig;
 use gentrain::models::Vae;
 use gentrain::rng::{stream_rng, Stream};
 
-fn write_config(
-    dir: &std::path::Path,
-    data: &std::path::Path,
-    model: &str,
-    data_extra: &str,
-) -> std::path::PathBuf {
-    let p = dir.join("variant.toml");
-    std::fs::write(
-        &p,
-        format!(
-            r#"
-[model]
-activation = "relu"
-{model}
-[[model.layers]]
-hidden = [64]
-latent = 8
-[data]
-dir = "{}"
-{data_extra}
-[train]
-epochs = 2
-batch_size = 50
-threads = 1
-log_every = 5
-[eval]
-final_k = 20
-final_limit = 50
-"#,
-            data.display()
-        ),
-    )
-    .unwrap();
-    p
-}
-
 #[test]
 fn conditional_vae_uses_its_labels() {
     let cfg = ModelConfig {
@@ -89,22 +53,9 @@ fn conditional_vae_uses_its_labels() {
 fn conditional_vae_trains_and_draws_a_grid_per_class() {
     let tmp = tempfile::tempdir().unwrap();
     let data = small_mnist(&tmp.path().join("data"), 200, 50);
-    let cfg = write_config(tmp.path(), &data, "classes = 10", "");
+    let cfg = small_config_with(tmp.path(), &data, "classes = 10", "", "");
     let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = train_json(&cfg, &run);
     let nll = summary["final_eval"]["nll"].as_f64().unwrap();
     assert!(nll.is_finite() && nll > 50.0, "nll {nll}");
     // 64 samples over 10 classes: 7 per class, one grid row per class (cells 28 + 2 pixels,
@@ -125,11 +76,7 @@ fn conditional_vae_trains_and_draws_a_grid_per_class() {
         "20",
         "--json",
     ]);
-    assert!(
-        ev.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ev.stderr)
-    );
+    assert_success(&ev);
     let grid = tmp.path().join("grid.png");
     let s = trainer(&[
         "sample",
@@ -140,10 +87,10 @@ fn conditional_vae_trains_and_draws_a_grid_per_class() {
         "--n",
         "20",
     ]);
-    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert_success(&s);
     assert_eq!(image::open(&grid).unwrap().height(), 2 * (10 * 30 + 2));
     // Resuming as an unconditional model names the field.
-    let plain = write_config(tmp.path(), &data, "", "");
+    let plain = small_config_with(tmp.path(), &data, "", "", "");
     let r = trainer(&[
         "train",
         "--config",
@@ -160,27 +107,15 @@ fn conditional_vae_trains_and_draws_a_grid_per_class() {
 fn gaussian_decoder_on_dequantized_pixels_reports_pixel_scale_bits_per_dim() {
     let tmp = tempfile::tempdir().unwrap();
     let data = small_mnist(&tmp.path().join("data"), 200, 50);
-    let cfg = write_config(
+    let cfg = small_config_with(
         tmp.path(),
         &data,
         "decoder = \"gaussian\"",
         "binarize = \"dequantize\"",
+        "",
     );
     let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = train_json(&cfg, &run);
     let r = &summary["final_eval"];
     let (nll, bpd) = (
         r["nll"].as_f64().unwrap(),
@@ -193,11 +128,12 @@ fn gaussian_decoder_on_dequantized_pixels_reports_pixel_scale_bits_per_dim() {
     // model loses, and never negative.
     assert!(bpd > 0.0 && bpd < 16.0, "bits/dim {bpd}");
     // A Bernoulli decoder on dequantized data is refused.
-    let bad = write_config(
+    let bad = small_config_with(
         tmp.path(),
         &data,
         "decoder = \"bernoulli\"",
         "binarize = \"dequantize\"",
+        "",
     );
     assert_user_error(
         &trainer(&[

@@ -115,8 +115,12 @@ impl Classifier {
 
     /// Loads the cached classifier of the data in `dir`, or trains and caches it.
     pub fn for_data_dir(dir: &Path) -> Result<Self> {
-        let train = ImageSet::load(dir, Split::Train)?;
-        let path = cache_path(dir, &train);
+        Self::for_training_set(dir, &ImageSet::load(dir, Split::Train)?)
+    }
+
+    /// [`Classifier::for_data_dir`] with the training split of `dir` already loaded.
+    pub fn for_training_set(dir: &Path, train: &ImageSet) -> Result<Self> {
+        let path = cache_path(dir, train);
         let classes = train.num_classes();
         if classes < 2 {
             return Err(Error::Data(format!(
@@ -133,7 +137,7 @@ impl Classifier {
             train.n,
             path.display()
         );
-        let c = Self::train(&train, &test)?;
+        let c = Self::train(train, &test)?;
         if let Err(e) = c.save(&path) {
             tracing::warn!("could not cache the metric classifier: {e}");
         }
@@ -213,11 +217,7 @@ impl Classifier {
     }
 
     fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: HashMap<String, Tensor> = self
-            .store
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-            .collect();
+        let mut tensors: HashMap<String, Tensor> = self.store.named_tensors().into_iter().collect();
         tensors.insert(
             "test_accuracy".into(),
             Tensor::new(&[self.test_accuracy as f32], &Device::Cpu)?,

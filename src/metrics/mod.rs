@@ -167,14 +167,6 @@ pub fn draw_samples(model: &Model, n: usize, seed: u64) -> Result<Tensor> {
     Ok(x)
 }
 
-/// Up to `n` rows of the real test data in model space (`[0, 1]` images, 2-D points).
-fn real_rows(data: &Datasets, test: Option<&ImageSet>, n: usize) -> Result<Tensor> {
-    match test {
-        Some(set) => classifier::scaled(set, 0, n.min(set.n)),
-        None => Ok(data.test.range(0, n.min(data.test.len()), &Device::Cpu)?),
-    }
-}
-
 /// Every sample metric that applies to `model` on the data of `cfg`, from `n` samples.
 pub fn sample_metrics(
     model: &Model,
@@ -198,16 +190,20 @@ pub fn sample_metrics(
         )?),
         None => None,
     };
-    let test = if cfg.data.synthetic().is_none() {
-        Some(ImageSet::load(&cfg.data.dir, Split::Test)?)
+    // The real rows in model space: `[0, 1]` test images, or the 2-D test points.
+    let (real, images) = if cfg.data.synthetic().is_none() {
+        let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
+        let real = classifier::scaled(&test, 0, test.n)?;
+        let images = if test.labels.is_some() {
+            let train = ImageSet::load(&cfg.data.dir, Split::Train)?;
+            Some(image_metrics(cfg, &generated, &real, &train, conditional)?)
+        } else {
+            None
+        };
+        (real, images)
     } else {
-        None
+        (data.test.range(0, data.test.len(), &Device::Cpu)?, None)
     };
-    let images = match &test {
-        Some(t) if t.labels.is_some() => Some(image_metrics(cfg, &generated, t, conditional)?),
-        _ => None,
-    };
-    let real = real_rows(data, test.as_ref(), 10_000)?;
     let s = n.min(DUPLICATE_SAMPLE).min(real.dim(0)?);
     let duplicates = if s >= 2 {
         let pick = random_rows(&real, s, seed)?;
@@ -244,23 +240,23 @@ fn random_rows(x: &Tensor, s: usize, seed: u64) -> Result<Tensor> {
 }
 
 /// MNIST-FID, the Inception-Score analogue, the class histogram and the PCA spectra of
-/// `generated` (rows in `[0, 1]`) against the test images `test`; for a model conditioned on
-/// `conditional` classes (row `i` generated for label `i mod conditional`), the label accuracy.
+/// `generated` (rows in `[0, 1]`) against the test images `real` (scaled to `[0, 1]`), with the
+/// classifier of the training split `train`; for a model conditioned on `conditional` classes
+/// (row `i` generated for label `i mod conditional`), the label accuracy.
 pub fn image_metrics(
     cfg: &Config,
     generated: &Tensor,
-    test: &ImageSet,
+    real: &Tensor,
+    train: &ImageSet,
     conditional: usize,
 ) -> Result<ImageMetrics> {
-    let clf = Classifier::for_data_dir(&cfg.data.dir)?;
+    let clf = Classifier::for_training_set(&cfg.data.dir, train)?;
     let n = generated.dim(0)?;
-    let real = classifier::scaled(test, 0, test.n)?;
     let (fg, pg) = clf.features_and_probs(generated)?;
-    let (fr, pr) = clf.features_and_probs(&real)?;
+    let (fr, pr) = clf.features_and_probs(real)?;
     let stats_real = frechet::gaussian_stats(&fr)?;
     let fid_mnist = frechet::frechet_distance(&frechet::gaussian_stats(&fg)?, &stats_real)?;
     // The floor: as many training images as generated ones, against the same test statistics.
-    let train = ImageSet::load(&cfg.data.dir, Split::Train)?;
     let pick = random_indices(train.n, n.min(train.n), 7)?;
     let pixels: Vec<f32> = pick
         .iter()
@@ -281,7 +277,7 @@ pub fn image_metrics(
     let class_histogram = classes::class_histogram(&pg, clf.classes)?;
     let spectrum = spectrum::compare_spectra(
         &frechet::gaussian_stats(generated)?,
-        &frechet::gaussian_stats(&real)?,
+        &frechet::gaussian_stats(real)?,
     );
     Ok(ImageMetrics {
         fid_mnist,

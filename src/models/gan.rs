@@ -213,11 +213,6 @@ impl DiscLayer {
         })
     }
 
-    /// `W` as the `(out, in * k * k)` matrix that spectral norm sees (PyTorch's `dim = 0`).
-    fn matrix(&self) -> Result<Tensor> {
-        Ok(self.weight.flatten_from(1)?)
-    }
-
     /// The pre-activation `a = W h + b` for flattened inputs `h: (B, in)`, with the effective
     /// weight `w`; flattened output.
     fn affine(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -502,7 +497,7 @@ impl Gan {
         let iters = self.cfg.sn_iterations;
         for l in &mut self.disc {
             if let Some((u, _)) = &l.uv {
-                let (u, v) = spectral_norm::power_iteration(&l.matrix()?, u, iters)?;
+                let (u, v) = spectral_norm::power_iteration(&l.weight, u, iters)?;
                 l.uv = Some((u, v));
             }
         }
@@ -514,10 +509,7 @@ impl Gan {
         self.disc
             .iter()
             .map(|l| match &l.uv {
-                Some((u, v)) => {
-                    let sigma = spectral_norm::sigma(&l.matrix()?, u, v)?;
-                    Ok(l.weight.broadcast_div(&sigma)?)
-                }
+                Some((u, v)) => Ok(spectral_norm::normalized(&l.weight, u, v)?),
                 None => Ok(l.weight.clone()),
             })
             .collect()
@@ -569,18 +561,26 @@ impl Gan {
 
     /// `D(x)` (for a conditional GAN `D(x, y)` of rows `[x, one-hot y]`), shape `(B)`.
     pub fn discriminate(&self, xy: &Tensor) -> Result<Tensor> {
+        self.discriminate_with(xy, &self.effective_weights()?)
+    }
+
+    /// [`Gan::discriminate`] with the effective weights already computed.
+    fn discriminate_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<Tensor> {
         let (x, y) = self.split(xy)?;
-        let ws = self.effective_weights()?;
-        Ok(self.run_discriminator(&x, y.as_ref(), &ws)?.0)
+        Ok(self.run_discriminator(&x, y.as_ref(), ws)?.0)
     }
 
     /// `(D(x), grad_x D(x))` (the gradient with respect to the image part of conditional rows),
     /// the gradient built as a forward graph (see the module docs) so that losses of it can be
     /// differentiated with respect to the discriminator's weights.
     pub fn input_gradient(&self, xy: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.input_gradient_with(xy, &self.effective_weights()?)
+    }
+
+    /// [`Gan::input_gradient`] with the effective weights already computed.
+    fn input_gradient_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<(Tensor, Tensor)> {
         let (x, y) = self.split(xy)?;
-        let ws = self.effective_weights()?;
-        let (d, slopes) = self.run_discriminator(&x, y.as_ref(), &ws)?;
+        let (d, slopes) = self.run_discriminator(&x, y.as_ref(), ws)?;
         let last = ws.len() - 1;
         let b = x.dim(0)?;
         // dD/dphi = w_out (+ E^T y with labels) for every row.
@@ -632,8 +632,10 @@ impl Gan {
         fake: &Tensor,
         t: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
-        let d_real = self.discriminate(x)?;
-        let d_fake = self.discriminate(fake)?;
+        // W / sigma(W) once for the real rows, the fakes and the penalty.
+        let ws = self.effective_weights()?;
+        let d_real = self.discriminate_with(x, &ws)?;
+        let d_fake = self.discriminate_with(fake, &ws)?;
         let mut penalty = None;
         let loss = match self.cfg.loss {
             GanLoss::NonSaturating => {
@@ -646,7 +648,7 @@ impl Gan {
                 let b = x.dim(0)?;
                 let t = t.broadcast_as((b, x.dim(1)?))?;
                 let x_hat = ((x * &t)? + (fake * (1.0 - &t)?)?)?.detach();
-                let (_, g) = self.input_gradient(&x_hat)?;
+                let (_, g) = self.input_gradient_with(&x_hat, &ws)?;
                 let norm = (g.sqr()?.sum(D::Minus1)? + 1e-12)?.sqrt()?;
                 let gp = (norm - 1.0)?.sqr()?.mean_all()?;
                 let loss =

@@ -65,6 +65,14 @@ impl ParamStore {
         self.params.iter().map(|(n, v)| (n.as_str(), v))
     }
 
+    /// The parameters' current values under their names, in creation order (for checkpoints).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
     /// Number of scalar parameters.
     pub fn numel(&self) -> usize {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()

@@ -21,30 +21,39 @@ fn normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&(norm + EPS)?)
 }
 
-/// `iterations` power-iteration steps for `w: (out, in)` from `u: (out)`; returns the new
-/// `(u, v)`, detached.
-pub fn power_iteration(w: &Tensor, u: &Tensor, iterations: usize) -> Result<(Tensor, Tensor)> {
-    let w = w.detach();
-    let mut u = u.detach();
-    let mut v = normalize(&w.t()?.matmul(&u.unsqueeze(1)?)?.squeeze(1)?)?;
-    for i in 0..iterations.max(1) {
-        if i > 0 {
-            v = normalize(&w.t()?.matmul(&u.unsqueeze(1)?)?.squeeze(1)?)?;
-        }
-        u = normalize(&w.matmul(&v.unsqueeze(1)?)?.squeeze(1)?)?;
-    }
-    Ok((u, v))
+/// `w` as the matrix spectral normalization sees: `(out, in)` for a dense layer, and a
+/// convolution kernel `(out, in, kh, kw)` flattened to `(out, in * kh * kw)` (PyTorch's
+/// `dim = 0`).
+fn as_matrix(w: &Tensor) -> Result<Tensor> {
+    w.flatten_from(1)
 }
 
-/// `sigma = u^T W v` (differentiable in `w`).
+/// `iterations` (at least 1) power-iteration steps for the weight `w` (any rank, see
+/// [`as_matrix`]) from `u: (out)`; returns the new `(u, v)`, detached.
+pub fn power_iteration(w: &Tensor, u: &Tensor, iterations: usize) -> Result<(Tensor, Tensor)> {
+    let w = as_matrix(&w.detach())?;
+    let mut u = u.detach();
+    let mut v;
+    let mut i = 0;
+    loop {
+        v = normalize(&w.t()?.matmul(&u.unsqueeze(1)?)?.squeeze(1)?)?;
+        u = normalize(&w.matmul(&v.unsqueeze(1)?)?.squeeze(1)?)?;
+        i += 1;
+        if i >= iterations {
+            return Ok((u, v));
+        }
+    }
+}
+
+/// `sigma = u^T W v` (differentiable in `w`, any rank).
 pub fn sigma(w: &Tensor, u: &Tensor, v: &Tensor) -> Result<Tensor> {
     u.unsqueeze(0)?
-        .matmul(&w.matmul(&v.unsqueeze(1)?)?)?
+        .matmul(&as_matrix(w)?.matmul(&v.unsqueeze(1)?)?)?
         .squeeze(D::Minus1)?
         .squeeze(0)
 }
 
-/// `W / sigma(W)` with `sigma` from the (fixed) vectors `u`, `v`.
+/// `W / sigma(W)` with `sigma` from the (fixed) vectors `u`, `v`, in `w`'s own shape.
 pub fn normalized(w: &Tensor, u: &Tensor, v: &Tensor) -> Result<Tensor> {
     w.broadcast_div(&sigma(w, u, v)?)
 }

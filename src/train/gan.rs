@@ -10,9 +10,9 @@ use candle_core::{Device, Tensor};
 use rand::Rng;
 
 use super::{
-    optim_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
+    checkpoint_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
 };
-use crate::checkpoint::{FileContents, LoadedFile, MODEL_FILE, OPTIM_FILE};
+use crate::checkpoint::{FileContents, LoadedFile, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
@@ -184,25 +184,16 @@ impl Trainee for GanTrainee {
         metadata: std::collections::HashMap<String, String>,
         epoch: u64,
     ) -> Result<Vec<(&'static str, FileContents)>> {
-        let mut tensors: Vec<(String, Tensor)> = self
-            .gan
-            .gen_store
-            .iter()
-            .chain(self.gan.disc_store.iter())
-            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-            .collect();
+        let mut tensors = self.gan.gen_store.named_tensors();
+        tensors.extend(self.gan.disc_store.named_tensors());
         tensors.extend(self.gan.named_buffers());
-        Ok(vec![
-            (MODEL_FILE, FileContents { tensors, metadata }),
-            (
-                OPTIM_FILE,
-                optim_contents(
-                    cfg,
-                    &[("gen_", &self.gen_opt), ("disc_", &self.disc_opt)],
-                    epoch,
-                )?,
-            ),
-        ])
+        checkpoint_contents(
+            cfg,
+            tensors,
+            metadata,
+            &[("gen_", &self.gen_opt), ("disc_", &self.disc_opt)],
+            epoch,
+        )
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {

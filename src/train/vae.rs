@@ -7,9 +7,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::{
-    optim_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
+    checkpoint_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
 };
-use crate::checkpoint::{FileContents, LoadedFile, MODEL_FILE, OPTIM_FILE};
+use crate::checkpoint::{FileContents, LoadedFile, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
@@ -124,19 +124,13 @@ impl Trainee for VaeTrainee {
         metadata: std::collections::HashMap<String, String>,
         epoch: u64,
     ) -> Result<Vec<(&'static str, FileContents)>> {
-        let model = FileContents {
-            tensors: self
-                .model
-                .store
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-                .collect(),
+        checkpoint_contents(
+            cfg,
+            self.model.store.named_tensors(),
             metadata,
-        };
-        Ok(vec![
-            (MODEL_FILE, model),
-            (OPTIM_FILE, optim_contents(cfg, &[("", &self.opt)], epoch)?),
-        ])
+            &[("", &self.opt)],
+            epoch,
+        )
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval> {

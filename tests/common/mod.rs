@@ -58,6 +58,17 @@ pub fn small_mnist(dir: &Path, n: usize, n_test: usize) -> PathBuf {
 
 /// A small, fast config for CLI tests.
 pub fn small_config(dir: &Path, data_dir: &Path, extra: &str) -> PathBuf {
+    small_config_with(dir, data_dir, "", "", extra)
+}
+
+/// [`small_config`] with extra lines in its `[model]` and `[data]` sections.
+pub fn small_config_with(
+    dir: &Path,
+    data_dir: &Path,
+    model: &str,
+    data: &str,
+    extra: &str,
+) -> PathBuf {
     let p = dir.join("small.toml");
     std::fs::write(
         &p,
@@ -65,11 +76,13 @@ pub fn small_config(dir: &Path, data_dir: &Path, extra: &str) -> PathBuf {
             r#"
 [model]
 activation = "relu"
+{model}
 [[model.layers]]
 hidden = [64]
 latent = 8
 [data]
 dir = "{}"
+{data}
 [train]
 epochs = 2
 batch_size = 50
@@ -85,6 +98,29 @@ final_limit = 50
     )
     .unwrap();
     p
+}
+
+/// Asserts that a `trainer` run succeeded, showing its stderr otherwise.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `trainer train --config cfg --out run --json`: asserts success and returns the summary.
+pub fn train_json(cfg: &Path, run: &Path) -> serde_json::Value {
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_success(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The raw tensor bytes of a safetensors file (metadata excluded), by name.
