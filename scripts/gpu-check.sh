@@ -14,7 +14,9 @@
 #      torch.compile on the benchmarked configurations (skipped when torch is missing);
 #   5. a 10-epoch run of configs/vae-examples.toml on cuda:0 with the test NLL (k = 1000, 2000
 #      images) to compare with the CPU run's 96.92 nats (docs/results.md);
-#   6. summary.json gathering the figures.
+#   6. one epoch each of the flow and the spectrally normalized GANs (MLP on the 25-Gaussian grid,
+#      DCGAN on MNIST) on cuda:0, with their eval JSON: the non-VAE families' first GPU runs;
+#   7. summary.json gathering the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:+$OUT/gpu-check}}
@@ -71,7 +73,15 @@ rm -rf "$OUT_DIR/run-cuda"
 "$TRAINER" train --config configs/vae-examples.toml --device cuda:0 --out "$OUT_DIR/run-cuda" --json > "$OUT_DIR/train-cuda.json"
 cat "$OUT_DIR/train-cuda.json"
 
-step "6. summary"
+step "6. flow and GANs on cuda:0 (1 epoch each)"
+for cfg in realnvp-moons sngan-grid25 sngan-dcgan-mnist; do
+  rm -rf "$OUT_DIR/run-$cfg"
+  "$TRAINER" train --config "configs/$cfg.toml" --device cuda:0 --epochs 1 --out "$OUT_DIR/run-$cfg" --json > "$OUT_DIR/train-$cfg.json"
+  "$TRAINER" eval --checkpoint "$OUT_DIR/run-$cfg" --device cuda:0 --samples 2000 --json > "$OUT_DIR/eval-$cfg.json"
+  cat "$OUT_DIR/eval-$cfg.json"
+done
+
+step "7. summary"
 python3 - "$OUT_DIR" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

@@ -101,7 +101,7 @@ pub fn bench_kernels(
     n: usize,
     repeats: usize,
 ) -> Result<Vec<KernelReport>> {
-    use crate::ops::{adam, bernoulli, gaussian, linear, logsumexp};
+    use crate::ops::{adam, bernoulli, gaussian, linear, logsumexp, spectral_norm};
     use candle_core::{DType, Tensor};
     if n < 784 || repeats == 0 {
         return Err(Error::Config(
@@ -117,6 +117,7 @@ pub fn bench_kernels(
     let g_rows = Tensor::rand(-1f32, 1f32, rows, device)?;
     let bias = Tensor::rand(-1f32, 1f32, d, device)?;
     let lse = logsumexp::logsumexp(&a)?;
+    let sn_u = Tensor::rand(-1f32, 1f32, rows, device)?;
     let flat = a.flatten_all()?;
     let grad = b.flatten_all()?;
     let state = Tensor::zeros(2 * n + 1, DType::F32, device)?;
@@ -165,6 +166,17 @@ pub fn bench_kernels(
                 a.apply_op3_no_bwd(&lse, &g_rows, &logsumexp::LogSumExpBackward)
                     .map(|_| ())
             }),
+        ),
+        (
+            // One iteration reads W twice (W^T u, then W v).
+            "spectral_norm_power_iteration",
+            (2 * n + 3 * rows + 2 * d) * f,
+            Box::new(|| spectral_norm::power_iteration(&a, &sn_u, 1).map(|_| ())),
+        ),
+        (
+            "spectral_norm_power_iteration_candle_ops",
+            (2 * n + 3 * rows + 2 * d) * f,
+            Box::new(|| spectral_norm::power_iteration_slow(&a, &sn_u, 1).map(|_| ())),
         ),
         (
             "bias_act_tanh",

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::ops::{bernoulli, gaussian, linear, logsumexp};
+use crate::ops::{bernoulli, gaussian, linear, logsumexp, spectral_norm};
 
 /// Shapes (rows, columns) every row and elementwise kernel is checked on.
 pub const SHAPES: &[(usize, usize)] = &[
@@ -220,6 +220,42 @@ pub fn check_logsumexp(dev: &Device) -> Result<Vec<CheckReport>> {
     Ok(out)
 }
 
+/// Spectral-norm power iteration (1 and 3 iterations; `[u, v, sigma]` compared) on weight
+/// shapes that are not multiples of the kernels' 32-column and 8-row tiles, including a
+/// flattened convolution kernel; then `W / sigma(W)` with its gradient in `W`.
+pub fn check_spectral_norm(dev: &Device) -> Result<Vec<CheckReport>> {
+    let mut out = Vec::new();
+    let shapes: &[&[usize]] = &[&[1, 1], &[3, 257], &[129, 784], &[513, 3], &[64, 33, 4, 4]];
+    for (i, dims) in shapes.iter().enumerate() {
+        let (m, n) = (dims[0], dims[1..].iter().product::<usize>());
+        let w = (random(40 + i as u64, m * n, -1.0, 1.0), dims.to_vec());
+        let u = (random(50 + i as u64, m, -1.0, 1.0), vec![m]);
+        for iterations in [1, 3] {
+            out.push(check(
+                dev,
+                &format!("spectral-norm power iteration {dims:?} x{iterations}"),
+                &[w.clone(), u.clone()],
+                1e-5,
+                &|t| {
+                    let r = spectral_norm::power_iteration_with_sigma(t[0], t[1], iterations)?;
+                    Tensor::cat(&[&r.u, &r.v, &r.sigma.unsqueeze(0)?], 0)
+                },
+            )?);
+        }
+        out.push(check(
+            dev,
+            &format!("spectral-norm W / sigma {dims:?}"),
+            &[w, u],
+            1e-5,
+            &|t| {
+                let (u, v) = spectral_norm::power_iteration(t[0], t[1], 1)?;
+                spectral_norm::normalized(t[0], &u, &v)
+            },
+        )?);
+    }
+    Ok(out)
+}
+
 /// The affine layer (GEMM and the fused bias + activation epilogue) for every activation.
 pub fn check_linear(dev: &Device) -> Result<Vec<CheckReport>> {
     let mut out = Vec::new();
@@ -390,6 +426,7 @@ pub fn run_all(dev: &Device) -> Result<Vec<CheckReport>> {
         check_gaussian,
         check_bernoulli,
         check_logsumexp,
+        check_spectral_norm,
         check_linear,
         check_adam,
         check_train_step,

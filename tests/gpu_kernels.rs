@@ -37,6 +37,10 @@ gpu_test!(
     kernel_check::check_logsumexp
 );
 gpu_test!(
+    spectral_norm_power_iteration_matches_cpu,
+    kernel_check::check_spectral_norm
+);
+gpu_test!(
     linear_gemm_and_epilogue_match_cpu,
     kernel_check::check_linear
 );
