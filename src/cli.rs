@@ -21,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Train a model from a TOML config (flags override the file).
     Train(TrainArgs),
+    /// Train one data-parallel group on this machine: one `trainer train` process per GPU
+    /// (NCCL) or per CPU share (TCP), signals forwarded: `trainer launch --gpus 0,1 -- --config C`.
+    Launch(LaunchArgs),
     /// Evaluate a checkpoint: test ELBO, importance-sampled NLL, active units, bits/dim, and
     /// the sample metrics (MNIST-FID, Inception-Score analogue, mode coverage, ...).
     Eval(EvalArgs),
@@ -96,6 +99,46 @@ pub struct TrainArgs {
     /// Stop after this many steps (for testing resume).
     #[arg(long, hide = true)]
     pub max_steps: Option<u64>,
+    /// Data parallelism: processes in the group (`trainer launch` sets this and the three
+    /// flags below; set them by hand to span machines). The global batch is train.batch_size.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// Data parallelism: this process's rank (0 writes the run directory).
+    #[arg(long, default_value_t = 0)]
+    pub rank: usize,
+    /// Data parallelism: where ranks meet: tcp://HOST:PORT (rank 0 listens there) or
+    /// file:PATH on a shared file system (nccl only).
+    #[arg(long)]
+    pub rendezvous: Option<String>,
+    /// Data parallelism: nccl (GPUs) or tcp (CPUs). Default: nccl on cuda, tcp on cpu.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Data parallelism: seconds every rank has to reach the rendezvous.
+    #[arg(long, default_value_t = 300)]
+    pub rendezvous_timeout: u64,
+}
+
+/// Flags of `trainer launch`.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// GPUs to train on, one rank each, e.g. 0,1,2,3 (ranks follow this order).
+    #[arg(long, value_delimiter = ',', required_unless_present = "processes")]
+    pub gpus: Vec<usize>,
+    /// Ranks on the CPU instead (tcp backend; the cores are split between them).
+    #[arg(long, conflicts_with = "gpus")]
+    pub processes: Option<usize>,
+    /// Rendezvous (default: tcp://127.0.0.1:<a free port>).
+    #[arg(long)]
+    pub rendezvous: Option<String>,
+    /// Collective backend (default: nccl with --gpus, tcp with --processes).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Seconds a failing group's other ranks get to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+    /// The `trainer train` flags, after `--`.
+    #[arg(last = true)]
+    pub train_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -276,9 +319,71 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// The data-parallel group of `trainer train`'s flags (`None` for one process).
+fn parallel_spec(a: &TrainArgs, cfg: &Config) -> Result<Option<crate::distributed::ParallelSpec>> {
+    if a.world_size <= 1 {
+        if a.rank != 0 || a.rendezvous.is_some() {
+            bail!("--rank and --rendezvous need --world-size of 2 or more");
+        }
+        return Ok(None);
+    }
+    if a.rank >= a.world_size {
+        bail!("--rank {} is outside --world-size {}", a.rank, a.world_size);
+    }
+    let Some(r) = &a.rendezvous else {
+        bail!(
+            "--world-size {} needs --rendezvous tcp://HOST:PORT or file:PATH",
+            a.world_size
+        );
+    };
+    let backend = match &a.backend {
+        Some(b) => b.parse()?,
+        None if cfg.train.device.starts_with("cuda") => crate::distributed::Backend::Nccl,
+        None => crate::distributed::Backend::Tcp,
+    };
+    Ok(Some(crate::distributed::ParallelSpec {
+        rank: a.rank,
+        world_size: a.world_size,
+        rendezvous: r.parse()?,
+        backend,
+        timeout: std::time::Duration::from_secs(a.rendezvous_timeout.max(1)),
+    }))
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Launch(a) => {
+            use crate::launch::{rank_arguments, Placement};
+            let placement = match a.processes {
+                Some(n) => Placement::Cpu {
+                    processes: n,
+                    cores: std::thread::available_parallelism().map_or(1, |c| c.get()),
+                },
+                None => Placement::Gpus(a.gpus.clone()),
+            };
+            let rendezvous = match &a.rendezvous {
+                Some(r) => r.clone(),
+                None => format!("tcp://127.0.0.1:{}", crate::launch::free_port()?),
+            };
+            let config = a
+                .train_args
+                .iter()
+                .position(|x| x == "--config")
+                .and_then(|i| a.train_args.get(i + 1))
+                .map(PathBuf::from);
+            let ranks = rank_arguments(
+                &placement,
+                &rendezvous,
+                a.backend.as_deref(),
+                &a.train_args,
+                default_run_dir(config.as_deref()),
+            )?;
+            let exe = std::env::current_exe().context("locating the trainer executable")?;
+            crate::launch::run(&exe, &ranks, std::time::Duration::from_secs(a.grace))
+                .context("launch")?;
+            Ok(())
+        }
         Command::Train(a) => {
             let fallback = match &a.resume {
                 Some(r) if a.flags.config.is_none() => Some(checkpoint_config(r)?),
@@ -288,19 +393,33 @@ pub fn run(cli: Cli) -> Result<()> {
             let out = match (&a.out, &a.resume) {
                 (Some(o), _) => o.clone(),
                 (None, Some(r)) => run_dir_of(r),
+                (None, None) if a.world_size > 1 => bail!(
+                    "--world-size {} needs --out (or --resume): every rank must name the same run directory",
+                    a.world_size
+                ),
                 (None, None) => default_run_dir(a.flags.config.as_deref()),
             };
+            let parallel = parallel_spec(&a, &cfg)?;
+            let root = a.rank == 0;
             let opts = crate::train::TrainOptions {
                 out,
                 resume: a.resume.clone(),
-                progress: !a.json,
+                progress: !a.json && root,
                 max_steps: a.max_steps,
                 handle_signals: true,
+                parallel,
             };
             let s = crate::device::with_cpu_threads(cfg.train.threads, || {
                 crate::train::train(&cfg, &opts)
             })
-            .context("train")?;
+            .context(if a.world_size > 1 {
+                format!("train (rank {} of {})", a.rank, a.world_size)
+            } else {
+                "train".to_string()
+            })?;
+            if !root {
+                return Ok(());
+            }
             if s.interrupted {
                 eprintln!(
                     "interrupted at step {}: checkpoint written; continue with `trainer train --resume {}`",

@@ -32,6 +32,9 @@ pub enum Error {
     /// The loss or a gradient became NaN or infinite.
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// A data-parallel group that cannot form or lost a rank (rendezvous, peer, protocol).
+    #[error("distributed: {0}")]
+    Distributed(String),
     /// An error from the tensor library.
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),

@@ -42,6 +42,9 @@ pub struct TrainOptions {
     /// Install SIGINT/SIGTERM handlers: the first signal finishes the current step, writes a
     /// checkpoint and returns; a second one exits at once without touching saved checkpoints.
     pub handle_signals: bool,
+    /// Join a data-parallel group (see [`crate::distributed`]); `None` or a world of 1 trains
+    /// in this process alone. Only rank 0 writes into the run directory.
+    pub parallel: Option<crate::distributed::ParallelSpec>,
 }
 
 /// What a finished run reports.
@@ -85,6 +88,8 @@ pub struct StepContext<'a> {
     pub epoch_progress: f64,
     pub lr: f64,
     pub device: &'a Device,
+    /// This process's data-parallel group, if any: `idx` is then the global batch.
+    pub parallel: Option<&'a crate::distributed::DataParallel>,
 }
 
 /// What one update reports. The tensors are scalars on the training device, read only at
@@ -124,6 +129,11 @@ pub struct FinalEval {
 pub trait Trainee {
     /// Trainable scalars.
     fn numel(&self) -> usize;
+    /// The variables a data-parallel group keeps identical (broadcast at start, gradients
+    /// averaged every step); `None` for families that train in one process only.
+    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
+        None
+    }
     /// One update on the rows `idx` of `data`.
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput>;
     /// Evaluation at an epoch end.
@@ -278,6 +288,7 @@ fn start(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     cfg: &Config,
     data: &Datasets,
@@ -286,9 +297,11 @@ fn save_checkpoint(
     run_dir: &Path,
     epoch: u64,
     keep: usize,
+    world_size: usize,
 ) -> Result<PathBuf> {
-    let files =
-        trainee.checkpoint_files(cfg, session::model_metadata(cfg, data, step, epoch), epoch)?;
+    let mut metadata = session::model_metadata(cfg, data, step, epoch);
+    metadata.insert("world_size".into(), world_size.to_string());
+    let files = trainee.checkpoint_files(cfg, metadata, epoch)?;
     checkpoint::save(run_dir, step, &files, keep)
 }
 
@@ -331,6 +344,21 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     if data.train.is_empty() {
         return Err(Error::Data("the training set is empty".into()));
     }
+    let parallel = match &opts.parallel {
+        Some(spec) if spec.world_size > 1 => {
+            let bs = cfg.train.batch_size.min(data.train.len());
+            if bs < spec.world_size {
+                return Err(Error::Config(format!(
+                    "train.batch_size {bs} is the global batch: it must be at least the world size {}",
+                    spec.world_size
+                )));
+            }
+            Some(crate::distributed::connect(spec, &device)?)
+        }
+        _ => None,
+    };
+    let root = parallel.as_ref().is_none_or(|p| p.is_root());
+    let world_size = parallel.as_ref().map_or(1, |p| p.world_size());
     let run_dir = &opts.out;
     if opts.resume.is_none() && run_dir.join(checkpoint::LATEST).exists() {
         return Err(Error::Config(format!(
@@ -340,10 +368,30 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         )));
     }
     let (mut trainee, mut step) = start(cfg, opts.resume.as_deref(), &data, &device)?;
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let stale = checkpoint::remove_stale_temporaries(run_dir)?;
-    if stale > 0 {
-        tracing::warn!("removed {stale} unfinished checkpoint director(ies) of an earlier crash");
+    if let Some(p) = &parallel {
+        let Some(vars) = trainee.parameters() else {
+            return Err(Error::Config(format!(
+                "data parallelism covers the vae family (VAE and IWAE); train `{}` in one process",
+                cfg.model.family
+            )));
+        };
+        // Identical starting points whatever each rank initialized or loaded.
+        p.broadcast_parameters(&vars)?;
+        tracing::info!(
+            rank = p.rank(),
+            world_size = p.world_size(),
+            backend = p.backend(),
+            "data-parallel group formed"
+        );
+    }
+    if root {
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+        let stale = checkpoint::remove_stale_temporaries(run_dir)?;
+        if stale > 0 {
+            tracing::warn!(
+                "removed {stale} unfinished checkpoint director(ies) of an earlier crash"
+            );
+        }
     }
     let stop = if opts.handle_signals {
         Some(install_signal_handlers()?)
@@ -353,9 +401,13 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut best = checkpoint::read_best(run_dir).map(|(_, score)| score);
     let mut saved_at: Option<u64> = None;
     let mut interrupted = false;
-    let cfg_path = run_dir.join("config.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
-    let mut metrics = MetricsWriter::open(run_dir)?;
+    let mut metrics = if root {
+        let cfg_path = run_dir.join("config.toml");
+        std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+        MetricsWriter::open(run_dir)?
+    } else {
+        MetricsWriter::disabled()
+    };
 
     let n = data.train.len();
     let bs = cfg.train.batch_size.min(n);
@@ -370,7 +422,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         "training"
     );
 
-    let bar = if opts.progress {
+    let bar = if opts.progress && root {
         let b = indicatif::ProgressBar::new(total_steps);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -411,6 +463,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             epoch_progress: epoch as f64 + within as f64 / steps_per_epoch as f64,
             lr,
             device: &device,
+            parallel: parallel.as_ref(),
         };
         let out = trainee.step(&ctx, &data.train, idx)?;
         if out.applied == Some(false) {
@@ -431,7 +484,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         trained_samples += idx.len();
         bar.inc(1);
         window.3 += idx.len();
-        if step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch {
+        let logging =
+            step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch;
+        if logging {
             let loss = out.loss.to_scalar::<f32>()?;
             let window_skips = window_skipped.to_scalar::<f32>()?.round() as usize;
             if out.applied.is_none() && window_skips > 0 {
@@ -470,9 +525,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let epoch_done = within as u64 + 1 == steps_per_epoch;
         let every = cfg.train.checkpoint_every_steps as u64;
-        let mut want_checkpoint = every > 0 && step % every == 0;
+        let mut want_checkpoint = root && every > 0 && step % every == 0;
         let mut valid_score = None;
-        if epoch_done {
+        if epoch_done && root {
             let e = epoch as usize + 1;
             let last = e == cfg.train.epochs;
             if cfg.train.eval_every > 0 && (e % cfg.train.eval_every == 0 || last) {
@@ -507,6 +562,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 run_dir,
                 step / steps_per_epoch,
                 cfg.train.keep_checkpoints,
+                world_size,
             )?;
             saved_at = Some(step);
             if let Some(score) = valid_score.filter(|s| best.is_none_or(|b| *s < b)) {
@@ -519,16 +575,23 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             }
             metrics.flush()?;
         }
-        if epoch_done && cfg.train.sample_every > 0 {
+        if epoch_done && root && cfg.train.sample_every > 0 {
             metrics.flush()?;
             if let Err(e) = crate::report::plot::write_training_curves(run_dir) {
                 tracing::warn!("could not draw the training curves: {e}");
             }
         }
-        if stop
+        let signalled = stop
             .as_ref()
-            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
-        {
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        let stop_now = match &parallel {
+            // The ranks agree on the step to stop at, at logging intervals and epoch ends (an
+            // agreement is a collective; doing it every step would sync the device every step).
+            Some(p) if logging || epoch_done => p.any(signalled, &device)?,
+            Some(_) => false,
+            None => signalled,
+        };
+        if stop_now {
             interrupted = true;
             break;
         }
@@ -536,7 +599,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     bar.finish_and_clear();
     let seconds_training = t_train.elapsed().as_secs_f64();
     let finished = step >= total_steps;
-    if !finished && saved_at != Some(step) {
+    if root && !finished && saved_at != Some(step) {
         // Stopped early (signal or --max-steps): checkpoint here so the run can be resumed.
         save_checkpoint(
             cfg,
@@ -546,6 +609,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             run_dir,
             step / steps_per_epoch,
             cfg.train.keep_checkpoints,
+            world_size,
         )?;
     }
     if interrupted {
@@ -557,7 +621,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         )?;
     }
     let mut final_figures = std::collections::BTreeMap::new();
-    let final_eval = if finished && !interrupted {
+    let final_eval = if root && finished && !interrupted {
         let fin = trainee.finish(cfg, &data, run_dir)?;
         if !fin.figures.is_empty() {
             metrics.log("final_eval", step, cfg.train.epochs as f64, &fin.figures)?;
@@ -568,8 +632,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         None
     };
     metrics.flush()?;
-    if let Err(e) = crate::report::plot::write_training_curves(run_dir) {
-        tracing::warn!("could not draw the training curves: {e}");
+    if root {
+        if let Err(e) = crate::report::plot::write_training_curves(run_dir) {
+            tracing::warn!("could not draw the training curves: {e}");
+        }
     }
     Ok(TrainSummary {
         run_dir: run_dir.clone(),

@@ -50,6 +50,7 @@ fn shipped_configs_validate_and_train_two_steps() {
             progress: false,
             max_steps: Some(2),
             handle_signals: false,
+            parallel: None,
         };
         let s = gentrain::train::train(&cfg, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(s.steps, 2, "{name}");

@@ -486,6 +486,7 @@ fn options(
         progress: false,
         max_steps: None,
         handle_signals: false,
+        parallel: None,
     }
 }
 

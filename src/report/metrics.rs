@@ -10,8 +10,12 @@ use serde_json::{Map, Value};
 use super::tensorboard::EventWriter;
 use crate::error::{Error, Result};
 
-/// Writes metrics to JSONL and TensorBoard.
+/// Writes metrics to JSONL and TensorBoard (or nowhere, on data-parallel ranks other than 0).
 pub struct MetricsWriter {
+    sinks: Option<Sinks>,
+}
+
+struct Sinks {
     jsonl: BufWriter<File>,
     path: PathBuf,
     events: EventWriter,
@@ -27,10 +31,17 @@ impl MetricsWriter {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         Ok(MetricsWriter {
-            jsonl: BufWriter::new(f),
-            path,
-            events: EventWriter::create(run_dir)?,
+            sinks: Some(Sinks {
+                jsonl: BufWriter::new(f),
+                path,
+                events: EventWriter::create(run_dir)?,
+            }),
         })
+    }
+
+    /// A writer that drops everything (ranks that must not write into the run directory).
+    pub fn disabled() -> Self {
+        MetricsWriter { sinks: None }
     }
 
     /// Records one event: `fields` are numeric scalars, written as `{event}/{name}` to TensorBoard.
@@ -41,6 +52,9 @@ impl MetricsWriter {
         epoch: f64,
         fields: &[(&str, f64)],
     ) -> Result<()> {
+        let Some(sinks) = self.sinks.as_mut() else {
+            return Ok(());
+        };
         let mut m = Map::new();
         m.insert("event".into(), Value::from(event));
         m.insert("step".into(), Value::from(step));
@@ -54,15 +68,20 @@ impl MetricsWriter {
                     Value::from(v.to_string())
                 },
             );
-            self.events.scalar(&format!("{event}/{k}"), step, *v)?;
+            sinks.events.scalar(&format!("{event}/{k}"), step, *v)?;
         }
-        writeln!(self.jsonl, "{}", Value::Object(m)).map_err(|e| Error::io(&self.path, e))?;
+        writeln!(sinks.jsonl, "{}", Value::Object(m)).map_err(|e| Error::io(&sinks.path, e))?;
         Ok(())
     }
 
     /// Flushes both files (called at checkpoints and at the end).
     pub fn flush(&mut self) -> Result<()> {
-        self.jsonl.flush().map_err(|e| Error::io(&self.path, e))?;
-        self.events.flush()
+        match self.sinks.as_mut() {
+            Some(s) => {
+                s.jsonl.flush().map_err(|e| Error::io(&s.path, e))?;
+                s.events.flush()
+            }
+            None => Ok(()),
+        }
     }
 }

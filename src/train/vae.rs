@@ -12,6 +12,7 @@ use super::{
 use crate::checkpoint::{FileContents, LoadedFile, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
+use crate::distributed::DataParallel;
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::models::Vae;
@@ -67,9 +68,13 @@ impl Trainee for VaeTrainee {
         self.model.store.numel()
     }
 
+    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
+        Some(self.model.store.iter().map(|(_, v)| v.clone()).collect())
+    }
+
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
         let beta = kl_weight(&ctx.cfg.objective, ctx.epoch_progress);
-        let out = train_step(
+        let out = train_step_sharded(
             &self.model,
             &mut self.opt,
             ctx.cfg,
@@ -79,6 +84,7 @@ impl Trainee for VaeTrainee {
             beta,
             ctx.lr,
             ctx.device,
+            ctx.parallel,
         )?;
         Ok(StepOutput {
             loss: out.loss,
@@ -199,46 +205,105 @@ pub fn train_step(
     lr: f64,
     device: &Device,
 ) -> Result<VaeStepOutput> {
+    train_step_sharded(model, opt, cfg, data, idx, step, beta, lr, device, None)
+}
+
+/// [`train_step`] as one rank of a data-parallel group: `idx` is the global batch, this rank
+/// trains on its shard of it (with the bits and noise the global batch draws for those rows),
+/// and the gradients, loss and bound are averaged over the group before the update, so every
+/// rank applies the update one process would (see [`crate::distributed`]). `None` is one
+/// process.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_sharded(
+    model: &Vae,
+    opt: &mut Optimizer,
+    cfg: &Config,
+    data: &DataSource,
+    idx: &[u32],
+    step: u64,
+    beta: f64,
+    lr: f64,
+    device: &Device,
+    parallel: Option<&DataParallel>,
+) -> Result<VaeStepOutput> {
     let k = cfg.objective.k;
     let seed = cfg.train.seed;
-    let x = data.batch(idx, step, device)?;
-    let eps = if device.is_cpu() {
-        model.draw_noise(k, idx.len(), &mut stream_rng(seed, Stream::Noise, step))?
+    let batch = idx.len();
+    let rows = parallel.map_or(0..batch, |p| p.shard(batch));
+    let mut x = data.batch(idx, step, device)?;
+    let mut eps = if device.is_cpu() {
+        model.draw_noise(k, batch, &mut stream_rng(seed, Stream::Noise, step))?
     } else {
-        model.draw_noise_keyed(
-            k,
-            idx.len(),
-            crate::rng::stream_key(seed, Stream::Noise, step),
-        )?
+        model.draw_noise_keyed(k, batch, crate::rng::stream_key(seed, Stream::Noise, step))?
     };
-    let pass = model.pass(
-        &x,
-        k,
-        &eps,
-        needs_densities(&cfg.objective, model.latents.len()),
-    )?;
-    let obj = objective(&pass, &cfg.objective, k, beta)?;
+    if rows.len() != batch {
+        // This rank's rows of the global draws: x is (B, d); each noise tensor is (k B, d),
+        // sample-major.
+        x = x.narrow(0, rows.start, rows.len())?.contiguous()?;
+        for e in eps.iter_mut() {
+            let d = e.dim(1)?;
+            *e = e
+                .reshape((k, batch, d))?
+                .narrow(1, rows.start, rows.len())?
+                .contiguous()?
+                .reshape((k * rows.len(), d))?;
+        }
+    }
+    let (loss, bound, grads) = if rows.is_empty() {
+        // A short last batch left this rank no rows: it contributes zeros, weighted 0.
+        let zero = Tensor::new(0f32, device)?;
+        let grads = zero.backward()?;
+        (zero.clone(), zero, grads)
+    } else {
+        let pass = model.pass(
+            &x,
+            k,
+            &eps,
+            needs_densities(&cfg.objective, model.latents.len()),
+        )?;
+        let obj = objective(&pass, &cfg.objective, k, beta)?;
+        if parallel.is_none() && device.is_cpu() && !obj.loss.to_scalar::<f32>()?.is_finite() {
+            // One process on the CPU: skip the backward pass of a non-finite loss.
+            let flag = Tensor::new(1f32, device)?;
+            return Ok(VaeStepOutput {
+                loss: obj.loss,
+                bound: obj.bound,
+                skipped: flag,
+                applied: Some(false),
+            });
+        }
+        let grads = obj.loss.backward()?;
+        (obj.loss, obj.bound, grads)
+    };
+    let (loss, bound, grads) = match parallel {
+        Some(p) => {
+            let vars: Vec<_> = model.store.iter().map(|(_, v)| v.clone()).collect();
+            let avg = p.average(&vars, grads, &[loss, bound], rows.len(), batch)?;
+            let mut s = avg.scalars.into_iter();
+            let (l, b) = (
+                s.next().expect("two scalars"),
+                s.next().expect("two scalars"),
+            );
+            (l, b, avg.grads)
+        }
+        None => (loss, bound, grads),
+    };
     let flag = |v: f64| Tensor::new(v as f32, device);
     let device_guard = !device.is_cpu() && cfg.optim.kind == crate::config::OptimizerKind::Adam;
     if !device_guard {
-        let loss = obj.loss.to_scalar::<f32>()?;
-        let applied = loss.is_finite() && {
-            let grads = obj.loss.backward()?;
-            let ok = check_finite_grads(&model.store, &grads).is_ok();
-            if ok {
-                opt.step(&grads, lr, None)?;
-            }
-            ok
-        };
+        let applied = loss.to_scalar::<f32>()?.is_finite()
+            && check_finite_grads(&model.store, &grads).is_ok();
+        if applied {
+            opt.step(&grads, lr, None)?;
+        }
         return Ok(VaeStepOutput {
-            loss: obj.loss,
-            bound: obj.bound,
+            loss,
+            bound,
             skipped: flag(if applied { 0.0 } else { 1.0 })?,
             applied: Some(applied),
         });
     }
-    let grads = obj.loss.backward()?;
-    let mut guard = obj.loss.detach();
+    let mut guard = loss.detach();
     for (_, var) in model.store.iter() {
         if let Some(g) = grads.get(var.as_tensor()) {
             guard = (guard + (g.sum_all()? * 0.0)?)?;
@@ -250,8 +315,8 @@ pub fn train_step(
         .ne(0f32)?
         .to_dtype(candle_core::DType::F32)?;
     Ok(VaeStepOutput {
-        loss: obj.loss,
-        bound: obj.bound,
+        loss,
+        bound,
         skipped,
         applied: None,
     })

@@ -1,0 +1,424 @@
+//! Data parallelism on the CPU: the sharding and averaging math against one process, with ranks
+//! as threads ([`LocalGroup`]) and as processes started by `trainer launch` (TCP backend).
+//!
+//! The claim under test (see `gentrain::distributed`): with the same global batch, `W` ranks
+//! apply the update one process applies, up to float reordering. The single-process run is the
+//! reference; the updates are compared by relative error after several SGD steps, for
+//! 1 and 2 stochastic layers, k = 1 and k = 5, world sizes 1 to 4 and global batches that do
+//! not divide evenly (including a rank left with no rows).
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use gentrain::config::Config;
+use gentrain::data::images::{ImageSet, Split};
+use gentrain::data::{Binarization, DataSource};
+use gentrain::distributed::local::LocalGroup;
+use gentrain::distributed::{Communicator, DataParallel};
+
+fn mnist_subset(n: usize) -> DataSource {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let mut set = ImageSet::load(&root, Split::Train).unwrap();
+    set.truncate(n);
+    DataSource::from_images(&set, Binarization::Dynamic, 7)
+}
+
+/// SGD without momentum: the update is linear in the gradient, so float reordering in the
+/// all-reduce stays at rounding level (Adam's first steps, `m / sqrt(v)`, would turn the sign of
+/// a near-zero gradient component into a full learning-rate step and hide real errors in noise).
+fn config(layers: usize, k: usize) -> Config {
+    let mut cfg = Config::default();
+    cfg.optim.kind = gentrain::config::OptimizerKind::Sgd;
+    cfg.optim.momentum = 0.0;
+    cfg.objective.k = k;
+    if k > 1 {
+        cfg.objective.kind = gentrain::config::ObjectiveKind::Iwae;
+    }
+    cfg.model.layers.truncate(1);
+    cfg.model.layers[0].hidden = vec![32];
+    cfg.model.layers[0].latent = 6;
+    if layers == 2 {
+        let mut second = cfg.model.layers[0].clone();
+        second.latent = 3;
+        second.hidden = vec![16];
+        cfg.model.layers.push(second);
+    }
+    cfg
+}
+
+/// Parameters after `steps` Adam steps on the global batches `batches`, trained by `world`
+/// ranks (threads); every rank's parameters are returned.
+fn train(
+    cfg: &Config,
+    data: &DataSource,
+    batches: &[Vec<u32>],
+    world: usize,
+) -> Vec<Vec<Vec<f32>>> {
+    let run = |parallel: Option<DataParallel>| -> Vec<Vec<f32>> {
+        let dev = Device::Cpu;
+        let model = gentrain::session::build_model(cfg, data.dim(), &dev).unwrap();
+        let mut opt = gentrain::optim::Optimizer::new(&cfg.optim, &model.store).unwrap();
+        if let Some(p) = &parallel {
+            let vars: Vec<_> = model.store.iter().map(|(_, v)| v.clone()).collect();
+            p.broadcast_parameters(&vars).unwrap();
+        }
+        for (step, idx) in batches.iter().enumerate() {
+            let out = gentrain::train::vae::train_step_sharded(
+                &model,
+                &mut opt,
+                cfg,
+                data,
+                idx,
+                step as u64,
+                1.0,
+                0.05,
+                &dev,
+                parallel.as_ref(),
+            )
+            .unwrap();
+            assert_eq!(out.applied, Some(true));
+        }
+        model
+            .store
+            .iter()
+            .map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    if world == 0 {
+        return vec![run(None)];
+    }
+    let group = LocalGroup::new(world);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                let run = &run;
+                // Small buckets, so that several all-reduce calls make up one step.
+                s.spawn(move || {
+                    run(Some(
+                        DataParallel::new(Arc::new(c)).with_bucket_elements(500),
+                    ))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The largest difference between the updates `a - start` and `b - start`, relative to the
+/// largest entry of the update `b - start` (the update is what the group computes; comparing
+/// parameters entry by entry would weigh rounding by the size of unrelated weights).
+fn update_error(a: &[Vec<f32>], b: &[Vec<f32>], start: &[Vec<f32>]) -> f32 {
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for ((x, y), s) in a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .zip(start.iter().flatten())
+    {
+        diff = diff.max(((x - s) - (y - s)).abs());
+        scale = scale.max((y - s).abs());
+    }
+    diff / scale
+}
+
+#[test]
+fn ranks_apply_the_single_process_update() {
+    let data = mnist_subset(200);
+    // Global batches of 24, 24 and a short last one of 7 (not divisible by 2, 3 or 4).
+    let order = gentrain::rng::epoch_permutation(3, 0, 200);
+    let batches: Vec<Vec<u32>> = vec![
+        order[0..24].to_vec(),
+        order[24..48].to_vec(),
+        order[48..55].to_vec(),
+    ];
+    for (layers, k) in [(1, 1), (1, 5), (2, 5)] {
+        let cfg = config(layers, k);
+        let single = train(&cfg, &data, &batches, 0).remove(0);
+        let start = train(&cfg, &data, &batches[..0], 0).remove(0);
+        let moved = single
+            .iter()
+            .flatten()
+            .zip(start.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(moved > 1e-2, "the steps must move the parameters ({moved})");
+        // The short last batch matters: averaging its shards with equal weights (a common
+        // mistake) moves the update by far more than the tolerance below.
+        let first_two = train(&cfg, &data, &batches[..2], 0).remove(0);
+        assert!(update_error(&first_two, &single, &start) > 1e-2);
+        for world in 1..=4 {
+            let ranks = train(&cfg, &data, &batches, world);
+            for (r, p) in ranks.iter().enumerate() {
+                // Every rank holds the same parameters, bit for bit.
+                assert_eq!(
+                    p, &ranks[0],
+                    "layers {layers} k {k}: rank {r} of {world} diverged"
+                );
+            }
+            let err = update_error(&ranks[0], &single, &start);
+            assert!(
+                err < 1e-4,
+                "layers {layers} k {k} world {world}: relative difference {err:.2e} from one process"
+            );
+        }
+    }
+}
+
+#[test]
+fn averaging_is_the_global_mean_and_detects_a_wrong_weighting() {
+    // Two ranks with 1 and 3 rows of a global batch of 4: the averaged gradient is
+    // (1 g_0 + 3 g_1) / 4, not (g_0 + g_1) / 2.
+    let group = LocalGroup::new(2);
+    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let rank = c.rank();
+                    let p = DataParallel::new(Arc::new(c));
+                    let v = candle_core::Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+                    let scale = if rank == 0 { 4.0 } else { 8.0 };
+                    let loss = (v.as_tensor() * scale).unwrap().sum_all().unwrap();
+                    let grads = loss.backward().unwrap();
+                    let rows = if rank == 0 { 1 } else { 3 };
+                    let avg = p.average(std::slice::from_ref(&v), grads, &[loss], rows, 4).unwrap();
+                    let mut out = avg
+                        .grads
+                        .get(v.as_tensor())
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    out.push(avg.scalars[0].to_scalar::<f32>().unwrap());
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // (1 * 4 + 3 * 8) / 4 = 7 for both entries; losses 12 and 24 -> (12 + 3 * 24) / 4 = 21.
+    assert_eq!(got[0], vec![7.0, 7.0, 21.0]);
+    assert_eq!(got[0], got[1]);
+}
+
+#[test]
+fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
+    use common::{small_config, small_mnist, trainer};
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_mnist(&dir.path().join("data"), 230, 40);
+    // 230 rows in global batches of 50: four full batches and a short one of 30 per epoch.
+    let cfg = small_config(dir.path(), &data, "");
+    let cfg = cfg.to_str().unwrap();
+    let single = dir.path().join("single");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        single.to_str().unwrap(),
+        "--json",
+    ]);
+    common::assert_success(&out);
+    let group = dir.path().join("group");
+    let out = trainer(&[
+        "launch",
+        "--processes",
+        "3",
+        "--",
+        "--config",
+        cfg,
+        "--out",
+        group.to_str().unwrap(),
+        "--json",
+    ]);
+    common::assert_success(&out);
+    // Only rank 0 prints its summary.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with('{')).count(),
+        1,
+        "{stdout}"
+    );
+    let read = |run: &std::path::Path| -> Vec<(String, Vec<f32>)> {
+        let dir = gentrain::checkpoint::resolve(run).unwrap();
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| {
+                let t = st.tensor(&n).unwrap();
+                let v = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                (n, v)
+            })
+            .collect()
+    };
+    let (a, b) = (read(&single), read(&group));
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs() / (1e-3 + x.abs()));
+        }
+    }
+    // Two epochs of Adam (10 steps) from the same start: float reordering only.
+    assert!(
+        worst < 1e-3,
+        "group vs one process: relative difference {worst:.2e}"
+    );
+    let ck = gentrain::checkpoint::resolve(&group).unwrap();
+    let file = gentrain::checkpoint::LoadedFile::read(&ck.join("model.safetensors")).unwrap();
+    assert_eq!(file.meta("world_size").unwrap(), "3");
+    // One metrics file, written by rank 0, and no stray files from other ranks.
+    let lines = std::fs::read_to_string(group.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        lines
+            .lines()
+            .filter(|l| l.contains("\"event\":\"eval\""))
+            .count(),
+        2,
+        "{lines}"
+    );
+}
+
+#[test]
+fn a_failing_rank_stops_the_group_with_a_clear_error() {
+    use common::{assert_user_error, trainer};
+    // Rank arguments the launcher refuses, and a group whose ranks cannot train (a GAN).
+    let out = trainer(&["launch", "--processes", "2", "--", "--rank", "1"]);
+    assert_user_error(&out, "set by `trainer launch`");
+    let dir = tempfile::tempdir().unwrap();
+    let out = trainer(&[
+        "launch",
+        "--processes",
+        "2",
+        "--",
+        "--config",
+        "configs/sngan-grid25.toml",
+        "--out",
+        dir.path().join("g").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("data parallelism covers the vae family"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rank"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The model tensors of a run's latest checkpoint, by name.
+fn latest_tensors(run: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let dir = gentrain::checkpoint::resolve(run).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_group_stopped_early_resumes_exactly_with_the_same_world_size() {
+    use common::{assert_success, small_config, small_mnist, trainer};
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_mnist(&dir.path().join("data"), 230, 40);
+    let cfg = small_config(dir.path(), &data, "");
+    let cfg = cfg.to_str().unwrap();
+    let straight = dir.path().join("straight");
+    let s = straight.to_str().unwrap();
+    assert_success(&trainer(&[
+        "launch",
+        "--processes",
+        "2",
+        "--",
+        "--config",
+        cfg,
+        "--out",
+        s,
+    ]));
+    let split = dir.path().join("split");
+    let p = split.to_str().unwrap();
+    // Stop after 3 of the 10 steps (mid-epoch), then resume the group from the checkpoint.
+    assert_success(&trainer(&[
+        "launch",
+        "--processes",
+        "2",
+        "--",
+        "--config",
+        cfg,
+        "--out",
+        p,
+        "--max-steps",
+        "3",
+    ]));
+    assert_success(&trainer(&[
+        "launch",
+        "--processes",
+        "2",
+        "--",
+        "--resume",
+        p,
+    ]));
+    // Rank-order sums make a group deterministic: bit-identical to the straight run.
+    assert_eq!(latest_tensors(&straight), latest_tensors(&split));
+}
+
+#[test]
+fn a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint() {
+    use common::{small_config, small_mnist};
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_mnist(&dir.path().join("data"), 230, 40);
+    let cfg = small_config(dir.path(), &data, "");
+    let run = dir.path().join("run");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["launch", "--processes", "2", "--", "--config"])
+        .arg(&cfg)
+        .args(["--epochs", "100000", "--out"])
+        .arg(&run)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (metrics are being written), then SIGTERM the launcher.
+    let metrics = run.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    assert!(lines.contains("\"event\":\"interrupted\""), "{lines}");
+    let ck = gentrain::checkpoint::resolve(&run).unwrap();
+    let file = gentrain::checkpoint::LoadedFile::read(&ck.join("model.safetensors")).unwrap();
+    assert_eq!(file.meta("world_size").unwrap(), "2");
+}
