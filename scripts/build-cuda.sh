@@ -28,7 +28,8 @@
 # (/work/main/...): on the GPU machine `mkdir -p /work && ln -sfn "$PWD" /work/main` first and
 # unpack the trainer to target-cuda/release/trainer as above.
 #
-# Environment: GENTRAIN_CUDA_PREFIX (as in cuda-toolchain.sh), CUDA_COMPUTE_CAP (default 90),
+# Environment: GENTRAIN_CUDA_FEATURES (default nccl, which implies cuda; set cuda to build without
+# NCCL), GENTRAIN_CUDA_PREFIX (as in cuda-toolchain.sh), CUDA_COMPUTE_CAP (default 90),
 # CARGO_TARGET_DIR (default <repo>/target-cuda), PACK_TESTS.
 set -euo pipefail
 
@@ -43,6 +44,8 @@ fi
 source "$PREFIX/env.sh"
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-cuda}
+# `nccl` implies `cuda` and adds multi-GPU data parallelism (links libnccl.so.2).
+FEATURES=${GENTRAIN_CUDA_FEATURES:-nccl}
 echo "[build-cuda] nvcc: $(command -v nvcc), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target dir: $CARGO_TARGET_DIR" >&2
 
 CARRY=$CARGO_TARGET_DIR/carry
@@ -61,7 +64,7 @@ report() {
 if [[ ${1:-} == --test-exes ]]; then
   shift
   list=$CARGO_TARGET_DIR/test-exes.txt
-  cargo test --release --features cuda --no-run --message-format=json-render-diagnostics "$@" \
+  cargo test --release --features "$FEATURES" --no-run --message-format=json-render-diagnostics "$@" \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | sort -u >"$list"
   echo "== test executables =="
   cat "$list"
@@ -84,7 +87,7 @@ if [[ ${1:-} == --test-exes ]]; then
   exit 0
 fi
 
-cargo build --release --features cuda --bin trainer "$@"
+cargo build --release --features "$FEATURES" --bin trainer "$@"
 
 BIN=$CARGO_TARGET_DIR/release/trainer
 OUT=$BIN-stripped

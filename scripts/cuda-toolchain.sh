@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building `--features cuda` needs on a machine with no GPU and no system CUDA:
-#   * CUDA 13.0 pieces (nvcc, runtime, cuBLAS, cuRAND, NVRTC, headers) from PyPI into a venv,
+#   * CUDA 13.0 pieces (nvcc, runtime, cuBLAS, cuRAND, NVRTC, headers) and NCCL 2.27 (for
+#     `--features nccl`; the GPU machine's PyTorch brings its own libnccl.so.2) from PyPI into a venv,
 #     pinned to 13.0 because the GPU machines run driver 580 (PTX from nvcc > 13.0 is rejected);
 #   * unversioned lib*.so links so that `-lcublas` etc. resolve at link time;
 #   * a link-time stub libcuda.so (soname libcuda.so.1) generated from the cudarc version in
@@ -32,6 +33,7 @@ PKGS=(
   nvidia-cuda-crt==13.0.88
   nvidia-nvvm==13.0.88
   "nvidia-cuda-cccl==13.0.*"
+  nvidia-nccl-cu13==2.27.7
 )
 
 log() { printf '[cuda-toolchain] %s\n' "$*" >&2; }
@@ -70,6 +72,17 @@ for name in cublas cublasLt cudart nvrtc curand; do
   ln -sfn "$target" "$LIB/lib$name.so"
   log "linked lib$name.so -> $target"
 done
+
+NCCL_LIB=$("$VENV/bin/python" - <<'EOF'
+import os, nvidia
+for p in nvidia.__path__:
+    d = os.path.join(p, "nccl", "lib")
+    if os.path.isdir(d):
+        print(d); break
+EOF
+)
+[[ -n $NCCL_LIB && -e $NCCL_LIB/libnccl.so.2 ]] || { log "no nccl/lib/libnccl.so.2 under the venv's nvidia package"; exit 1; }
+[[ -e $NCCL_LIB/libnccl.so ]] || { ln -sfn libnccl.so.2 "$NCCL_LIB/libnccl.so"; log "linked libnccl.so -> libnccl.so.2"; }
 
 # --- 3. libcuda.so link stub from cudarc's driver bindings -------------------------------------
 CUDARC_VER=$(awk '/^name = "cudarc"$/ {getline; gsub(/"/, "", $3); print $3; exit}' "$ROOT/Cargo.lock")
@@ -117,8 +130,8 @@ export CUDA_PATH="$CU13"
 export NVCC="$CU13/bin/nvcc"
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-$DEFAULT_CAP}"
 case ":\$PATH:" in *":$CU13/bin:"*) ;; *) export PATH="$CU13/bin:\$PATH" ;; esac
-export LIBRARY_PATH="$LIB:$STUB_DIR\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
-export LD_LIBRARY_PATH="$LIB\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LIBRARY_PATH="$LIB:$NCCL_LIB:$STUB_DIR\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$LIB:$NCCL_LIB\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export GENTRAIN_CUDA_STUB_DIR="$STUB_DIR"
 EOF
 if [[ -f $ENV_SH ]] && cmp -s "$ENV_SH" "$ENV_SH.tmp"; then

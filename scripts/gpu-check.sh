@@ -34,7 +34,7 @@ if [ -z "${GENTRAIN_CUDA_LIBS:-}" ]; then
   NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
   if [ -n "$NV" ]; then
     GENTRAIN_CUDA_LIBS=$(find "$NV/nvidia" -name 'libcublas.so.13*' -printf '%h\n' 2>/dev/null | sort -u | head -1)
-    for lib in libcurand.so.10 libcudart.so.13 libnvrtc.so.13; do
+    for lib in libcurand.so.10 libcudart.so.13 libnvrtc.so.13 libnccl.so.2; do
       d=$(find "$NV/nvidia" -name "$lib*" -printf '%h\n' 2>/dev/null | sort -u | head -1)
       [ -n "$d" ] && GENTRAIN_CUDA_LIBS="$GENTRAIN_CUDA_LIBS:$d"
     done

@@ -321,12 +321,14 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 /// The data-parallel group of `trainer train`'s flags (`None` for one process).
 fn parallel_spec(a: &TrainArgs, cfg: &Config) -> Result<Option<crate::distributed::ParallelSpec>> {
-    if a.world_size <= 1 {
-        if a.rank != 0 || a.rendezvous.is_some() {
-            bail!("--rank and --rendezvous need --world-size of 2 or more");
+    if a.world_size == 1 && a.rendezvous.is_none() {
+        if a.rank != 0 {
+            bail!("--rank {} is outside --world-size 1", a.rank);
         }
         return Ok(None);
     }
+    // A world of 1 with a rendezvous still goes through the group (NCCL on one GPU, checked
+    // against the plain run).
     if a.rank >= a.world_size {
         bail!("--rank {} is outside --world-size {}", a.rank, a.world_size);
     }
@@ -393,7 +395,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let out = match (&a.out, &a.resume) {
                 (Some(o), _) => o.clone(),
                 (None, Some(r)) => run_dir_of(r),
-                (None, None) if a.world_size > 1 => bail!(
+                (None, None) if a.rendezvous.is_some() => bail!(
                     "--world-size {} needs --out (or --resume): every rank must name the same run directory",
                     a.world_size
                 ),

@@ -42,8 +42,8 @@ pub struct TrainOptions {
     /// Install SIGINT/SIGTERM handlers: the first signal finishes the current step, writes a
     /// checkpoint and returns; a second one exits at once without touching saved checkpoints.
     pub handle_signals: bool,
-    /// Join a data-parallel group (see [`crate::distributed`]); `None` or a world of 1 trains
-    /// in this process alone. Only rank 0 writes into the run directory.
+    /// Join a data-parallel group (see [`crate::distributed`]); `None` trains in this process
+    /// alone. Only rank 0 writes into the run directory.
     pub parallel: Option<crate::distributed::ParallelSpec>,
 }
 
@@ -52,6 +52,10 @@ pub struct TrainOptions {
 pub struct TrainSummary {
     pub run_dir: PathBuf,
     pub steps: u64,
+    /// Trainable scalars (a data-parallel step all-reduces this many gradients).
+    pub parameters: usize,
+    /// Ranks that trained together (1 for one process).
+    pub world_size: usize,
     pub epochs: usize,
     pub samples_per_s: f64,
     pub test_elbo: Option<f64>,
@@ -345,7 +349,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         return Err(Error::Data("the training set is empty".into()));
     }
     let parallel = match &opts.parallel {
-        Some(spec) if spec.world_size > 1 => {
+        Some(spec) => {
             let bs = cfg.train.batch_size.min(data.train.len());
             if bs < spec.world_size {
                 return Err(Error::Config(format!(
@@ -640,6 +644,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     Ok(TrainSummary {
         run_dir: run_dir.clone(),
         steps: step,
+        parameters: trainee.numel(),
+        world_size,
         epochs: cfg.train.epochs,
         samples_per_s: trained_samples as f64 / seconds_training.max(1e-9),
         test_elbo: last_eval

@@ -190,7 +190,9 @@ fn averaging_is_the_global_mean_and_detects_a_wrong_weighting() {
                     let loss = (v.as_tensor() * scale).unwrap().sum_all().unwrap();
                     let grads = loss.backward().unwrap();
                     let rows = if rank == 0 { 1 } else { 3 };
-                    let avg = p.average(std::slice::from_ref(&v), grads, &[loss], rows, 4).unwrap();
+                    let avg = p
+                        .average(std::slice::from_ref(&v), grads, &[loss], rows, 4)
+                        .unwrap();
                     let mut out = avg
                         .grads
                         .get(v.as_tensor())
@@ -380,6 +382,37 @@ fn a_group_stopped_early_resumes_exactly_with_the_same_world_size() {
     ]));
     // Rank-order sums make a group deterministic: bit-identical to the straight run.
     assert_eq!(latest_tensors(&straight), latest_tensors(&split));
+}
+
+#[test]
+fn a_group_of_one_matches_the_plain_run_bit_for_bit() {
+    use common::{assert_success, small_config, small_mnist, trainer};
+    let dir = tempfile::tempdir().unwrap();
+    let data = small_mnist(&dir.path().join("data"), 230, 40);
+    let cfg = small_config(dir.path(), &data, "");
+    let cfg = cfg.to_str().unwrap();
+    let (plain, group) = (dir.path().join("plain"), dir.path().join("group"));
+    assert_success(&trainer(&[
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        plain.to_str().unwrap(),
+    ]));
+    assert_success(&trainer(&[
+        "launch",
+        "--processes",
+        "1",
+        "--",
+        "--config",
+        cfg,
+        "--threads",
+        "1",
+        "--out",
+        group.to_str().unwrap(),
+    ]));
+    // Shard = the whole batch, weight 1, a sum over one rank: nothing may change.
+    assert_eq!(latest_tensors(&plain), latest_tensors(&group));
 }
 
 #[test]
