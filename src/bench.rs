@@ -117,7 +117,12 @@ pub fn bench_kernels(
     let g_rows = Tensor::rand(-1f32, 1f32, rows, device)?;
     let bias = Tensor::rand(-1f32, 1f32, d, device)?;
     let lse = logsumexp::logsumexp(&a)?;
-    let sn_u = Tensor::rand(-1f32, 1f32, rows, device)?;
+    // Spectral norm on a 2048-row weight of about n values (a wide layer's shape; the kernels
+    // give each block 32 columns, so a tall, narrow matrix would leave most SMs idle).
+    let sn_cols = (n / 2048).max(1);
+    let sn_w = Tensor::rand(-1f32, 1f32, (2048, sn_cols), device)?;
+    let sn_u = Tensor::rand(-1f32, 1f32, 2048, device)?;
+    let sn_bytes = (2 * 2048 * sn_cols + 3 * 2048 + 2 * sn_cols) * 4;
     let flat = a.flatten_all()?;
     let grad = b.flatten_all()?;
     let state = Tensor::zeros(2 * n + 1, DType::F32, device)?;
@@ -170,13 +175,13 @@ pub fn bench_kernels(
         (
             // One iteration reads W twice (W^T u, then W v).
             "spectral_norm_power_iteration",
-            (2 * n + 3 * rows + 2 * d) * f,
-            Box::new(|| spectral_norm::power_iteration(&a, &sn_u, 1).map(|_| ())),
+            sn_bytes,
+            Box::new(|| spectral_norm::power_iteration(&sn_w, &sn_u, 1).map(|_| ())),
         ),
         (
             "spectral_norm_power_iteration_candle_ops",
-            (2 * n + 3 * rows + 2 * d) * f,
-            Box::new(|| spectral_norm::power_iteration_slow(&a, &sn_u, 1).map(|_| ())),
+            sn_bytes,
+            Box::new(|| spectral_norm::power_iteration_slow(&sn_w, &sn_u, 1).map(|_| ())),
         ),
         (
             "bias_act_tanh",

@@ -96,6 +96,59 @@ pub struct StepContext<'a> {
     pub parallel: Option<&'a crate::distributed::DataParallel>,
 }
 
+impl StepContext<'_> {
+    /// This rank's rows of a global batch of `batch` rows (all of them in one process).
+    pub fn shard(&self, batch: usize) -> std::ops::Range<usize> {
+        self.parallel.map_or(0..batch, |p| p.shard(batch))
+    }
+}
+
+/// The rows `rows` of a global-batch tensor (rows along dimension 0), contiguous; the tensor
+/// itself when `rows` is all of it.
+pub fn rows_of(t: &Tensor, rows: &std::ops::Range<usize>) -> Result<Tensor> {
+    if rows.start == 0 && rows.end == t.dim(0)? {
+        return Ok(t.clone());
+    }
+    Ok(t.narrow(0, rows.start, rows.len())?.contiguous()?)
+}
+
+/// The backward pass of a step's mean loss over this rank's `rows` of a global batch of `batch`
+/// rows, with the gradients of `vars` and the scalars `[loss, extra..]` averaged over the
+/// data-parallel group when there is one (see [`crate::distributed`]). `loss` is `None` for a
+/// rank whose shard is empty (a short last batch): it contributes zeros, weighted 0.
+/// Returns the (averaged) loss, the (averaged) extras and the gradients.
+pub fn averaged_backward(
+    parallel: Option<&crate::distributed::DataParallel>,
+    device: &Device,
+    vars: &[candle_core::Var],
+    loss: Option<(&Tensor, Vec<Tensor>)>,
+    extras: usize,
+    rows: usize,
+    batch: usize,
+) -> Result<(Tensor, Vec<Tensor>, candle_core::backprop::GradStore)> {
+    let zero = || Tensor::new(0f32, device);
+    let (loss, extra, grads) = match loss {
+        Some((l, extra)) => (l.clone(), extra, l.backward()?),
+        None => {
+            let z = zero()?;
+            let grads = z.backward()?;
+            let extra = (0..extras)
+                .map(|_| zero())
+                .collect::<candle_core::Result<_>>()?;
+            (z, extra, grads)
+        }
+    };
+    let Some(p) = parallel else {
+        return Ok((loss, extra, grads));
+    };
+    let mut scalars = vec![loss.detach()];
+    scalars.extend(extra.iter().map(Tensor::detach));
+    let avg = p.average(vars, grads, &scalars, rows, batch)?;
+    let mut s = avg.scalars.into_iter();
+    let loss = s.next().expect("the loss was passed");
+    Ok((loss, s.collect(), avg.grads))
+}
+
 /// What one update reports. The tensors are scalars on the training device, read only at
 /// logging intervals (on a GPU each read waits for the device).
 pub struct StepOutput {
@@ -375,7 +428,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     if let Some(p) = &parallel {
         let Some(vars) = trainee.parameters() else {
             return Err(Error::Config(format!(
-                "data parallelism covers the vae family (VAE and IWAE); train `{}` in one process",
+                "the {} family does not train data-parallel; train it in one process",
                 cfg.model.family
             )));
         };

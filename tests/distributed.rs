@@ -299,29 +299,32 @@ fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
 
 #[test]
 fn a_failing_rank_stops_the_group_with_a_clear_error() {
-    use common::{assert_user_error, trainer};
-    // Rank arguments the launcher refuses, and a group whose ranks cannot train (a GAN).
+    use common::{assert_user_error, small_config, small_mnist, trainer};
+    // Rank arguments the launcher refuses.
     let out = trainer(&["launch", "--processes", "2", "--", "--rank", "1"]);
     assert_user_error(&out, "set by `trainer launch`");
+    // Ranks that fail: a global batch smaller than the group.
     let dir = tempfile::tempdir().unwrap();
+    let data = small_mnist(&dir.path().join("data"), 230, 40);
+    let cfg = small_config(dir.path(), &data, "");
     let out = trainer(&[
         "launch",
         "--processes",
         "2",
         "--",
         "--config",
-        "configs/sngan-grid25.toml",
+        cfg.to_str().unwrap(),
+        "--batch-size",
+        "1",
         "--out",
         dir.path().join("g").to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("data parallelism covers the vae family"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("rank"), "{stderr}");
+    assert!(stderr.contains("at least the world size 2"), "{stderr}");
+    assert!(stderr.contains("failed"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.path().join("g").join("latest").exists());
 }
 
 /// The model tensors of a run's latest checkpoint, by name.
@@ -454,4 +457,82 @@ fn a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint() {
     let ck = gentrain::checkpoint::resolve(&run).unwrap();
     let file = gentrain::checkpoint::LoadedFile::read(&ck.join("model.safetensors")).unwrap();
     assert_eq!(file.meta("world_size").unwrap(), "2");
+}
+
+/// The f32 tensors of a run's latest checkpoint, flattened, in name order.
+fn latest_values(run: &std::path::Path) -> Vec<Vec<f32>> {
+    latest_tensors(run)
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("weight_u") && !n.ends_with("weight_v"))
+        .map(|(_, b)| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn flows_and_gans_train_data_parallel_like_one_process() {
+    use common::{assert_success, trainer};
+    let dir = tempfile::tempdir().unwrap();
+    // 98 rows in global batches of 48: the third batch has 2 rows, so one of 3 ranks gets none.
+    let common = [
+        "--batch-size",
+        "48",
+        "--set",
+        "data.synthetic_size=98",
+        "--set",
+        "optim.kind=\"sgd\"",
+        "--set",
+        "optim.momentum=0.0",
+        "--lr",
+        "0.01",
+        "--threads",
+        "1",
+    ];
+    let cases: [(&str, &[&str]); 3] = [
+        ("configs/realnvp-moons.toml", &[]),
+        ("configs/sngan-grid25.toml", &[]),
+        (
+            "configs/sngan-grid25.toml",
+            &[
+                "--set",
+                "model.gan.loss=\"wgan_gp\"",
+                "--set",
+                "model.gan.n_critic=2",
+            ],
+        ),
+    ];
+    for (i, (config, extra)) in cases.iter().enumerate() {
+        let run = |name: &str, steps: &str, launch: bool| -> std::path::PathBuf {
+            let out = dir.path().join(format!("{i}-{name}"));
+            let mut args: Vec<&str> = Vec::new();
+            if launch {
+                args.extend(["launch", "--processes", "3", "--"]);
+            } else {
+                args.push("train");
+            }
+            let o = out.to_str().unwrap().to_string();
+            args.extend(["--config", config, "--out", &o, "--max-steps", steps]);
+            args.extend(common);
+            args.extend(extra.iter());
+            assert_success(&trainer(&args));
+            out
+        };
+        let start = latest_values(&run("start", "0", false));
+        let single = latest_values(&run("single", "4", false));
+        let group = latest_values(&run("group", "4", true));
+        let err = update_error(&group, &single, &start);
+        assert!(
+            err < 1e-4,
+            "{config} {extra:?}: update differs from one process by {err:.2e}"
+        );
+        let moved = single
+            .iter()
+            .flatten()
+            .zip(start.iter().flatten())
+            .any(|(a, b)| a != b);
+        assert!(moved, "{config}: the steps must move the parameters");
+    }
 }

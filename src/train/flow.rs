@@ -82,26 +82,57 @@ impl FlowTrainee {
 }
 
 impl Trainee for FlowTrainee {
+    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
+        Some(self.flow.store.iter().map(|(_, v)| v.clone()).collect())
+    }
+
     fn numel(&self) -> usize {
         self.flow.store.numel()
     }
 
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
+        // The global batch (its dequantization noise included) is drawn on every rank; each
+        // trains on its rows of it (see crate::distributed).
         let x = data.batch(idx, ctx.step, ctx.device)?;
         if self.needs_init {
+            // ActNorm's data-dependent start on the global batch: identical on every rank.
             self.flow.initialize(&self.flow.to_model_space(&x)?.0)?;
             self.needs_init = false;
         }
-        let loss = self.flow.data_log_prob(&x)?.mean_all()?.neg()?;
-        let value = loss.to_scalar::<f32>()?;
-        let applied = value.is_finite() && {
-            let grads = loss.backward()?;
-            let ok = check_finite_grads(&self.flow.store, &grads).is_ok();
-            if ok {
-                self.opt.step(&grads, ctx.lr, None)?;
-            }
-            ok
+        let rows = ctx.shard(idx.len());
+        let local = if rows.is_empty() {
+            None
+        } else {
+            let x = super::rows_of(&x, &rows)?;
+            Some(self.flow.data_log_prob(&x)?.mean_all()?.neg()?)
         };
+        if let (None, Some(l)) = (ctx.parallel, &local) {
+            if !l.to_scalar::<f32>()?.is_finite() {
+                // One process: no backward pass for a non-finite loss.
+                return Ok(StepOutput {
+                    values: vec![self.figure(&l.detach())?],
+                    loss: l.clone(),
+                    constants: Vec::new(),
+                    skipped: Tensor::new(1f32, ctx.device)?,
+                    applied: Some(false),
+                });
+            }
+        }
+        let vars: Vec<_> = self.flow.store.iter().map(|(_, v)| v.clone()).collect();
+        let (loss, _, grads) = super::averaged_backward(
+            ctx.parallel,
+            ctx.device,
+            &vars,
+            local.as_ref().map(|l| (l, Vec::new())),
+            0,
+            rows.len(),
+            idx.len(),
+        )?;
+        let applied = loss.to_scalar::<f32>()?.is_finite()
+            && check_finite_grads(&self.flow.store, &grads).is_ok();
+        if applied {
+            self.opt.step(&grads, ctx.lr, None)?;
+        }
         Ok(StepOutput {
             values: vec![self.figure(&loss.detach())?],
             loss,

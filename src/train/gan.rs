@@ -72,6 +72,33 @@ impl GanTrainee {
         restore_optimizer(&mut t.disc_opt, &file, "disc_", device)?;
         Ok(t)
     }
+
+    /// The step's report: the discriminator's loss and figures `[d_real, d_fake, penalty?]`.
+    fn output(
+        &self,
+        d_loss: Tensor,
+        extra: &[Tensor],
+        applied: bool,
+        ctx: &StepContext,
+    ) -> Result<StepOutput> {
+        let (d_real, d_fake, gp) = (extra[0].clone(), extra[1].clone(), extra.get(2));
+        let mut values = vec![("d_loss", d_loss.detach())];
+        if let Some(g) = &self.last_gen_loss {
+            values.push(("g_loss", g.clone()));
+        }
+        values.push(("d_real", d_real));
+        values.push(("d_fake", d_fake));
+        if let Some(gp) = gp {
+            values.push(("gradient_penalty", gp.detach()));
+        }
+        Ok(StepOutput {
+            loss: d_loss,
+            values,
+            constants: Vec::new(),
+            skipped: Tensor::new(if applied { 0f32 } else { 1f32 }, ctx.device)?,
+            applied: Some(applied),
+        })
+    }
 }
 
 /// One discriminator update and, every `n_critic`-th step, one generator update; the
@@ -82,10 +109,19 @@ impl Trainee for GanTrainee {
         self.gan.gen_store.numel() + self.gan.disc_store.numel()
     }
 
+    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
+        let vars = self.gan.gen_store.iter().chain(self.gan.disc_store.iter());
+        Some(vars.map(|(_, v)| v.clone()).collect())
+    }
+
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
         let seed = ctx.cfg.train.seed;
-        let x = data.batch(idx, ctx.step, ctx.device)?;
-        let b = x.dim(0)?;
+        // Every draw (data, noise, penalty points) is made for the global batch and narrowed to
+        // this rank's rows (see crate::distributed); in one process the rows are all of it.
+        let batch = idx.len();
+        let rows = ctx.shard(batch);
+        let x = super::rows_of(&data.batch(idx, ctx.step, ctx.device)?, &rows)?;
+        let b = rows.len();
         // A conditional GAN's rows end with their one-hot labels; the fakes of this step are
         // drawn for the same labels (the label columns are carried through unchanged).
         let classes = self.gan.classes;
@@ -103,53 +139,75 @@ impl Trainee for GanTrainee {
         self.gan.update_spectral_vectors()?;
         let z = self
             .gan
-            .noise(b, &mut stream_rng(seed, Stream::Noise, ctx.step))?;
-        let fake = with_labels(self.gan.generate(&with_labels(z)?)?.detach())?;
+            .noise(batch, &mut stream_rng(seed, Stream::Noise, ctx.step))?;
+        let z = super::rows_of(&z, &rows)?;
         let mut rng = stream_rng(seed, Stream::Penalty, ctx.step);
-        let t: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
-        let t = Tensor::from_vec(t, (b, 1), ctx.device)?;
-        let (d_loss, d_real, d_fake, gp) = self.gan.disc_loss(&x, &fake, &t)?;
-        let mut applied = d_loss.to_scalar::<f32>()?.is_finite() && {
-            let grads = d_loss.backward()?;
-            let ok = check_finite_grads(&self.gan.disc_store, &grads).is_ok();
-            if ok {
-                self.disc_opt.step(&grads, ctx.lr, None)?;
-            }
-            ok
+        let t: Vec<f32> = (0..batch).map(|_| rng.random::<f32>()).collect();
+        let t = super::rows_of(&Tensor::from_vec(t, (batch, 1), ctx.device)?, &rows)?;
+        let penalty = self.gan.config().loss == crate::models::gan::GanLoss::WganGp;
+        let extras = if penalty { 3 } else { 2 };
+        let local = if b == 0 {
+            None
+        } else {
+            let fake = with_labels(self.gan.generate(&with_labels(z)?)?.detach())?;
+            let (d_loss, d_real, d_fake, gp) = self.gan.disc_loss(&x, &fake, &t)?;
+            let mut extra = vec![d_real, d_fake];
+            extra.extend(gp);
+            Some((d_loss, extra))
         };
+        if let (None, Some((l, _))) = (ctx.parallel, &local) {
+            if !l.to_scalar::<f32>()?.is_finite() {
+                // One process: no backward pass for a non-finite loss.
+                return self.output(l.clone(), &local.as_ref().expect("some").1, false, ctx);
+            }
+        }
+        let disc_vars: Vec<_> = self.gan.disc_store.iter().map(|(_, v)| v.clone()).collect();
+        let (d_loss, d_extra, grads) = super::averaged_backward(
+            ctx.parallel,
+            ctx.device,
+            &disc_vars,
+            local.as_ref().map(|(l, e)| (l, e.clone())),
+            extras,
+            b,
+            batch,
+        )?;
+        let mut applied = d_loss.to_scalar::<f32>()?.is_finite()
+            && check_finite_grads(&self.gan.disc_store, &grads).is_ok();
+        if applied {
+            self.disc_opt.step(&grads, ctx.lr, None)?;
+        }
         if applied && (ctx.step + 1) % self.gan.config().n_critic as u64 == 0 {
-            let z = self
-                .gan
-                .noise(b, &mut stream_rng(seed, Stream::GeneratorNoise, ctx.step))?;
-            let g_loss = self
-                .gan
-                .gen_loss(&with_labels(self.gan.generate(&with_labels(z)?)?)?)?;
-            applied = g_loss.to_scalar::<f32>()?.is_finite() && {
-                let grads = g_loss.backward()?;
-                let ok = check_finite_grads(&self.gan.gen_store, &grads).is_ok();
-                if ok {
-                    self.gen_opt.step(&grads, ctx.lr, None)?;
-                }
-                ok
+            let z = self.gan.noise(
+                batch,
+                &mut stream_rng(seed, Stream::GeneratorNoise, ctx.step),
+            )?;
+            let z = super::rows_of(&z, &rows)?;
+            let g_local = if b == 0 {
+                None
+            } else {
+                Some(
+                    self.gan
+                        .gen_loss(&with_labels(self.gan.generate(&with_labels(z)?)?)?)?,
+                )
             };
+            let gen_vars: Vec<_> = self.gan.gen_store.iter().map(|(_, v)| v.clone()).collect();
+            let (g_loss, _, grads) = super::averaged_backward(
+                ctx.parallel,
+                ctx.device,
+                &gen_vars,
+                g_local.as_ref().map(|l| (l, Vec::new())),
+                0,
+                b,
+                batch,
+            )?;
+            applied = g_loss.to_scalar::<f32>()?.is_finite()
+                && check_finite_grads(&self.gan.gen_store, &grads).is_ok();
+            if applied {
+                self.gen_opt.step(&grads, ctx.lr, None)?;
+            }
             self.last_gen_loss = Some(g_loss.detach());
         }
-        let mut values = vec![("d_loss", d_loss.detach())];
-        if let Some(g) = &self.last_gen_loss {
-            values.push(("g_loss", g.clone()));
-        }
-        values.push(("d_real", d_real));
-        values.push(("d_fake", d_fake));
-        if let Some(gp) = gp {
-            values.push(("gradient_penalty", gp.detach()));
-        }
-        Ok(StepOutput {
-            loss: d_loss,
-            values,
-            constants: Vec::new(),
-            skipped: Tensor::new(if applied { 0f32 } else { 1f32 }, ctx.device)?,
-            applied: Some(applied),
-        })
+        self.output(d_loss, &d_extra, applied, ctx)
     }
 
     fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {

@@ -249,11 +249,8 @@ pub fn train_step_sharded(
                 .reshape((k * rows.len(), d))?;
         }
     }
-    let (loss, bound, grads) = if rows.is_empty() {
-        // A short last batch left this rank no rows: it contributes zeros, weighted 0.
-        let zero = Tensor::new(0f32, device)?;
-        let grads = zero.backward()?;
-        (zero.clone(), zero, grads)
+    let local = if rows.is_empty() {
+        None
     } else {
         let pass = model.pass(
             &x,
@@ -264,30 +261,26 @@ pub fn train_step_sharded(
         let obj = objective(&pass, &cfg.objective, k, beta)?;
         if parallel.is_none() && device.is_cpu() && !obj.loss.to_scalar::<f32>()?.is_finite() {
             // One process on the CPU: skip the backward pass of a non-finite loss.
-            let flag = Tensor::new(1f32, device)?;
             return Ok(VaeStepOutput {
                 loss: obj.loss,
                 bound: obj.bound,
-                skipped: flag,
+                skipped: Tensor::new(1f32, device)?,
                 applied: Some(false),
             });
         }
-        let grads = obj.loss.backward()?;
-        (obj.loss, obj.bound, grads)
+        Some((obj.loss, vec![obj.bound]))
     };
-    let (loss, bound, grads) = match parallel {
-        Some(p) => {
-            let vars: Vec<_> = model.store.iter().map(|(_, v)| v.clone()).collect();
-            let avg = p.average(&vars, grads, &[loss, bound], rows.len(), batch)?;
-            let mut s = avg.scalars.into_iter();
-            let (l, b) = (
-                s.next().expect("two scalars"),
-                s.next().expect("two scalars"),
-            );
-            (l, b, avg.grads)
-        }
-        None => (loss, bound, grads),
-    };
+    let vars: Vec<_> = model.store.iter().map(|(_, v)| v.clone()).collect();
+    let (loss, mut extra, grads) = super::averaged_backward(
+        parallel,
+        device,
+        &vars,
+        local.as_ref().map(|(l, e)| (l, e.clone())),
+        1,
+        rows.len(),
+        batch,
+    )?;
+    let bound = extra.remove(0);
     let flag = |v: f64| Tensor::new(v as f32, device);
     let device_guard = !device.is_cpu() && cfg.optim.kind == crate::config::OptimizerKind::Adam;
     if !device_guard {
