@@ -122,6 +122,7 @@ fn train_steps(c: &mut Criterion) {
                         1.0,
                         1e-3,
                         &dev,
+                        None,
                     )
                     .unwrap();
                     step += 1;

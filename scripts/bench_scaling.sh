@@ -37,28 +37,15 @@ if ((CPU > 0)); then
   TRAINER=${TRAINER:-target/release/trainer}
   GPUS=$(seq -s, 0 $((CPU - 1)))
 fi
-TRAINER=${TRAINER:-target-cuda/release/trainer}
-if [[ ! -x $TRAINER && -f target-cuda/carry/trainer.xz ]]; then
-  mkdir -p "$(dirname "$TRAINER")"
-  xz -dc target-cuda/carry/trainer.xz >"$TRAINER" && chmod +x "$TRAINER"
+if ((CPU == 0)); then
+  # shellcheck source=scripts/gpu-env.sh
+  source scripts/gpu-env.sh
 fi
-[[ -x $TRAINER ]] || { echo "error: $TRAINER missing: build it with scripts/build-cuda.sh" >&2; exit 2; }
 if [[ -z $GPUS ]] && ((CPU == 0)); then
   GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)
 fi
 IFS=, read -r -a GPU_LIST <<<"$GPUS"
 N=${#GPU_LIST[@]}
-# The CUDA 13 and NCCL libraries of PyTorch's pip packages (as scripts/gpu-check.sh).
-if [[ -z ${GENTRAIN_CUDA_LIBS:-} ]]; then
-  NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
-  if [[ -n $NV ]]; then
-    for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13 libnccl.so.2; do
-      d=$(find "$NV/nvidia" -name "$lib*" -printf '%h\n' 2>/dev/null | sort -u | head -1)
-      [[ -n $d ]] && GENTRAIN_CUDA_LIBS="${GENTRAIN_CUDA_LIBS:+$GENTRAIN_CUDA_LIBS:}$d"
-    done
-  fi
-fi
-export LD_LIBRARY_PATH="${GENTRAIN_CUDA_LIBS:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 common=(--set train.eval_every=0 --set eval.final_k=0 --set train.sample_every=0
         --set train.log_every=50 --epochs 1000 --max-steps "$STEPS" --json)

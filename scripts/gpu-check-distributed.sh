@@ -21,24 +21,8 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:+$OUT/gpu-check-distributed}}
 OUT_DIR=${OUT_DIR:-bench/results/gpu-check-distributed}
 mkdir -p "$OUT_DIR"
-TRAINER=${TRAINER:-target-cuda/release/trainer}
-if [[ ! -x $TRAINER && -f target-cuda/carry/trainer.xz ]]; then
-  mkdir -p "$(dirname "$TRAINER")"
-  xz -dc target-cuda/carry/trainer.xz >"$TRAINER" && chmod +x "$TRAINER"
-fi
-[[ -x $TRAINER ]] || { echo "error: $TRAINER missing: build it with scripts/build-cuda.sh and carry it" >&2; exit 2; }
-if [[ -z ${GENTRAIN_CUDA_LIBS:-} ]]; then
-  NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
-  if [[ -n $NV ]]; then
-    for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13 libnccl.so.2; do
-      d=$(find "$NV/nvidia" -name "$lib*" -printf '%h\n' 2>/dev/null | sort -u | head -1)
-      [[ -n $d ]] && GENTRAIN_CUDA_LIBS="${GENTRAIN_CUDA_LIBS:+$GENTRAIN_CUDA_LIBS:}$d"
-    done
-  fi
-fi
-export GENTRAIN_CUDA_LIBS
-export LD_LIBRARY_PATH="${GENTRAIN_CUDA_LIBS:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-ldd "$TRAINER" | grep "not found" && { echo "error: unresolved libraries" >&2; exit 2; }
+# shellcheck source=scripts/gpu-env.sh
+source scripts/gpu-env.sh
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
 

@@ -22,27 +22,10 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:+$OUT/gpu-check}}
 OUT_DIR=${OUT_DIR:-bench/results/gpu-check}
 mkdir -p "$OUT_DIR"
-TRAINER=${TRAINER:-target-cuda/release/trainer}
-if [ ! -x "$TRAINER" ] && [ -f target-cuda/carry/trainer.xz ]; then
-  mkdir -p "$(dirname "$TRAINER")"
-  xz -dc target-cuda/carry/trainer.xz > "$TRAINER" && chmod +x "$TRAINER"
-fi
-[ -x "$TRAINER" ] || { echo "error: $TRAINER missing: build it with scripts/build-cuda.sh and carry it" >&2; exit 2; }
-
-# The CUDA 13 runtime libraries come with PyTorch's nvidia pip packages on the GPU machines.
-if [ -z "${GENTRAIN_CUDA_LIBS:-}" ]; then
-  NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
-  if [ -n "$NV" ]; then
-    GENTRAIN_CUDA_LIBS=$(find "$NV/nvidia" -name 'libcublas.so.13*' -printf '%h\n' 2>/dev/null | sort -u | head -1)
-    for lib in libcurand.so.10 libcudart.so.13 libnvrtc.so.13 libnccl.so.2; do
-      d=$(find "$NV/nvidia" -name "$lib*" -printf '%h\n' 2>/dev/null | sort -u | head -1)
-      [ -n "$d" ] && GENTRAIN_CUDA_LIBS="$GENTRAIN_CUDA_LIBS:$d"
-    done
-  fi
-fi
-export LD_LIBRARY_PATH="${GENTRAIN_CUDA_LIBS:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT_DIR/env.txt"
-ldd "$TRAINER" | tee -a "$OUT_DIR/env.txt" | grep -E "not found" && { echo "error: unresolved libraries (see $OUT_DIR/env.txt)" >&2; exit 2; }
+# shellcheck source=scripts/gpu-env.sh
+source scripts/gpu-env.sh
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >"$OUT_DIR/env.txt"
+ldd "$TRAINER" >>"$OUT_DIR/env.txt"
 
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 

@@ -63,6 +63,7 @@ pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
             cfg.objective.beta,
             lr,
             &device,
+            None,
         )?;
     }
     device.synchronize()?;

@@ -353,7 +353,8 @@ pub fn check_train_step(dev: &Device) -> Result<Vec<CheckReport>> {
     for d in [&Device::Cpu, dev] {
         let model = crate::session::build_model(&cfg, 784, d)?;
         let mut opt = crate::optim::Optimizer::new(&cfg.optim, &model.store)?;
-        let step = crate::train::train_step(&model, &mut opt, &cfg, &data, &idx, 0, 1.0, 0.1, d)?;
+        let step =
+            crate::train::train_step(&model, &mut opt, &cfg, &data, &idx, 0, 1.0, 0.1, d, None)?;
         let params: Vec<Tensor> = model
             .store
             .iter()

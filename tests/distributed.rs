@@ -65,7 +65,7 @@ fn train(
             p.broadcast_parameters(&vars).unwrap();
         }
         for (step, idx) in batches.iter().enumerate() {
-            let out = gentrain::train::vae::train_step_sharded(
+            let out = gentrain::train::train_step(
                 &model,
                 &mut opt,
                 cfg,
@@ -230,17 +230,10 @@ fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
     ]);
     common::assert_success(&out);
     let group = dir.path().join("group");
-    let out = trainer(&[
-        "launch",
-        "--processes",
-        "3",
-        "--",
-        "--config",
-        cfg,
-        "--out",
-        group.to_str().unwrap(),
-        "--json",
-    ]);
+    let out = launch(
+        3,
+        &["--config", cfg, "--out", group.to_str().unwrap(), "--json"],
+    );
     common::assert_success(&out);
     // Only rank 0 prints its summary.
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -299,32 +292,39 @@ fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
 
 #[test]
 fn a_failing_rank_stops_the_group_with_a_clear_error() {
-    use common::{assert_user_error, small_config, small_mnist, trainer};
+    use common::{assert_user_error, small_config, small_mnist};
     // Rank arguments the launcher refuses.
-    let out = trainer(&["launch", "--processes", "2", "--", "--rank", "1"]);
+    let out = launch(2, &["--rank", "1"]);
     assert_user_error(&out, "set by `trainer launch`");
     // Ranks that fail: a global batch smaller than the group.
     let dir = tempfile::tempdir().unwrap();
     let data = small_mnist(&dir.path().join("data"), 230, 40);
     let cfg = small_config(dir.path(), &data, "");
-    let out = trainer(&[
-        "launch",
-        "--processes",
-        "2",
-        "--",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--batch-size",
-        "1",
-        "--out",
-        dir.path().join("g").to_str().unwrap(),
-    ]);
+    let out = launch(
+        2,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--batch-size",
+            "1",
+            "--out",
+            dir.path().join("g").to_str().unwrap(),
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("at least the world size 2"), "{stderr}");
     assert!(stderr.contains("failed"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!dir.path().join("g").join("latest").exists());
+}
+
+/// `trainer launch --processes N -- ARGS`.
+fn launch(processes: usize, args: &[&str]) -> std::process::Output {
+    let n = processes.to_string();
+    let mut all = vec!["launch", "--processes", &n, "--"];
+    all.extend(args);
+    common::trainer(&all)
 }
 
 /// The model tensors of a run's latest checkpoint, by name.
@@ -343,46 +343,22 @@ fn latest_tensors(run: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn a_group_stopped_early_resumes_exactly_with_the_same_world_size() {
-    use common::{assert_success, small_config, small_mnist, trainer};
+    use common::{assert_success, small_config, small_mnist};
     let dir = tempfile::tempdir().unwrap();
     let data = small_mnist(&dir.path().join("data"), 230, 40);
     let cfg = small_config(dir.path(), &data, "");
     let cfg = cfg.to_str().unwrap();
     let straight = dir.path().join("straight");
     let s = straight.to_str().unwrap();
-    assert_success(&trainer(&[
-        "launch",
-        "--processes",
-        "2",
-        "--",
-        "--config",
-        cfg,
-        "--out",
-        s,
-    ]));
+    assert_success(&launch(2, &["--config", cfg, "--out", s]));
     let split = dir.path().join("split");
     let p = split.to_str().unwrap();
     // Stop after 3 of the 10 steps (mid-epoch), then resume the group from the checkpoint.
-    assert_success(&trainer(&[
-        "launch",
-        "--processes",
-        "2",
-        "--",
-        "--config",
-        cfg,
-        "--out",
-        p,
-        "--max-steps",
-        "3",
-    ]));
-    assert_success(&trainer(&[
-        "launch",
-        "--processes",
-        "2",
-        "--",
-        "--resume",
-        p,
-    ]));
+    assert_success(&launch(
+        2,
+        &["--config", cfg, "--out", p, "--max-steps", "3"],
+    ));
+    assert_success(&launch(2, &["--resume", p]));
     // Rank-order sums make a group deterministic: bit-identical to the straight run.
     assert_eq!(latest_tensors(&straight), latest_tensors(&split));
 }
@@ -402,18 +378,17 @@ fn a_group_of_one_matches_the_plain_run_bit_for_bit() {
         "--out",
         plain.to_str().unwrap(),
     ]));
-    assert_success(&trainer(&[
-        "launch",
-        "--processes",
-        "1",
-        "--",
-        "--config",
-        cfg,
-        "--threads",
-        "1",
-        "--out",
-        group.to_str().unwrap(),
-    ]));
+    assert_success(&launch(
+        1,
+        &[
+            "--config",
+            cfg,
+            "--threads",
+            "1",
+            "--out",
+            group.to_str().unwrap(),
+        ],
+    ));
     // Shard = the whole batch, weight 1, a sum over one rank: nothing may change.
     assert_eq!(latest_tensors(&plain), latest_tensors(&group));
 }

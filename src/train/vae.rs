@@ -74,7 +74,7 @@ impl Trainee for VaeTrainee {
 
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
         let beta = kl_weight(&ctx.cfg.objective, ctx.epoch_progress);
-        let out = train_step_sharded(
+        let out = train_step(
             &self.model,
             &mut self.opt,
             ctx.cfg,
@@ -193,28 +193,14 @@ pub struct VaeStepOutput {
 /// device nothing waits for the device: the batch bits and the noise are drawn there, and the
 /// guard `loss + 0 * sum(grads)` (NaN or infinite exactly when something is) is handed to the
 /// fused Adam kernels, which skip the update by themselves.
-#[allow(clippy::too_many_arguments)]
-pub fn train_step(
-    model: &Vae,
-    opt: &mut Optimizer,
-    cfg: &Config,
-    data: &DataSource,
-    idx: &[u32],
-    step: u64,
-    beta: f64,
-    lr: f64,
-    device: &Device,
-) -> Result<VaeStepOutput> {
-    train_step_sharded(model, opt, cfg, data, idx, step, beta, lr, device, None)
-}
-
-/// [`train_step`] as one rank of a data-parallel group: `idx` is the global batch, this rank
-/// trains on its shard of it (with the bits and noise the global batch draws for those rows),
-/// and the gradients, loss and bound are averaged over the group before the update, so every
-/// rank applies the update one process would (see [`crate::distributed`]). `None` is one
+///
+/// With `parallel`, this is one rank of a data-parallel group: `idx` is the global batch, the
+/// rank trains on its shard of it (with the bits and noise the global batch draws for those
+/// rows), and the gradients, loss and bound are averaged over the group before the update, so
+/// every rank applies the update one process would (see [`crate::distributed`]). `None` is one
 /// process.
 #[allow(clippy::too_many_arguments)]
-pub fn train_step_sharded(
+pub fn train_step(
     model: &Vae,
     opt: &mut Optimizer,
     cfg: &Config,
