@@ -68,7 +68,13 @@ impl NcclCommunicator {
         for (d, b) in internal.iter_mut().zip(&bytes) {
             *d = *b as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(dev.cuda_stream(), rank, world, Id::uninit(internal))
+        // NCCL picks the device from the thread's current context: make it this rank's GPU.
+        let stream = dev.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err("binding the device", e))?;
+        let comm = Comm::from_rank(stream, rank, world, Id::uninit(internal))
             .map_err(|e| nccl_err("communicator init", e))?;
         Ok(NcclCommunicator {
             comm: Mutex::new(SharedComm(comm)),
