@@ -7,7 +7,7 @@
 //! Frames are `tag (u8) | elements (u64 LE) | f32 LE values`; a rank that receives a frame of
 //! another operation or length reports the desynchronization instead of summing garbage.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -46,15 +46,12 @@ fn lost(peer: usize, e: std::io::Error) -> Error {
     ))
 }
 
-fn send(s: &TcpStream, peer: usize, tag: u8, v: &[f32]) -> Result<()> {
-    let mut w = BufWriter::with_capacity(1 << 20, s);
-    w.write_all(&[tag])
-        .and_then(|_| w.write_all(&(v.len() as u64).to_le_bytes()))
-        .map_err(|e| lost(peer, e))?;
-    for x in v {
-        w.write_all(&x.to_le_bytes()).map_err(|e| lost(peer, e))?;
-    }
-    w.flush().map_err(|e| lost(peer, e))
+fn send(mut s: &TcpStream, peer: usize, tag: u8, v: &[f32]) -> Result<()> {
+    let mut frame = Vec::with_capacity(9 + 4 * v.len());
+    frame.push(tag);
+    frame.extend((v.len() as u64).to_le_bytes());
+    frame.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    s.write_all(&frame).map_err(|e| lost(peer, e))
 }
 
 /// Reads one frame straight from the socket (no read-ahead buffer: rank 0 may already have

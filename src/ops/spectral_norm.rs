@@ -304,6 +304,15 @@ mod tests {
         let u0 = normalize(&crate::ops::testing::uniform(7, &[8], -1.0, 1.0)).unwrap();
         let (u, v) = power_iteration(&w, &u0, 1).unwrap();
         assert_eq!((u.dims(), v.dims()), (&[8][..], &[48][..]));
+        // A zero weight (and huge entries) stays finite in the iteration itself.
+        let zero = Tensor::zeros((5, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let r = power_iteration_with_sigma(&zero, &u0.narrow(0, 0, 5).unwrap(), 2).unwrap();
+        assert_eq!(r.sigma.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(r.u.to_vec1::<f32>().unwrap().iter().all(|x| *x == 0.0));
+        let huge = (crate::ops::testing::uniform(11, &[5, 7], -1.0, 1.0) * 1e18).unwrap();
+        let r = power_iteration_with_sigma(&huge, &u0.narrow(0, 0, 5).unwrap(), 3).unwrap();
+        let s = r.sigma.to_scalar::<f32>().unwrap();
+        assert!(s.is_finite() && s > 1e17, "{s}");
         // Mismatched u is an error, not a panic.
         assert!(power_iteration(&w, &u0.narrow(0, 0, 5).unwrap(), 1).is_err());
     }
