@@ -395,6 +395,13 @@ fn on_nonfinite(
 /// Trains according to `cfg`, writing everything into `opts.out`.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let t_start = Instant::now();
+    // Installed first, so that a signal during start-up (data loading, the rendezvous) is not
+    // fatal: the run stops at its first logging interval with a checkpoint, every rank alike.
+    let stop = if opts.handle_signals {
+        Some(install_signal_handlers()?)
+    } else {
+        None
+    };
     let device = crate::device::open_device(&cfg.train.device)?;
     crate::device::set_tf32(cfg.train.tf32);
     let data = session::load_datasets(cfg)?;
@@ -450,11 +457,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             );
         }
     }
-    let stop = if opts.handle_signals {
-        Some(install_signal_handlers()?)
-    } else {
-        None
-    };
     let mut best = checkpoint::read_best(run_dir).map(|(_, score)| score);
     let mut saved_at: Option<u64> = None;
     let mut interrupted = false;
