@@ -143,8 +143,10 @@ pub fn run(exe: &std::path::Path, ranks: &[Vec<String>], grace: Duration) -> Res
                     let _ = c.kill();
                     let _ = c.wait();
                 }
-                return Err(Error::io(exe, e))
-                    .map_err(|e| Error::Distributed(format!("cannot start rank {rank}: {e}")));
+                return Err(Error::Distributed(format!(
+                    "cannot start rank {rank} ({}): {e}",
+                    exe.display()
+                )));
             }
         }
     }

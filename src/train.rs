@@ -187,10 +187,8 @@ pub trait Trainee {
     /// Trainable scalars.
     fn numel(&self) -> usize;
     /// The variables a data-parallel group keeps identical (broadcast at start, gradients
-    /// averaged every step); `None` for families that train in one process only.
-    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
-        None
-    }
+    /// averaged every step).
+    fn parameters(&self) -> Vec<candle_core::Var>;
     /// One update on the rows `idx` of `data`.
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput>;
     /// Evaluation at an epoch end.
@@ -433,14 +431,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let (mut trainee, mut step) = start(cfg, opts.resume.as_deref(), &data, &device)?;
     if let Some(p) = &parallel {
-        let Some(vars) = trainee.parameters() else {
-            return Err(Error::Config(format!(
-                "the {} family does not train data-parallel; train it in one process",
-                cfg.model.family
-            )));
-        };
         // Identical starting points whatever each rank initialized or loaded.
-        p.broadcast_parameters(&vars)?;
+        p.broadcast_parameters(&trainee.parameters())?;
         tracing::info!(
             rank = p.rank(),
             world_size = p.world_size(),

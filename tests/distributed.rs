@@ -61,8 +61,7 @@ fn train(
         let model = gentrain::session::build_model(cfg, data.dim(), &dev).unwrap();
         let mut opt = gentrain::optim::Optimizer::new(&cfg.optim, &model.store).unwrap();
         if let Some(p) = &parallel {
-            let vars: Vec<_> = model.store.iter().map(|(_, v)| v.clone()).collect();
-            p.broadcast_parameters(&vars).unwrap();
+            p.broadcast_parameters(&model.store.vars()).unwrap();
         }
         for (step, idx) in batches.iter().enumerate() {
             let out = gentrain::train::train_step(
@@ -242,26 +241,7 @@ fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
         1,
         "{stdout}"
     );
-    let read = |run: &std::path::Path| -> Vec<(String, Vec<f32>)> {
-        let dir = gentrain::checkpoint::resolve(run).unwrap();
-        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-        names.sort();
-        names
-            .into_iter()
-            .map(|n| {
-                let t = st.tensor(&n).unwrap();
-                let v = t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
-                (n, v)
-            })
-            .collect()
-    };
-    let (a, b) = (read(&single), read(&group));
+    let (a, b) = (latest_f32(&single), latest_f32(&group));
     assert_eq!(a.len(), b.len());
     let mut worst = 0f32;
     for ((na, va), (nb, vb)) in a.iter().zip(&b) {
@@ -434,16 +414,26 @@ fn a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint() {
     assert_eq!(file.meta("world_size").unwrap(), "2");
 }
 
-/// The f32 tensors of a run's latest checkpoint, flattened, in name order.
-fn latest_values(run: &std::path::Path) -> Vec<Vec<f32>> {
+/// The (f32) tensors of a run's latest checkpoint, flattened, by name.
+fn latest_f32(run: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     latest_tensors(run)
         .into_iter()
-        .filter(|(n, _)| !n.ends_with("weight_u") && !n.ends_with("weight_v"))
-        .map(|(_, b)| {
-            b.chunks_exact(4)
+        .map(|(n, b)| {
+            let v = b
+                .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect()
+                .collect();
+            (n, v)
         })
+        .collect()
+}
+
+/// [`latest_f32`] without the spectral-norm vectors, values only.
+fn latest_values(run: &std::path::Path) -> Vec<Vec<f32>> {
+    latest_f32(run)
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("weight_u") && !n.ends_with("weight_v"))
+        .map(|(_, v)| v)
         .collect()
 }
 

@@ -65,6 +65,11 @@ impl ParamStore {
         self.params.iter().map(|(n, v)| (n.as_str(), v))
     }
 
+    /// The variables, in creation order (what a data-parallel group broadcasts and averages).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|(_, v)| v.clone()).collect()
+    }
+
     /// The parameters' current values under their names, in creation order (for checkpoints).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         self.params

@@ -82,8 +82,8 @@ impl FlowTrainee {
 }
 
 impl Trainee for FlowTrainee {
-    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
-        Some(self.flow.store.iter().map(|(_, v)| v.clone()).collect())
+    fn parameters(&self) -> Vec<candle_core::Var> {
+        self.flow.store.vars()
     }
 
     fn numel(&self) -> usize {
@@ -118,7 +118,7 @@ impl Trainee for FlowTrainee {
                 });
             }
         }
-        let vars: Vec<_> = self.flow.store.iter().map(|(_, v)| v.clone()).collect();
+        let vars = self.flow.store.vars();
         let (loss, _, grads) = super::averaged_backward(
             ctx.parallel,
             ctx.device,

@@ -109,9 +109,10 @@ impl Trainee for GanTrainee {
         self.gan.gen_store.numel() + self.gan.disc_store.numel()
     }
 
-    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
-        let vars = self.gan.gen_store.iter().chain(self.gan.disc_store.iter());
-        Some(vars.map(|(_, v)| v.clone()).collect())
+    fn parameters(&self) -> Vec<candle_core::Var> {
+        let mut vars = self.gan.gen_store.vars();
+        vars.extend(self.gan.disc_store.vars());
+        vars
     }
 
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
@@ -161,7 +162,7 @@ impl Trainee for GanTrainee {
                 return self.output(l.clone(), &local.as_ref().expect("some").1, false, ctx);
             }
         }
-        let disc_vars: Vec<_> = self.gan.disc_store.iter().map(|(_, v)| v.clone()).collect();
+        let disc_vars = self.gan.disc_store.vars();
         let (d_loss, d_extra, grads) = super::averaged_backward(
             ctx.parallel,
             ctx.device,
@@ -190,7 +191,7 @@ impl Trainee for GanTrainee {
                         .gen_loss(&with_labels(self.gan.generate(&with_labels(z)?)?)?)?,
                 )
             };
-            let gen_vars: Vec<_> = self.gan.gen_store.iter().map(|(_, v)| v.clone()).collect();
+            let gen_vars = self.gan.gen_store.vars();
             let (g_loss, _, grads) = super::averaged_backward(
                 ctx.parallel,
                 ctx.device,

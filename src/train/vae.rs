@@ -68,8 +68,8 @@ impl Trainee for VaeTrainee {
         self.model.store.numel()
     }
 
-    fn parameters(&self) -> Option<Vec<candle_core::Var>> {
-        Some(self.model.store.iter().map(|(_, v)| v.clone()).collect())
+    fn parameters(&self) -> Vec<candle_core::Var> {
+        self.model.store.vars()
     }
 
     fn step(&mut self, ctx: &StepContext, data: &DataSource, idx: &[u32]) -> Result<StepOutput> {
@@ -225,7 +225,7 @@ pub fn train_step(
     if rows.len() != batch {
         // This rank's rows of the global draws: x is (B, d); each noise tensor is (k B, d),
         // sample-major.
-        x = x.narrow(0, rows.start, rows.len())?.contiguous()?;
+        x = super::rows_of(&x, &rows)?;
         for e in eps.iter_mut() {
             let d = e.dim(1)?;
             *e = e
@@ -256,7 +256,7 @@ pub fn train_step(
         }
         Some((obj.loss, vec![obj.bound]))
     };
-    let vars: Vec<_> = model.store.iter().map(|(_, v)| v.clone()).collect();
+    let vars = model.store.vars();
     let (loss, mut extra, grads) = super::averaged_backward(
         parallel,
         device,
