@@ -123,6 +123,7 @@ fn train_steps(c: &mut Criterion) {
                         1e-3,
                         &dev,
                         None,
+                        gentrain::rng::Draws::for_device(&dev),
                     )
                     .unwrap();
                     step += 1;

@@ -4,10 +4,10 @@
 #include "common.cuh"
 
 extern "C" __global__ void gt_bernoulli_loglik(const float* logits, const float* x, float* out, uint32_t rows, uint32_t d) {
-    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
         size_t o = (size_t)r * d;
         float acc = 0.0f;
-        for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) {
+        for (size_t j = threadIdx.x; j < d; j += blockDim.x) {
             float l = logits[o + j];
             acc += x[o + j] * l - gt_softplus(l);
         }

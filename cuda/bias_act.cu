@@ -5,7 +5,7 @@
 
 __device__ __forceinline__ float gt_act(int act, float a) {
     switch (act) {
-        case 1: return fmaxf(a, 0.0f);
+        case 1: return a < 0.0f ? 0.0f : a;  // NaN propagates (fmaxf would return 0), as on the CPU
         case 2: return tanhf(a);
         case 3: return gt_softplus(a);
         default: return a;
@@ -28,6 +28,6 @@ extern "C" __global__ void gt_bias_act(const float* a, const float* b, float* y,
 }
 
 extern "C" __global__ void gt_act_bwd(const float* g, const float* y, float* out, uint32_t n, int act) {
-    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = g[i] * gt_act_grad_from_output(act, y[i]);
 }

@@ -6,16 +6,16 @@
 #include "common.cuh"
 
 extern "C" __global__ void gt_reparameterize(const float* mu, const float* lv, const float* eps, float* z, uint32_t n) {
-    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         z[i] = mu[i] + expf(0.5f * lv[i]) * eps[i];
 }
 
 extern "C" __global__ void gt_gaussian_kl(const float* mu, const float* lv, float* out, uint32_t rows, uint32_t d) {
-    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* m = mu + (size_t)r * d;
         const float* l = lv + (size_t)r * d;
         float acc = 0.0f;
-        for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) acc += m[j] * m[j] + expf(l[j]) - 1.0f - l[j];
+        for (size_t j = threadIdx.x; j < d; j += blockDim.x) acc += m[j] * m[j] + expf(l[j]) - 1.0f - l[j];
         acc = gt_block_sum(acc);
         if (threadIdx.x == 0) out[r] = 0.5f * acc;
     }
@@ -23,10 +23,10 @@ extern "C" __global__ void gt_gaussian_kl(const float* mu, const float* lv, floa
 
 extern "C" __global__ void gt_gaussian_logpdf(const float* z, const float* mu, const float* lv, float* out, uint32_t rows, uint32_t d) {
     const float LN_2PI = 1.8378770664093453f;
-    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
         size_t o = (size_t)r * d;
         float acc = 0.0f;
-        for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) {
+        for (size_t j = threadIdx.x; j < d; j += blockDim.x) {
             float diff = z[o + j] - mu[o + j];
             acc += LN_2PI + lv[o + j] + diff * diff * expf(-lv[o + j]);
         }

@@ -1,20 +1,21 @@
 // Max-shifted log-sum-exp over the last dimension k (IWAE bound, Burda et al. 2016, eq. 8):
-//   forward:  out[r] = m + log(sum_i exp(a_i - m)), m = max_i a_i;  all -inf gives -inf
+//   forward:  out[r] = m + log(sum_i exp(a_i - m)), m = max_i a_i;  all -inf gives -inf;
+//             a NaN anywhere in the row gives NaN (the max propagates NaN, unlike fmaxf)
 //   backward: da[r, i] = g[r] * exp(a_i - out[r])  (normalized importance weights); 0 if out is -inf
 #include "common.cuh"
 
 extern "C" __global__ void gt_logsumexp(const float* a, float* out, uint32_t rows, uint32_t k) {
-    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* row = a + (size_t)r * k;
         float m = -INFINITY;
-        for (uint32_t i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, row[i]);
-        m = gt_block_max(m);
+        for (size_t i = threadIdx.x; i < k; i += blockDim.x) m = gt_nan_max(m, row[i]);
+        m = gt_block_nan_max(m);
         if (!isfinite(m)) {
             if (threadIdx.x == 0) out[r] = m;
             continue;
         }
         float s = 0.0f;
-        for (uint32_t i = threadIdx.x; i < k; i += blockDim.x) s += expf(row[i] - m);
+        for (size_t i = threadIdx.x; i < k; i += blockDim.x) s += expf(row[i] - m);
         s = gt_block_sum(s);
         if (threadIdx.x == 0) out[r] = m + logf(s);
     }

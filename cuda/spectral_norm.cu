@@ -12,7 +12,7 @@
 __device__ __forceinline__ float gt_sn_scale(const float* x, uint32_t len, uint32_t normalize) {
     if (!normalize) return 1.0f;
     float s = 0.0f;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) s += x[i] * x[i];
+    for (size_t i = threadIdx.x; i < len; i += blockDim.x) s += x[i] * x[i];
     s = gt_block_sum(s);
     return 1.0f / (sqrtf(s) + GT_SN_EPS);
 }
@@ -23,11 +23,11 @@ extern "C" __global__ void gt_sn_matvec_t(const float* w, const float* x, float*
     __shared__ float part[8][33];
     float scale = gt_sn_scale(x, m, normalize);
     uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (uint32_t j0 = blockIdx.x * 32; j0 < n; j0 += gridDim.x * 32) {
-        uint32_t j = j0 + lane;
+    for (size_t j0 = blockIdx.x * (size_t)32; j0 < n; j0 += (size_t)gridDim.x * 32) {
+        size_t j = j0 + lane;
         float acc = 0.0f;
         if (j < n)
-            for (uint32_t i = warp; i < m; i += 8) acc += w[(size_t)i * n + j] * x[i];
+            for (size_t i = warp; i < m; i += 8) acc += w[(size_t)i * n + j] * x[i];
         part[warp][lane] = acc;
         __syncthreads();
         if (warp == 0 && j < n) {
@@ -43,10 +43,10 @@ extern "C" __global__ void gt_sn_matvec_t(const float* w, const float* x, float*
 extern "C" __global__ void gt_sn_matvec(const float* w, const float* x, float* y, uint32_t m, uint32_t n, uint32_t normalize) {
     float scale = gt_sn_scale(x, n, normalize);
     uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (uint32_t i = blockIdx.x * 8 + warp; i < m; i += gridDim.x * 8) {
+    for (size_t i = blockIdx.x * (size_t)8 + warp; i < m; i += (size_t)gridDim.x * 8) {
         const float* row = w + (size_t)i * n;
         float acc = 0.0f;
-        for (uint32_t j = lane; j < n; j += 32) acc += row[j] * x[j];
+        for (size_t j = lane; j < n; j += 32) acc += row[j] * x[j];
         acc = gt_warp_sum(acc);
         if (lane == 0) y[i] = acc * scale;
     }
@@ -56,13 +56,13 @@ extern "C" __global__ void gt_sn_matvec(const float* w, const float* x, float* y
 // normalized), so sigma = u^T W v = ||ur||^2 / (||ur|| + eps). One block.
 extern "C" __global__ void gt_sn_finish(const float* ur, const float* vr, float* out, uint32_t m, uint32_t n) {
     float su = 0.0f, sv = 0.0f;
-    for (uint32_t i = threadIdx.x; i < m; i += blockDim.x) su += ur[i] * ur[i];
+    for (size_t i = threadIdx.x; i < m; i += blockDim.x) su += ur[i] * ur[i];
     su = gt_block_sum(su);
-    for (uint32_t j = threadIdx.x; j < n; j += blockDim.x) sv += vr[j] * vr[j];
+    for (size_t j = threadIdx.x; j < n; j += blockDim.x) sv += vr[j] * vr[j];
     sv = gt_block_sum(sv);
     float nu = sqrtf(su), nv = sqrtf(sv);
     float iu = 1.0f / (nu + GT_SN_EPS), iv = 1.0f / (nv + GT_SN_EPS);
-    for (uint32_t i = threadIdx.x; i < m; i += blockDim.x) out[i] = ur[i] * iu;
-    for (uint32_t j = threadIdx.x; j < n; j += blockDim.x) out[m + j] = vr[j] * iv;
-    if (threadIdx.x == 0) out[m + n] = su * iu;
+    for (size_t i = threadIdx.x; i < m; i += blockDim.x) out[i] = ur[i] * iu;
+    for (size_t j = threadIdx.x; j < n; j += blockDim.x) out[(size_t)m + j] = vr[j] * iv;
+    if (threadIdx.x == 0) out[(size_t)m + n] = su * iu;
 }

@@ -64,6 +64,7 @@ pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
             lr,
             &device,
             None,
+            crate::rng::Draws::for_device(&device),
         )?;
     }
     device.synchronize()?;

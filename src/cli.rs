@@ -246,7 +246,8 @@ pub struct BenchKernelsArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckKernelsArgs {
-    /// Device under test: cuda or cuda:N (cpu checks the harness against itself).
+    /// Device under test: cuda or cuda:N (cpu checks the harness against itself). Every check
+    /// runs; the exit code is 0 when all pass, 1 when any disagrees with the CPU, 2 on an error.
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
     /// Print one JSON array on stdout.
@@ -626,17 +627,31 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckKernels(a) => {
             let device = crate::device::open_device(&a.device)?;
-            let r = crate::device::with_cpu_threads(0, || crate::kernel_check::run_all(&device))?;
+            let r = crate::device::with_cpu_threads(0, || crate::kernel_check::run_all(&device));
             if a.json {
-                return print_json(&r);
+                print_json(&r)?;
+            } else {
+                for c in &r {
+                    match &c.error {
+                        None => println!(
+                            "ok    {:<60} max rel err {:.2e} (tol {:.0e})",
+                            c.check, c.max_rel_err, c.tolerance
+                        ),
+                        Some(e) => println!("FAIL  {:<60} {e}", c.check),
+                    }
+                }
             }
-            for c in &r {
-                println!(
-                    "ok  {:<45} max rel err {:.2e} (tol {:.0e})",
-                    c.check, c.max_rel_err, c.tolerance
-                );
+            let failed = r.iter().filter(|c| !c.passed).count();
+            if !a.json {
+                println!("{} passed, {failed} failed", r.len() - failed);
             }
-            println!("{} passed, 0 failed", r.len());
+            if failed > 0 {
+                return Err(crate::error::Error::ChecksFailed {
+                    failed,
+                    total: r.len(),
+                }
+                .into());
+            }
             Ok(())
         }
         Command::ExportData(a) => {

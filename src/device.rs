@@ -42,13 +42,17 @@ pub fn set_tf32(enabled: bool) {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize, s: &str) -> Result<Device> {
-    let dev = Device::new_cuda(n).map_err(|e| {
+    // An explicit stream of its own, not `Device::new_cuda`'s: that one is CUDA's per-thread
+    // default stream, which resolves to a different stream on every host thread (rayon workers,
+    // the data-parallel backends' threads), and work issued from two threads would then race.
+    let dev = Device::new_cuda_with_stream(n).map_err(|e| {
         let first = e.to_string().lines().next().unwrap_or("").to_string();
         Error::Device(format!("{s}: cannot open CUDA device: {first}"))
     })?;
-    // One stream per device: candle's per-allocation event tracking only guards cross-stream
-    // use, which gentrain never does, and costs an event record per tensor.
-    // SAFETY: all work on this device is issued on its single stream.
+    // One stream per device, whichever thread issues the work: candle's per-allocation event
+    // tracking only guards cross-stream use, which cannot happen, and costs an event record per
+    // tensor.
+    // SAFETY: every launch, copy and allocation on this device goes to its single stream.
     let cuda = dev.as_cuda_device()?;
     unsafe { cuda.disable_event_tracking() };
     keep_pool_memory(cuda)?;

@@ -35,6 +35,10 @@ pub enum Error {
     /// A data-parallel group that cannot form or lost a rank (rendezvous, peer, protocol).
     #[error("distributed: {0}")]
     Distributed(String),
+    /// Checks that ran to the end and found disagreements (`trainer check-kernels`); the binary
+    /// exits with code 1 for this one, 2 for every other error.
+    #[error("{failed} of {total} checks failed")]
+    ChecksFailed { failed: usize, total: usize },
     /// An error from the tensor library.
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),

@@ -1,5 +1,5 @@
 //! `trainer`: parses flags, sets up logging, runs the command, and maps any error to one line on
-//! stderr and exit code 2.
+//! stderr and exit code 2 (1 when `check-kernels` ran and found a disagreement).
 
 use std::process::ExitCode;
 
@@ -18,7 +18,11 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");
-            ExitCode::from(2)
+            // 1: checks ran and some failed (their lines are printed); 2: anything else.
+            match e.downcast_ref::<gentrain::error::Error>() {
+                Some(gentrain::error::Error::ChecksFailed { .. }) => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
         }
     }
 }

@@ -40,6 +40,31 @@ pub enum Stream {
     Metrics = 13,
 }
 
+/// Which generator draws a training step's per-row randomness: the dynamic binarization bits
+/// and the reparameterization noise. Both are keyed by `(seed, stream, step)`; they differ in the
+/// generator, so a device check must make both sides draw with the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draws {
+    /// ChaCha8 streams on the host ([`stream_rng`]): CPU training, and every figure published
+    /// from CPU runs.
+    Host,
+    /// Counter-based draws ([`counter_u64`], [`counter_normal`]) made where the tensors live:
+    /// CUDA training, with no host work or transfer (`cuda/random.cu`; the CPU forwards of
+    /// [`crate::ops::random`] are the reference).
+    Counter,
+}
+
+impl Draws {
+    /// The generator training uses on `device`: `Host` on the CPU, `Counter` elsewhere.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Draws::Host
+        } else {
+            Draws::Counter
+        }
+    }
+}
+
 /// The seed with which every test set is binarized, independent of the run seed, so that
 /// models trained with different seeds are evaluated on the same binary images.
 pub const TEST_BINARIZATION_SEED: u64 = 0x6765_6e74_7261_696e; // "gentrain"

@@ -75,6 +75,7 @@ fn train(
                 0.05,
                 &dev,
                 parallel.as_ref(),
+                gentrain::rng::Draws::Host,
             )
             .unwrap();
             assert_eq!(out.applied, Some(true));

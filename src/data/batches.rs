@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ImageSet;
 use crate::error::Result;
-use crate::rng::{stream_rng, Stream};
+use crate::rng::{stream_rng, Draws, Stream};
 
 /// How 8-bit pixels become model inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -195,9 +195,31 @@ impl DataSource {
     }
 
     /// The rows `idx` as an `(idx.len(), dim)` f32 tensor, followed by their one-hot labels when
-    /// [`DataSource::with_one_hot`] was set; `step` keys dynamic binarization.
+    /// [`DataSource::with_one_hot`] was set; `step` keys dynamic binarization, drawn with the
+    /// generator training uses on `device` ([`Draws::for_device`]).
+    ///
+    /// # Errors
+    /// [`crate::error::Error::Data`] when an index is not below [`DataSource::len`].
     pub fn batch(&self, idx: &[u32], step: u64, device: &Device) -> Result<Tensor> {
-        let x = self.batch_values(idx, step, device)?;
+        self.batch_drawn(idx, step, device, Draws::for_device(device))
+    }
+
+    /// [`DataSource::batch`] with the binarization bits drawn by `draws` on any device (a device
+    /// check draws the GPU's bits on the CPU this way).
+    pub fn batch_drawn(
+        &self,
+        idx: &[u32],
+        step: u64,
+        device: &Device,
+        draws: Draws,
+    ) -> Result<Tensor> {
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= self.n) {
+            return Err(crate::error::Error::Data(format!(
+                "row index {bad} is out of range for {} rows",
+                self.n
+            )));
+        }
+        let x = self.batch_values(idx, step, device, draws)?;
         if self.one_hot == 0 {
             return Ok(x);
         }
@@ -212,11 +234,17 @@ impl DataSource {
 
     /// The rows `idx` as an `(idx.len(), dim)` f32 tensor; `step` keys dynamic binarization.
     ///
-    /// On a CUDA device with dynamic binarization the pixels live on the device (uploaded once)
-    /// and the bits are drawn there by [`crate::ops::random::binarize_rows`] from the counter
+    /// With counter draws (training on a CUDA device) and dynamic binarization the pixels live on
+    /// the device (uploaded once) and the bits are drawn there by [`crate::ops::random::binarize_rows`] from the counter
     /// stream of `(seed, Binarize, step)`: only the indices cross the bus.
-    fn batch_values(&self, idx: &[u32], step: u64, device: &Device) -> Result<Tensor> {
-        if let (Rows::Dynamic(pixels), true) = (&self.rows, device.is_cuda()) {
+    fn batch_values(
+        &self,
+        idx: &[u32],
+        step: u64,
+        device: &Device,
+        draws: Draws,
+    ) -> Result<Tensor> {
+        if let (Rows::Dynamic(pixels), Draws::Counter) = (&self.rows, draws) {
             let on_device = match self.device_pixels.get() {
                 Some(t) if t.device().same_device(device) => t.clone(),
                 _ => {
@@ -292,6 +320,56 @@ impl DataSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_index_out_of_range_is_a_data_error_on_every_path() {
+        // It used to panic on the CPU (a slice out of range) and read past the pixels on a GPU.
+        let set = ImageSet {
+            pixels: vec![7; 3 * 4],
+            labels: None,
+            n: 3,
+            rows: 2,
+            cols: 2,
+        };
+        for mode in [
+            Binarization::Dynamic,
+            Binarization::Fixed,
+            Binarization::None,
+            Binarization::Dequantize,
+        ] {
+            let src = DataSource::from_images(&set, mode, 1);
+            for draws in [Draws::Host, Draws::Counter] {
+                let e = src
+                    .batch_drawn(&[0, 3], 0, &Device::Cpu, draws)
+                    .unwrap_err();
+                assert!(e.to_string().contains("row index 3"), "{e}");
+                assert!(src.batch_drawn(&[2, 0], 0, &Device::Cpu, draws).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn counter_draws_on_the_cpu_are_the_gpu_kernels_reference() {
+        // Dynamic binarization with the counter generator on the CPU gives exactly the bits of
+        // ops::random::binarize_rows (what cuda/random.cu computes), keyed like training.
+        let set = ImageSet {
+            pixels: (0..=255u8).cycle().take(5 * 30).collect(),
+            labels: None,
+            n: 5,
+            rows: 5,
+            cols: 6,
+        };
+        let src = DataSource::from_images(&set, Binarization::Dynamic, 11);
+        let got = src
+            .batch_drawn(&[4, 1, 1], 9, &Device::Cpu, Draws::Counter)
+            .unwrap();
+        let px = Tensor::from_slice(&set.pixels, (5, 30), &Device::Cpu).unwrap();
+        let idx = Tensor::from_slice(&[4u32, 1, 1], 3, &Device::Cpu).unwrap();
+        let key = crate::rng::stream_key(11, Stream::Binarize, 9);
+        let want = crate::ops::random::binarize_rows(&px, &idx, key).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
 
     #[test]
     fn binarization_has_the_right_mean_and_extremes() {

@@ -203,3 +203,67 @@ impl InplaceOp2 for AdamApply {
         launched(unsafe { b.launch(elementwise(n)) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// One update of `p` with gradient `g` and zero moments, on the CPU.
+    fn step(p: &[f32], g: &[f32], weight_decay: f32) -> (Vec<f32>, Vec<f32>) {
+        let n = p.len();
+        let pt = Tensor::from_slice(p, n, &Device::Cpu).unwrap();
+        let gt = Tensor::from_slice(g, n, &Device::Cpu).unwrap();
+        let st = Tensor::zeros(2 * n + 1, candle_core::DType::F32, &Device::Cpu).unwrap();
+        st.inplace_op3(
+            &gt,
+            &pt,
+            &AdamMoments {
+                beta1: 0.9,
+                beta2: 0.999,
+                weight_decay,
+            },
+        )
+        .unwrap();
+        pt.inplace_op2(
+            &st,
+            &AdamApply {
+                lr: 1e-3,
+                eps: 1e-8,
+                bias_correction1: 0.1,
+                bias_correction2: 0.001,
+            },
+        )
+        .unwrap();
+        (pt.to_vec1().unwrap(), st.to_vec1().unwrap())
+    }
+
+    #[test]
+    fn no_weight_decay_means_no_decay_term_even_for_infinite_parameters() {
+        // The reference semantics the CUDA kernel now follows (it used to add 0 * p always,
+        // turning an infinite parameter's moments into NaN).
+        let (p, s) = step(&[f32::INFINITY, 1.0], &[0.5, 0.5], 0.0);
+        assert!(s[..4].iter().all(|v| v.is_finite()), "{s:?}");
+        assert_eq!(p[0], f32::INFINITY);
+        assert!(p[1] < 1.0);
+        let (_, s) = step(&[f32::INFINITY, 1.0], &[0.5, 0.5], 0.01);
+        assert!(s[0].is_infinite() && s[1].is_finite(), "{s:?}");
+    }
+
+    #[test]
+    fn a_non_finite_guard_skips_the_update() {
+        let n = 3;
+        let p = Tensor::from_slice(&[1f32, 2.0, 3.0], n, &Device::Cpu).unwrap();
+        let g = Tensor::from_slice(&[1f32, 1.0, 1.0], n, &Device::Cpu).unwrap();
+        let mut s0 = vec![0f32; 2 * n + 1];
+        s0[2 * n] = f32::NAN;
+        let st = Tensor::from_slice(&s0, 2 * n + 1, &Device::Cpu).unwrap();
+        let moments = AdamMoments {
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.0,
+        };
+        st.inplace_op3(&g, &p, &moments).unwrap();
+        assert_eq!(st.to_vec1::<f32>().unwrap()[..2 * n], vec![0f32; 2 * n]);
+    }
+}

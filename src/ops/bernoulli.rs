@@ -5,7 +5,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{for_rows, map_rows, reduced_shape, rows_and_last, sigmoid, slice, softplus};
+use super::{
+    check_row_input_sizes, for_rows, map_rows, reduced_shape, rows_and_last, sigmoid, slice,
+    softplus,
+};
 
 const LANES: usize = 16;
 
@@ -82,6 +85,7 @@ impl CustomOp2 for BernoulliLogLik {
             "bernoulli",
             ptx::BERNOULLI,
             &[(s1, l1), (s2, l2)],
+            0,
             Output::PerRow,
         )
     }
@@ -125,9 +129,7 @@ impl CustomOp3 for BernoulliBackward {
         let x = slice(s2, l2, self.name())?;
         let g = slice(s3, l3, self.name())?;
         let (rows, d) = rows_and_last(l1.shape())?;
-        if g.len() != rows {
-            candle_core::bail!("bernoulli-bwd: grad has {} rows, expected {rows}", g.len())
-        }
+        check_row_input_sizes(self.name(), &[logits.len(), x.len(), g.len()], 2, rows, d)?;
         let mut out = vec![0f32; logits.len()];
         for_rows(&mut out, d, |i, r| {
             let (l, xs, gi) = (&logits[i * d..(i + 1) * d], &x[i * d..(i + 1) * d], g[i]);
@@ -155,6 +157,7 @@ impl CustomOp3 for BernoulliBackward {
             "bernoulli",
             ptx::BERNOULLI,
             &[(s1, l1), (s2, l2), (s3, l3)],
+            1,
             Output::PerElement,
         )
     }

@@ -126,23 +126,27 @@ pub enum Output {
 
 /// Launches `kernel(inputs.., out, rows, d)`, the signature shared by the row reductions and
 /// their elementwise backwards, on contiguous f32 inputs; `rows` and `d` come from the first
-/// input's shape `(.., d)`, as does the output shape.
+/// input's shape `(.., d)`, as does the output shape. The last `row_inputs` inputs hold one value
+/// per row (e.g. the upstream gradient of a reduction), the others `rows * d`; every input's size
+/// is checked against that before launch, so a kernel never reads past a buffer.
 pub fn launch_rows(
     op: &str,
     kernel: &str,
     module: &str,
     ptx: &str,
     inputs: &[(&CudaStorage, &Layout)],
+    row_inputs: usize,
     output: Output,
 ) -> Result<(CudaStorage, candle_core::Shape)> {
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     let (s0, l0) = inputs[0];
     let dev = device(s0);
+    let (rows, d) = super::rows_and_last(l0.shape())?;
+    check_input_sizes(op, inputs, row_inputs, rows, d)?;
     let views = inputs
         .iter()
         .map(|(s, l)| view(s, l, op))
         .collect::<Result<Vec<_>>>()?;
-    let (rows, d) = super::rows_and_last(l0.shape())?;
     let (r32, d32) = (u32_len(rows, op)?, u32_len(d, op)?);
     let (len, shape, cfg) = match output {
         Output::PerRow => (rows, super::reduced_shape(l0.shape()), per_row(rows)),
@@ -158,4 +162,18 @@ pub fn launch_rows(
     // SAFETY: every caller names a kernel of signature (inputs.., out, u32 rows, u32 d).
     launched(unsafe { b.launch(cfg) })?;
     Ok((storage(out, &dev), shape))
+}
+
+/// Checks that the first `inputs.len() - row_inputs` inputs hold `rows * d` values and the rest
+/// `rows` (see [`launch_rows`]).
+fn check_input_sizes(
+    op: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    row_inputs: usize,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    let full = inputs.len().saturating_sub(row_inputs);
+    let sizes: Vec<usize> = inputs.iter().map(|(_, l)| l.shape().elem_count()).collect();
+    super::check_row_input_sizes(op, &sizes, full, rows, d)
 }

@@ -11,18 +11,26 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// `e^x` for `x <= 0` (inputs above 0 are clamped to 0; below -87.3 to -87.3).
+/// `e^x` for `x <= 0` (inputs above 0 are clamped to 0; below -87.3 give 0). NaN gives NaN, as
+/// in libm: the clamp is written so that a NaN input is not mapped to 0 (`f32::min` would).
 #[inline(always)]
 pub fn exp_nonpos(x: f32) -> f32 {
-    exp(x.min(0.0))
+    exp(if x > 0.0 { 0.0 } else { x })
 }
 
-/// `e^x`, saturating at `e^88` above; exactly 0 below -87.3 (where f32 leaves normal numbers),
-/// so a log-weight of `-inf` gets a weight of exactly 0.
+/// `ln f32::MAX`: above it `e^x` overflows to `+inf`.
+const EXP_OVERFLOW: f32 = 88.722_83;
+
+/// `e^x` with IEEE semantics at the edges, like CUDA's `expf` and libm: exactly 0 below -87.3
+/// (where f32 leaves normal numbers), so a log-weight of `-inf` gets a weight of exactly 0;
+/// `+inf` above `ln f32::MAX` (88.72); NaN for NaN. In the last octave before overflow, where
+/// `2^n` itself (n = 128) does not fit an f32, the result is scaled by `2^127` and doubled.
+/// Branch-free (selects only), so loops over it vectorize.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let underflow = x < -87.3;
-    let x = x.clamp(-87.3, 88.0);
+    let overflow = x > EXP_OVERFLOW;
+    let x = x.clamp(-87.3, EXP_OVERFLOW);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -30,9 +38,13 @@ pub fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    let v = f32::from_bits(((n as i32 + 127) as u32) << 23) * e;
+    let n1 = n.min(127.0);
+    let v = f32::from_bits(((n1 as i32 + 127) as u32) << 23) * e;
+    let v = if n > n1 { v * 2.0 } else { v };
     if underflow {
         0.0
+    } else if overflow {
+        f32::INFINITY
     } else {
         v
     }
@@ -110,7 +122,29 @@ mod tests {
             let (a, b) = (exp(x) as f64, (x as f64).exp());
             assert!(((a - b) / b).abs() < 4e-7, "exp({x}): {a} vs {b}");
         }
-        assert!(exp(100.0).is_finite());
+        // The last octave before overflow, where 2^n alone would not fit an f32.
+        for i in 0..=1000 {
+            let x = 88.0 + i as f32 * (EXP_OVERFLOW - 88.0) / 1000.0;
+            let (a, b) = (exp(x) as f64, (x as f64).exp());
+            assert!(((a - b) / b).abs() < 4e-7, "exp({x}): {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn non_finite_and_overflowing_arguments_follow_ieee() {
+        // The GPU's expf is the other side of every device check: the two must agree.
+        for x in [88.73f32, 100.0, 1e30, f32::INFINITY] {
+            assert_eq!(exp(x), f32::INFINITY, "exp({x})");
+            assert_eq!(x.exp(), f32::INFINITY);
+        }
+        assert!(exp(f32::NAN).is_nan() && exp_nonpos(f32::NAN).is_nan());
+        assert!(
+            softplus(f32::NAN).is_nan(),
+            "softplus(NaN) = {}",
+            softplus(f32::NAN)
+        );
+        assert!(sigmoid(f32::NAN).is_nan() && tanh(f32::NAN).is_nan());
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

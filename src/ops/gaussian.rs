@@ -9,7 +9,7 @@
 //!   per row; backward `d/dz = -g (z - mu) e^{-logvar}`, `d/dmu = -d/dz`,
 //!   `d/dlogvar = 0.5 g ((z - mu)^2 e^{-logvar} - 1)`.
 //!
-//! Forwards are fused on the CPU; the backwards are short compositions of candle ops (latent
+//! Forwards are fused (CPU loops here, kernels in `cuda/gaussian.cu`); the backwards are short compositions of candle ops (latent
 //! tensors are small, so they cost little next to the GEMMs).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
@@ -36,7 +36,7 @@ pub fn reparameterize_slow(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Result
 /// Per-row `KL(N(mu, exp(logvar)) || N(0, I))`.
 pub fn gaussian_kl(mu: &Tensor, logvar: &Tensor) -> Result<Tensor> {
     same_shapes("gaussian_kl", &[mu, logvar])?;
-    if mu.device().is_cpu() {
+    if super::fused_available(mu.device()) {
         mu.contiguous()?
             .apply_op2(&logvar.contiguous()?, GaussianKl)
     } else {
@@ -202,6 +202,7 @@ impl CustomOp2 for GaussianKl {
             "gaussian",
             ptx::GAUSSIAN,
             &[(s1, l1), (s2, l2)],
+            0,
             Output::PerRow,
         )
     }
@@ -270,6 +271,7 @@ impl CustomOp3 for GaussianLogDensity {
             "gaussian",
             ptx::GAUSSIAN,
             &[(s1, l1), (s2, l2), (s3, l3)],
+            0,
             Output::PerRow,
         )
     }

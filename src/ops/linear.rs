@@ -35,7 +35,14 @@ impl Activation {
     fn apply(self, a: f32) -> f32 {
         match self {
             Activation::Identity => a,
-            Activation::Relu => a.max(0.0),
+            // Not `a.max(0.0)`, which maps NaN to 0: NaN propagates, as in CUDA's kernel.
+            Activation::Relu => {
+                if a < 0.0 {
+                    0.0
+                } else {
+                    a
+                }
+            }
             Activation::Tanh => super::fastmath::tanh(a),
             Activation::Softplus => softplus(a),
         }

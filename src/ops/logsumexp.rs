@@ -3,12 +3,14 @@
 //! `LSE(a) = m + ln sum_i exp(a_i - m)`, `m = max_i a_i`.
 //! Backward: `d/da_i = g * exp(a_i - LSE(a)) = g * w~_i`, the normalized importance weights,
 //! which makes the gradient of the IWAE bound `sum_i w~_i grad log w_i` (eq. 10).
-//! Rows whose entries are all `-inf` give `-inf` and a zero gradient.
+//! Rows whose entries are all `-inf` give `-inf` and a zero gradient. A NaN anywhere in a row
+//! makes the row's result NaN, and its gradient NaN, on every device (as `torch.logsumexp` does):
+//! a NaN log-weight is never read as the largest weight, nor skipped as probability zero.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::exp_nonpos;
-use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice};
+use super::{check_row_input_sizes, for_rows, map_rows, reduced_shape, rows_and_last, slice};
 
 /// `ln sum_i exp(a_i)` over the last dimension, max-shifted.
 pub fn logsumexp(a: &Tensor) -> Result<Tensor> {
@@ -31,8 +33,19 @@ pub fn logsumexp_slow(a: &Tensor) -> Result<Tensor> {
         .squeeze(D::Minus1)
 }
 
+/// The row maximum with NaN propagated (`f32::max` would skip a NaN).
+pub(crate) fn nan_max(r: &[f32]) -> f32 {
+    r.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
+        if v.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v)
+        }
+    })
+}
+
 fn row_lse(r: &[f32]) -> f32 {
-    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = nan_max(r);
     if !m.is_finite() {
         return m;
     }
@@ -67,6 +80,7 @@ impl CustomOp1 for LogSumExp {
             "logsumexp",
             ptx::LOGSUMEXP,
             &[(s, l)],
+            0,
             Output::PerRow,
         )
     }
@@ -80,7 +94,8 @@ impl CustomOp1 for LogSumExp {
     }
 }
 
-/// `g_row * exp(a_i - lse_row)`, zero where the row is all `-inf`.
+/// `g_row * exp(a_i - lse_row)`, zero where the row is all `-inf`; NaN where `a_i - lse_row` is
+/// NaN (a NaN row, or `+inf` entries), as the device's `expf` gives.
 pub(crate) struct LogSumExpBackward;
 
 impl CustomOp3 for LogSumExpBackward {
@@ -100,7 +115,8 @@ impl CustomOp3 for LogSumExpBackward {
         let a = slice(s1, l1, self.name())?;
         let lse = slice(s2, l2, self.name())?;
         let g = slice(s3, l3, self.name())?;
-        let (_, k) = rows_and_last(l1.shape())?;
+        let (rows, k) = rows_and_last(l1.shape())?;
+        check_row_input_sizes(self.name(), &[a.len(), lse.len(), g.len()], 1, rows, k)?;
         let mut out = vec![0f32; a.len()];
         for_rows(&mut out, k, |i, r| {
             let (m, gi) = (lse[i], g[i]);
@@ -108,6 +124,7 @@ impl CustomOp3 for LogSumExpBackward {
                 return;
             }
             for (o, v) in r.iter_mut().zip(&a[i * k..(i + 1) * k]) {
+                // exp_nonpos keeps a NaN difference NaN.
                 *o = gi * exp_nonpos(v - m);
             }
         });
@@ -131,6 +148,7 @@ impl CustomOp3 for LogSumExpBackward {
             "logsumexp",
             ptx::LOGSUMEXP,
             &[(s1, l1), (s2, l2), (s3, l3)],
+            2,
             Output::PerElement,
         )
     }
@@ -202,6 +220,54 @@ mod tests {
             (gv[0] - 0.5).abs() < 1e-4 && (gv[1] - 0.5).abs() < 1e-4 && gv[2] == 0.0,
             "{gv:?}"
         );
+    }
+
+    #[test]
+    fn a_backward_with_mis_sized_inputs_is_an_error_not_a_read_past_them() {
+        // The row kernels' launch glue checked only the first input's size.
+        let a = uniform(1, &[4, 5], -1.0, 1.0);
+        let lse = logsumexp(&a).unwrap();
+        let short_g = uniform(2, &[3], -1.0, 1.0);
+        let e = a
+            .apply_op3_no_bwd(&lse, &short_g, &LogSumExpBackward)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("input 2 has 3 values, expected 4"),
+            "{e}"
+        );
+        let full_g = uniform(3, &[4], -1.0, 1.0);
+        assert!(a
+            .apply_op3_no_bwd(&lse, &full_g, &LogSumExpBackward)
+            .is_ok());
+    }
+
+    #[test]
+    fn nan_log_weights_give_nan_rows_and_gradients() {
+        // Before: the CPU skipped a NaN in the maximum and weighted it as exp(0) = 1 (a lone NaN
+        // among finite values read as the largest weight); an all-NaN row read as -inf.
+        let dev = Device::Cpu;
+        let a = Var::new(
+            &[
+                [0f32, f32::NAN, 1.0],
+                [f32::NAN, f32::NAN, f32::NAN],
+                [f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY],
+                [0.0, 1.0, 2.0],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let v: Vec<f32> = logsumexp(&a).unwrap().to_vec1().unwrap();
+        assert!(v[..3].iter().all(|x| x.is_nan()), "{v:?}");
+        assert!(v[3].is_finite());
+        let g = logsumexp(&a)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<Vec<f32>> = g.get(a.as_tensor()).unwrap().to_vec2().unwrap();
+        assert!(g[..3].iter().flatten().all(|x| x.is_nan()), "{g:?}");
+        assert!(g[3].iter().all(|x| x.is_finite()), "{g:?}");
     }
 
     #[test]

@@ -105,6 +105,26 @@ pub(crate) fn map_rows(
 
 pub use fastmath::{sigmoid, softplus};
 
+/// Checks the input sizes of a row kernel: the first `full` inputs must hold `rows * d` values,
+/// the others one per row (the launch glue in `cuda.rs` calls this before every row launch).
+pub(crate) fn check_row_input_sizes(
+    op: &str,
+    sizes: &[usize],
+    full: usize,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    for (i, &n) in sizes.iter().enumerate() {
+        let want = if i < full { rows * d } else { rows };
+        if n != want {
+            candle_core::bail!(
+                "{op}: input {i} has {n} values, expected {want} ({rows} rows of {d})"
+            )
+        }
+    }
+    Ok(())
+}
+
 /// Splits a shape `(.., d)` into (rows, d).
 pub(crate) fn rows_and_last(shape: &candle_core::Shape) -> Result<(usize, usize)> {
     let dims = shape.dims();

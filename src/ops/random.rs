@@ -7,6 +7,9 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Result, Shape, Tens
 use crate::rng::{counter_normal, counter_u64};
 
 /// Bernoulli(pixel / 255) bits of the rows `idx` of a `(n, d)` u8 pixel tensor, as `(b, d)` f32.
+/// A row index of `n` or more gives a row of NaN on every device (the kernel never reads past
+/// the pixels, and cannot fail without a device sync): callers that take indices from users
+/// check them on the host first, as [`crate::data::DataSource::batch`] does.
 pub fn binarize_rows(pixels: &Tensor, idx: &Tensor, key: u64) -> Result<Tensor> {
     pixels.apply_op2_no_bwd(idx, &BinarizeRows { key })
 }
@@ -48,7 +51,8 @@ impl CustomOp2 for BinarizeRows {
         let mut out = Vec::with_capacity(idx.len() * d);
         for (b, &i) in idx.iter().enumerate() {
             if i as usize >= n {
-                candle_core::bail!("binarize_rows: index {i} out of {n} rows")
+                out.extend(std::iter::repeat_n(f32::NAN, d));
+                continue;
             }
             for (j, &p) in px[i as usize * d..(i as usize + 1) * d].iter().enumerate() {
                 let r = counter_u64(self.key, (b * d + j) as u64) >> 32;
@@ -75,17 +79,22 @@ impl CustomOp2 for BinarizeRows {
         };
         let px = s1.as_cuda_slice::<u8>()?.slice(p0..p1);
         let idx = s2.as_cuda_slice::<u32>()?.slice(i0..i1);
-        let &[_, d] = l1.dims() else {
+        let &[n, d] = l1.dims() else {
             candle_core::bail!("binarize_rows: pixels must be (n, d)")
         };
         let b = i1 - i0;
-        let (b32, d32) = (u32_len(b, self.name())?, u32_len(d, self.name())?);
+        let (n32, b32, d32) = (
+            u32_len(n, self.name())?,
+            u32_len(b, self.name())?,
+            u32_len(d, self.name())?,
+        );
         let out = alloc_out(&dev, b * d)?;
         let f = func(&dev, "gt_binarize_rows", "random", ptx::RANDOM)?;
         let mut bld = f.builder();
         bld.arg(&px)
             .arg(&idx)
             .arg(&out)
+            .arg(&n32)
             .arg(&b32)
             .arg(&d32)
             .arg(&self.key);
@@ -125,5 +134,24 @@ impl InplaceOp1 for FillNormal {
         bld.arg(&mut out).arg(&n32).arg(&self.key);
         // SAFETY: argument types and count match the kernel signature.
         launched(unsafe { bld.launch(elementwise(n)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn out_of_range_rows_give_nan_rows_not_a_read_past_the_pixels() {
+        // The CUDA kernel cannot fail without a sync, so both sides write NaN rows; the CPU used
+        // to fail instead, and the GPU read past the buffer.
+        let px = Tensor::from_slice(&[0u8, 255, 128, 7, 255, 0], (3, 2), &Device::Cpu).unwrap();
+        let idx = Tensor::from_slice(&[2u32, 3, 0, u32::MAX], 4, &Device::Cpu).unwrap();
+        let b: Vec<Vec<f32>> = binarize_rows(&px, &idx, 9).unwrap().to_vec2().unwrap();
+        assert_eq!(b[0], vec![1.0, 0.0]);
+        assert_eq!(b[2][0], 0.0);
+        assert_eq!(b[2][1], 1.0);
+        assert!(b[1].iter().chain(&b[3]).all(|v| v.is_nan()), "{b:?}");
     }
 }

@@ -18,7 +18,7 @@ use crate::eval;
 use crate::models::Vae;
 use crate::objectives::{kl_weight, needs_densities, objective};
 use crate::optim::{check_finite_grads, Optimizer};
-use crate::rng::{stream_rng, Stream};
+use crate::rng::{stream_rng, Draws, Stream};
 use crate::samples;
 use crate::session::{self, Datasets};
 
@@ -85,6 +85,7 @@ impl Trainee for VaeTrainee {
             ctx.lr,
             ctx.device,
             ctx.parallel,
+            Draws::for_device(ctx.device),
         )?;
         Ok(StepOutput {
             loss: out.loss,
@@ -194,6 +195,9 @@ pub struct VaeStepOutput {
 /// guard `loss + 0 * sum(grads)` (NaN or infinite exactly when something is) is handed to the
 /// fused Adam kernels, which skip the update by themselves.
 ///
+/// `draws` picks the generator of the binarization bits and the noise: training passes
+/// [`Draws::for_device`]; a device check passes the device's generator on both sides.
+///
 /// With `parallel`, this is one rank of a data-parallel group: `idx` is the global batch, the
 /// rank trains on its shard of it (with the bits and noise the global batch draws for those
 /// rows), and the gradients, loss and bound are averaged over the group before the update, so
@@ -211,16 +215,18 @@ pub fn train_step(
     lr: f64,
     device: &Device,
     parallel: Option<&DataParallel>,
+    draws: Draws,
 ) -> Result<VaeStepOutput> {
     let k = cfg.objective.k;
     let seed = cfg.train.seed;
     let batch = idx.len();
     let rows = parallel.map_or(0..batch, |p| p.shard(batch));
-    let mut x = data.batch(idx, step, device)?;
-    let mut eps = if device.is_cpu() {
-        model.draw_noise(k, batch, &mut stream_rng(seed, Stream::Noise, step))?
-    } else {
-        model.draw_noise_keyed(k, batch, crate::rng::stream_key(seed, Stream::Noise, step))?
+    let mut x = data.batch_drawn(idx, step, device, draws)?;
+    let mut eps = match draws {
+        Draws::Host => model.draw_noise(k, batch, &mut stream_rng(seed, Stream::Noise, step))?,
+        Draws::Counter => {
+            model.draw_noise_keyed(k, batch, crate::rng::stream_key(seed, Stream::Noise, step))?
+        }
     };
     if rows.len() != batch {
         // This rank's rows of the global draws: x is (B, d); each noise tensor is (k B, d),
