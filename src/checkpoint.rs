@@ -269,7 +269,7 @@ impl LoadedFile {
             .ok_or_else(|| Error::checkpoint(&self.path, format!("metadata has no `{key}`")))
     }
 
-    /// The F32 tensor `name`, which must have shape `dims`.
+    /// The F32 tensor `name`, which must have shape `dims` and hold only finite values.
     pub fn tensor(
         &self,
         name: &str,
@@ -298,6 +298,13 @@ impl LoadedFile {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        // A trained run never saves a non-finite value (a diverging run stops at the last finite
+        // checkpoint), so one here is corruption: refuse it by name rather than evaluate NaN.
+        if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(format!(
+                "tensor `{name}` holds a non-finite value ({v}) at element {i}"
+            ));
+        }
         Tensor::from_vec(data, dims, device).map_err(|e| e.to_string())
     }
 

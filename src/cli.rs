@@ -316,7 +316,7 @@ fn default_run_dir(cfg_path: Option<&Path>) -> PathBuf {
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(v)?);
+    println!("{}", crate::report::json::to_json(v)?);
     Ok(())
 }
 
@@ -489,7 +489,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
                         crate::eval::evaluate(model, &data.test, k, limit, max_rows, a.seed)
                     })?;
-                    merge(&mut v, serde_json::to_value(&r)?);
+                    merge(&mut v, crate::report::json::to_json(&r)?);
                     lines.push(format!("test -ELBO: {:.3} nats", r.test_elbo));
                     lines.push(format!(
                         "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
@@ -502,7 +502,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
                         crate::eval::evaluate_flow(flow, &data.test, limit, 1000)
                     })?;
-                    merge(&mut v, serde_json::to_value(&r)?);
+                    merge(&mut v, crate::report::json::to_json(&r)?);
                     lines.push(format!(
                         "test NLL (exact, {} rows): {:.3} +- {:.3} nats",
                         r.n, r.nll, r.nll_stderr
@@ -523,7 +523,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     crate::metrics::sample_metrics(&ck.model, &cfg, &data, n, a.seed)
                 })?;
                 lines.extend(r.lines());
-                merge(&mut v, serde_json::to_value(&r)?);
+                merge(&mut v, crate::report::json::to_json(&r)?);
             }
             if a.json {
                 return print_json(&v);

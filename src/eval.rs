@@ -97,11 +97,15 @@ pub fn importance_sampled_log_likelihood(
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec2()?;
             for (r, row) in running.iter_mut().zip(&lw) {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                if m.is_finite() {
-                    let lse = m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
-                    *r = log_add_exp(*r, lse);
-                }
+                // NaN-propagating: a NaN log-weight makes the image's estimate NaN (f32::max
+                // would skip it, and an all-NaN row would read as probability zero).
+                let m = crate::ops::logsumexp::nan_max(row) as f64;
+                let lse = if m.is_finite() {
+                    m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln()
+                } else {
+                    m // NaN, +inf, or -inf (every weight zero)
+                };
+                *r = log_add_exp(*r, lse);
             }
             done += s;
         }
@@ -111,7 +115,14 @@ pub fn importance_sampled_log_likelihood(
     Ok(out)
 }
 
+/// `ln(e^a + e^b)`, NaN when either is NaN, `+inf` when either is.
 fn log_add_exp(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        return f64::NAN;
+    }
+    if a == f64::INFINITY || b == f64::INFINITY {
+        return f64::INFINITY;
+    }
     if a == f64::NEG_INFINITY {
         return b;
     }
@@ -120,6 +131,27 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
     }
     let m = a.max(b);
     m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
+/// The mean negative log-likelihood of per-image log-likelihoods `ll` (nats) and its standard
+/// error over images (sample standard deviation / sqrt(n)). When the mean is infinite (some
+/// image has probability zero) the error is `+inf`; when it is NaN, NaN: never a finite-looking
+/// figure beside a non-finite mean.
+pub fn mean_nll_and_stderr(ll: &[f64]) -> (f64, f64) {
+    let n = ll.len();
+    let nll = -ll.iter().sum::<f64>() / n.max(1) as f64;
+    if !nll.is_finite() {
+        return (
+            nll,
+            if nll.is_nan() {
+                f64::NAN
+            } else {
+                f64::INFINITY
+            },
+        );
+    }
+    let var = ll.iter().map(|v| (-v - nll).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+    (nll, (var / n.max(1) as f64).sqrt())
 }
 
 /// Active units per stochastic layer over the first `n` rows.
@@ -175,12 +207,11 @@ pub fn evaluate(
     };
     let test_elbo = mean_elbo(model, data, n, 1000, seed)?;
     let ll = importance_sampled_log_likelihood(model, data, n, k, max_rows, seed)?;
-    let nll = -ll.iter().sum::<f64>() / n as f64;
-    let var = ll.iter().map(|v| (-v - nll).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+    let (nll, nll_stderr) = mean_nll_and_stderr(&ll);
     Ok(EvalReport {
         test_elbo: -test_elbo,
         nll,
-        nll_stderr: (var / n as f64).sqrt(),
+        nll_stderr,
         k,
         n,
         bits_per_dim: bits_per_dim(nll, data),
@@ -228,13 +259,37 @@ pub fn evaluate_flow(
         ll.extend(lp.into_iter().map(|v| v as f64));
         start += b;
     }
-    let nll = -ll.iter().sum::<f64>() / n.max(1) as f64;
-    let var = ll.iter().map(|v| (-v - nll).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+    let (nll, nll_stderr) = mean_nll_and_stderr(&ll);
     Ok(FlowEvalReport {
         nll,
-        nll_stderr: (var / n.max(1) as f64).sqrt(),
+        nll_stderr,
         bits_per_dim: flow.uses_logit().then(|| bits_per_dim(nll, data)),
         n,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_add_exp_propagates_nan_and_infinities() {
+        assert!(log_add_exp(f64::NAN, 1.0).is_nan() && log_add_exp(1.0, f64::NAN).is_nan());
+        assert!(log_add_exp(f64::NEG_INFINITY, f64::NAN).is_nan());
+        assert_eq!(log_add_exp(f64::INFINITY, 1.0), f64::INFINITY);
+        assert_eq!(log_add_exp(f64::NEG_INFINITY, 1.5), 1.5);
+        assert!((log_add_exp(0.0, 0.0) - 2f64.ln()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_error_of_a_non_finite_mean_is_not_finite_either() {
+        let (m, e) = mean_nll_and_stderr(&[-1.0, f64::NEG_INFINITY]);
+        assert_eq!((m, e), (f64::INFINITY, f64::INFINITY));
+        let (m, e) = mean_nll_and_stderr(&[-1.0, f64::NAN]);
+        assert!(m.is_nan() && e.is_nan());
+        let (m, e) = mean_nll_and_stderr(&[-1.0, -3.0]);
+        assert_eq!(m, 2.0);
+        assert!((e - 1.0).abs() < 1e-12);
+    }
 }

@@ -521,3 +521,47 @@ fn fuzz_reproducers_are_refused_with_exit_2() {
         assert_user_error(&out, needle);
     }
 }
+
+/// `bytes` with the first value of tensor `name` set to `v`.
+fn with_value(bytes: &[u8], name: &str, v: f32) -> Vec<u8> {
+    let (n, h) = header(bytes);
+    let start = 8 + n + h[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    let mut b = bytes.to_vec();
+    b[start..start + 4].copy_from_slice(&v.to_le_bytes());
+    b
+}
+
+#[test]
+fn checkpoint_with_a_non_finite_parameter_is_refused_by_name() {
+    // It used to evaluate to `test NLL: inf +- NaN` with exit 0 (a NaN log-weight read as
+    // probability zero).
+    for v in [f32::NAN, f32::INFINITY] {
+        checkpoint_case(
+            |b| with_value(b, "decoders.0.out.bias", v),
+            "tensor `decoders.0.out.bias` holds a non-finite value",
+        );
+    }
+}
+
+#[test]
+fn resume_from_a_non_finite_optimizer_state_is_refused_by_name() {
+    let (tmp, run) = trained_run();
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    let optim = run.join(latest.trim()).join("optim.safetensors");
+    let bytes = std::fs::read(&optim).unwrap();
+    let name = "decoders.0.out.bias.exp_avg_sq";
+    std::fs::write(&optim, with_value(&bytes, name, f32::NAN)).unwrap();
+    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
+    assert_user_error(
+        &trainer(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--resume",
+            run.to_str().unwrap(),
+        ]),
+        &format!("tensor `{name}` holds a non-finite value"),
+    );
+}

@@ -34,7 +34,7 @@ pub fn logsumexp_slow(a: &Tensor) -> Result<Tensor> {
 }
 
 /// The row maximum with NaN propagated (`f32::max` would skip a NaN).
-pub(crate) fn nan_max(r: &[f32]) -> f32 {
+pub fn nan_max(r: &[f32]) -> f32 {
     r.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
         if v.is_nan() || m.is_nan() {
             f32::NAN

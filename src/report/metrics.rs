@@ -60,14 +60,7 @@ impl MetricsWriter {
         m.insert("step".into(), Value::from(step));
         m.insert("epoch".into(), Value::from(epoch));
         for (k, v) in fields {
-            m.insert(
-                (*k).into(),
-                if v.is_finite() {
-                    Value::from(*v)
-                } else {
-                    Value::from(v.to_string())
-                },
-            );
+            m.insert((*k).into(), super::json::float(*v));
             sinks.events.scalar(&format!("{event}/{k}"), step, *v)?;
         }
         writeln!(sinks.jsonl, "{}", Value::Object(m)).map_err(|e| Error::io(&sinks.path, e))?;

@@ -1,5 +1,6 @@
 //! Outputs a person reads: metrics (JSONL and TensorBoard scalars) and PNG image grids.
 
+pub mod json;
 pub mod metrics;
 pub mod plot;
 pub mod png;
