@@ -4,6 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+/// `println!` for command output that returns an error instead of panicking when stdout is
+/// closed (`trainer eval --json | head -c 1`); `main` exits quietly on a broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing to stdout")?
+    }};
+}
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, Overrides};
@@ -316,7 +325,7 @@ fn default_run_dir(cfg_path: Option<&Path>) -> PathBuf {
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", crate::report::json::to_json(v)?);
+    outln!("{}", crate::report::json::to_json(v)?);
     Ok(())
 }
 
@@ -433,16 +442,18 @@ pub fn run(cli: Cli) -> Result<()> {
             if a.json {
                 return print_json(&s);
             }
-            println!("run directory: {}", s.run_dir.display());
-            println!(
+            outln!("run directory: {}", s.run_dir.display());
+            outln!(
                 "steps: {}  wall: {:.1} s  throughput: {:.0} samples/s",
-                s.steps, s.seconds, s.samples_per_s
+                s.steps,
+                s.seconds,
+                s.samples_per_s
             );
             if let Some(e) = s.test_elbo {
-                println!("test -ELBO: {e:.2} nats");
+                outln!("test -ELBO: {e:.2} nats");
             }
             if let Some(r) = &s.final_eval {
-                println!(
+                outln!(
                     "test NLL (importance sampled, k = {}, first {} test images): {:.2} +- {:.2} nats ({:.4} bits/dim)",
                     r.k, r.n, r.nll, r.nll_stderr, r.bits_per_dim
                 );
@@ -529,13 +540,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 return print_json(&v);
             }
             for l in lines {
-                println!("{l}");
+                outln!("{l}");
             }
             Ok(())
         }
         Command::Plot(a) => {
             crate::report::plot::write_training_curves(&a.run)?;
-            println!("wrote {}", a.run.join("curves.png").display());
+            outln!("wrote {}", a.run.join("curves.png").display());
             Ok(())
         }
         Command::Sample(a) => {
@@ -553,7 +564,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     let mut cfg = ck.config.clone();
                     cfg.train.seed = a.seed;
                     crate::samples::write_model_samples(&ck.model, &cfg, &a.out, a.n, 0, shape)?;
-                    println!("wrote {}", a.out.display());
+                    outln!("wrote {}", a.out.display());
                     return Ok(());
                 }
                 (crate::session::Model::Flow(f), SampleKind::Prior) => {
@@ -564,7 +575,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .map(|s| s.extent())
                         .unwrap_or((-6.0, 6.0));
                     crate::samples::write_flow_samples(f, &a.out, a.n, a.seed, 0, shape, extent)?;
-                    println!("wrote {}", a.out.display());
+                    outln!("wrote {}", a.out.display());
                     return Ok(());
                 }
                 (_, kind) => bail!("--kind {kind:?} needs a model with an encoder (a VAE)"),
@@ -590,7 +601,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
-            println!("wrote {}", a.out.display());
+            outln!("wrote {}", a.out.display());
             Ok(())
         }
         Command::Bench(a) => {
@@ -601,9 +612,15 @@ pub fn run(cli: Cli) -> Result<()> {
             if a.json {
                 return print_json(&r);
             }
-            println!(
+            outln!(
                 "{} on {} ({} threads), batch {}, k {}: {:.0} samples/s ({:.2} ms/step)",
-                r.framework, r.device, r.threads, r.batch, r.k, r.samples_per_s, r.ms_per_step
+                r.framework,
+                r.device,
+                r.threads,
+                r.batch,
+                r.k,
+                r.samples_per_s,
+                r.ms_per_step
             );
             Ok(())
         }
@@ -615,12 +632,15 @@ pub fn run(cli: Cli) -> Result<()> {
             if a.json {
                 return print_json(&r);
             }
-            println!("| kernel | GB/s | fraction of copy | us/call |");
-            println!("| --- | ---: | ---: | ---: |");
+            outln!("| kernel | GB/s | fraction of copy | us/call |");
+            outln!("| --- | ---: | ---: | ---: |");
             for k in &r {
-                println!(
+                outln!(
                     "| {} | {:.1} | {:.2} | {:.1} |",
-                    k.kernel, k.gb_per_s, k.fraction_of_copy, k.microseconds_per_call
+                    k.kernel,
+                    k.gb_per_s,
+                    k.fraction_of_copy,
+                    k.microseconds_per_call
                 );
             }
             Ok(())
@@ -633,17 +653,19 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 for c in &r {
                     match &c.error {
-                        None => println!(
+                        None => outln!(
                             "ok    {:<60} max rel err {:.2e} (tol {:.0e})",
-                            c.check, c.max_rel_err, c.tolerance
+                            c.check,
+                            c.max_rel_err,
+                            c.tolerance
                         ),
-                        Some(e) => println!("FAIL  {:<60} {e}", c.check),
+                        Some(e) => outln!("FAIL  {:<60} {e}", c.check),
                     }
                 }
             }
             let failed = r.iter().filter(|c| !c.passed).count();
             if !a.json {
-                println!("{} passed, {failed} failed", r.len() - failed);
+                outln!("{} passed, {failed} failed", r.len() - failed);
             }
             if failed > 0 {
                 return Err(crate::error::Error::ChecksFailed {
@@ -667,7 +689,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .context("synthetic data has no IDX form")?;
             let encoded = encode_idx(&[data.test.len(), data.rows, data.cols], bytes);
             std::fs::write(&a.out, encoded).with_context(|| format!("{}", a.out.display()))?;
-            println!(
+            outln!(
                 "wrote {} ({} images, {}x{})",
                 a.out.display(),
                 data.test.len(),

@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         .init();
     match gentrain::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`trainer eval --json | head -c 1`): stop quietly, as ripgrep does.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");
@@ -25,4 +27,11 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

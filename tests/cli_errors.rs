@@ -565,3 +565,20 @@ fn resume_from_a_non_finite_optimizer_state_is_refused_by_name() {
         &format!("tensor `{name}` holds a non-finite value"),
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    // println! used to panic (exit 101 with a backtrace) when the reader went away, as in
+    // `trainer check-kernels --json | head -c 1`.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["check-kernels", "--device", "cpu", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader closes before the command writes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
