@@ -38,7 +38,7 @@ pub fn write_samples(
         let rows = per_class * model.classes;
         let z = model.sample_z1(rows, &mut rng)?;
         let labels: Vec<u32> = (0..rows).map(|r| (r / per_class) as u32).collect();
-        let y = one_hot(&labels, model.classes, model.device())?;
+        let y = crate::data::one_hot(&labels, model.classes, model.device())?;
         let images = rows_of(&model.decode_mean(&z, Some(&y))?)?;
         return write_grid(path, &images, shape.0, shape.1, per_class, 2);
     }
@@ -72,15 +72,6 @@ pub fn write_flow_samples(
     write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row(n), 2)
 }
 
-/// One-hot rows for `labels`.
-pub fn one_hot(labels: &[u32], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let mut y = vec![0f32; labels.len() * classes];
-    for (r, &l) in labels.iter().enumerate() {
-        y[r * classes + l as usize] = 1.0;
-    }
-    Ok(Tensor::from_vec(y, (labels.len(), classes), device)?)
-}
-
 /// The first `n` images of `data` (left) next to their reconstructions from the posterior mean.
 pub fn write_reconstructions(
     model: &Vae,
@@ -100,7 +91,21 @@ pub fn write_reconstructions(
         images.push(a);
         images.push(b);
     }
-    write_grid(path, &images, shape.0, shape.1, 16, 2)
+    write_grid(
+        path,
+        &images,
+        shape.0,
+        shape.1,
+        2 * reconstruction_pairs_per_row(n),
+        2,
+    )
+}
+
+/// Pairs (image, reconstruction) per grid row for `n` pairs: at most 8, spread evenly over the
+/// rows needed, so that no column stays empty (4 pairs: one row of 4; 9: two rows of 5).
+fn reconstruction_pairs_per_row(n: usize) -> usize {
+    let rows = n.div_ceil(8).max(1);
+    n.div_ceil(rows).max(1)
 }
 
 /// `pairs` rows, each decoding `steps` points between the posterior means of two test images.
@@ -185,4 +190,20 @@ pub fn point_map(points: &[Vec<f32>], size: usize, extent: (f32, f32)) -> Vec<f3
     let max = counts.iter().copied().fold(0f32, f32::max);
     let norm = (1.0 + max).ln().max(f32::MIN_POSITIVE);
     counts.iter().map(|c| (1.0 + c).ln() / norm).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconstruction_grids_fit_the_count() {
+        for (n, per_row) in [(1, 1), (4, 4), (8, 8), (9, 5), (16, 8), (17, 6), (64, 8)] {
+            assert_eq!(reconstruction_pairs_per_row(n), per_row, "n = {n}");
+            // Never a whole empty column, never a whole empty row.
+            let rows = n.div_ceil(per_row);
+            assert!(rows * per_row - n < per_row, "n = {n}");
+            assert!(per_row <= n);
+        }
+    }
 }

@@ -175,7 +175,7 @@ impl Model {
                 let z = m.sample_z1(n, rng)?;
                 if m.classes > 0 {
                     let labels: Vec<u32> = (0..n).map(|i| (i % m.classes) as u32).collect();
-                    let y = crate::samples::one_hot(&labels, m.classes, m.device())?;
+                    let y = crate::data::one_hot(&labels, m.classes, m.device())?;
                     m.decode_mean(&z, Some(&y))
                 } else {
                     m.decode_mean(&z, None)

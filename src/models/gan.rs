@@ -103,7 +103,7 @@ impl Default for GanConfig {
 impl GanConfig {
     /// Checks the values a user can get wrong.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Config(format!("gan.{m}")));
+        let bad = |m: &str| Err(Error::Config(format!("model.gan.{m}")));
         if self.latent == 0 {
             return bad("latent must be at least 1");
         }
@@ -369,9 +369,16 @@ impl Gan {
                 let (h, w) = match image {
                     Some((h, w)) if h % 4 == 0 && w % 4 == 0 && h * w == dim => (h, w),
                     _ => {
+                        let got = match image {
+                            Some((h, w)) if h * w == dim => format!("{h}x{w} images"),
+                            Some((h, w)) => {
+                                format!("{h}x{w} images stored as {dim} values per row")
+                            }
+                            None => format!("rows of {dim} values that are not images"),
+                        };
                         return Err(Error::Config(format!(
-                            "gan.architecture = \"dcgan\" needs one-channel images with sides that are multiples of 4, got {image:?} ({dim} values per row)"
-                        )))
+                            "model.gan.architecture = \"dcgan\" needs one-channel images whose height and width are multiples of 4; this data has {got} (use model.gan.architecture = \"mlp\")"
+                        )));
                     }
                 };
                 let [c1, c2] = cfg.conv_channels;
@@ -486,7 +493,7 @@ impl Gan {
             return self.generate(&z);
         }
         let labels: Vec<u32> = (0..n).map(|i| (i % self.classes) as u32).collect();
-        let y = crate::samples::one_hot(&labels, self.classes, self.device())?;
+        let y = crate::data::one_hot(&labels, self.classes, self.device())?;
         self.generate(&Tensor::cat(&[&z, &y], 1)?)
     }
 
