@@ -10,6 +10,11 @@ other (the order rotated every round so that no variant always goes first):
                                       --steps S --warmup W --mode eager --json
     python scripts/torch_vae.py bench ... --mode compile            (unless --no-compile)
 
+``--variants`` picks some of the three (comma-separated: gentrain, eager, compile; default all
+three, less what ``--no-compile`` / ``--no-gentrain`` remove): ``--variants compile`` measures
+torch.compile alone, e.g. after a ``--no-compile`` run. A short check is ``--repeats 1 --steps 200
+--warmup 20`` (scripts/gpu-first-contact.sh runs that, then ``--cases vae-b128 --variants compile``).
+
 Cases (``--cases`` picks some by name, comma-separated):
 
     vae-b128          configs/vae-examples.toml (784-400-20, ELBO k=1) at batch 128
@@ -54,7 +59,13 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11 (the GPU machine's PyTorch Python may be older)
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        from pip._vendor import tomli as tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -163,7 +174,7 @@ def case_commands(args, trainer: Path, python: str, config: Path, batch: int) ->
     steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     threads = ["--threads", str(args.threads)] if args.threads is not None else []
     variants = {}
-    if not args.no_gentrain:
+    if "gentrain" in args.variants:
         variants[("gentrain", "cuda")] = [
             str(trainer), "bench", "--config", str(config), "--device", args.device,
             "--batch-size", str(batch), *steps, *threads,
@@ -172,8 +183,9 @@ def case_commands(args, trainer: Path, python: str, config: Path, batch: int) ->
              str(config), "--device", args.device, "--batch", str(batch), *steps, *threads,
              *(["--no-tf32"] if args.no_tf32 else []),
              *(["--fused-adam"] if args.fused_adam else [])]
-    variants[("pytorch", "eager")] = eager + ["--mode", "eager", "--json"]
-    if not args.no_compile:
+    if "eager" in args.variants:
+        variants[("pytorch", "eager")] = eager + ["--mode", "eager", "--json"]
+    if "compile" in args.variants:
         variants[("pytorch", "compile")] = eager + [
             "--mode", "compile", *(["--compile-mode", args.compile_mode]
                                    if args.compile_mode else []), "--json"]
@@ -301,6 +313,9 @@ def main() -> None:
     ap.add_argument("--no-tf32", action="store_true",
                     help="TF32 off on both sides (gentrain: --set train.tf32=false)")
     ap.add_argument("--no-gentrain", action="store_true", help="PyTorch variants only")
+    ap.add_argument("--variants", default="gentrain,eager,compile",
+                    help="comma-separated subset of gentrain, eager, compile to run "
+                         "(default: all three, less --no-compile / --no-gentrain)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per command")
     ap.add_argument("--out-dir", default="bench/results",
                     help="where the .json/.md go (relative to the repo root unless absolute)")
@@ -314,6 +329,19 @@ def main() -> None:
     if args.merge:
         merge(args.merge, out_dir, args.name)
         return
+
+    known = ("gentrain", "eager", "compile")
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in wanted if v not in known]
+    if bad or not wanted:
+        die(f"--variants: unknown {', '.join(bad) or '(none given)'}; known: {', '.join(known)}")
+    args.variants = {v for v in wanted
+                     if not (v == "compile" and args.no_compile)
+                     and not (v == "gentrain" and args.no_gentrain)}
+    if not args.variants:
+        die("--variants: nothing left to run after --no-compile / --no-gentrain")
+    args.no_gentrain = "gentrain" not in args.variants
+    args.no_compile = "compile" not in args.variants
 
     m = re.fullmatch(r"cuda(?::(\d+))?", args.device)
     if not m:
@@ -387,6 +415,7 @@ def main() -> None:
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "threads": args.threads, "tf32": not args.no_tf32, "compile_mode": args.compile_mode,
         "fused_adam": args.fused_adam, "env": env,
+        "variants": [v for v in ("gentrain", "eager", "compile") if v in args.variants],
         "cases": [],
     }
     gpu = result["gpu"]

@@ -2,31 +2,34 @@
 # Builds the `trainer` binary with `--features cuda` into target-cuda/ (kept apart from the CPU
 # build's target/ so the two never rebuild each other), on a machine without a GPU.
 #
-#   scripts/build-cuda.sh                 # release build of bin `trainer`
+#   scripts/build-cuda.sh                 # release build of bin `trainer`, then the test
+#                                         # executables named in PACK_TESTS (default gpu_kernels),
+#                                         # all packed into target-cuda/carry
 #   scripts/build-cuda.sh --tests         # extra args go to `cargo build` (after --bin trainer)
 #   scripts/build-cuda.sh --test-exes     # instead: `cargo test --release --features cuda --no-run`,
 #                                         # list the test executables' paths (further args go to
-#                                         # `cargo test`, e.g. `--test gpu_kernels`)
+#                                         # `cargo test`, e.g. `--test gpu_kernels`), pack them
 #
 # Outputs (all under target-cuda/, which .gitignore ignores):
 #   release/trainer            unstripped, as cargo leaves it (~134 MiB: debug line tables)
 #   release/trainer-stripped   stripped copy (~57 MiB; 32 MiB of it is candle's sm_90a fatbin)
 #   carry/trainer.xz           the stripped copy, xz-compressed (~8 MiB): what to carry to the
-#                              GPU machine (run's carry limit is 64 MiB for the whole tree)
-#   test-exes.txt              (--test-exes) one test executable path per line, also printed
-#                              after the line `== test executables ==`
-#   carry/tests/NAME.xz        (--test-exes) stripped, xz-compressed copies of the test
-#                              executables named in PACK_TESTS (default "gpu_kernels"; "all"
-#                              packs every one, ~8 MiB each)
+#                              GPU machine
+#   test-exes.txt              one test executable path per line, also printed after the line
+#                              `== test executables ==`
+#   carry/tests/NAME.xz        stripped, xz-compressed copies of the test executables named in
+#                              PACK_TESTS (default "gpu_kernels"; "all" packs every one, ~8 MiB
+#                              each; "none" packs none)
+# The device tool carries at most 64 MiB, working tree and carried folders together: the script
+# ends with the sizes and fails when the tree plus target-cuda/carry exceed 60 MiB.
 #
-# On the GPU machine (carry: ["target-cuda/carry"]), from the repo root:
-#   mkdir -p target-cuda/release && xz -dc target-cuda/carry/trainer.xz >target-cuda/release/trainer
-#   chmod +x target-cuda/release/trainer
-#   export LD_LIBRARY_PATH=$(python3 -c "import nvidia,os;print(os.path.join(nvidia.__path__[0],'cu13','lib'))")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-# libcuda.so.1 comes from the driver there. Test executables have env!("CARGO_MANIFEST_DIR") and
-# env!("CARGO_BIN_EXE_trainer") baked in as absolute paths of the build machine
-# (/work/main/...): on the GPU machine `mkdir -p /work && ln -sfn "$PWD" /work/main` first and
-# unpack the trainer to target-cuda/release/trainer as above.
+# On the GPU machine (carry: ["target-cuda/carry"]), from the repo root, the one command is
+#   bash scripts/gpu-first-contact.sh          (timeout ~570 s; see docs/gpu-notes.md)
+# which unpacks everything itself (scripts/gpu-env.sh: xz, or Python's lzma where there is no xz)
+# and sets LD_LIBRARY_PATH to the CUDA 13 / NCCL libraries of PyTorch's pip packages; libcuda.so.1
+# comes from the driver there. Test executables have env!("CARGO_MANIFEST_DIR") and
+# env!("CARGO_BIN_EXE_trainer") baked in as absolute paths of the build machine (/work/main/...):
+# gpu-first-contact.sh links /work/main to the checkout when it does not exist.
 #
 # Environment: GENTRAIN_CUDA_FEATURES (default nccl, which implies cuda; set cuda to build without
 # NCCL), GENTRAIN_CUDA_PREFIX (as in cuda-toolchain.sh), CUDA_COMPUTE_CAP (default 90),
@@ -61,9 +64,10 @@ report() {
   stat -c '%s %n' "$@" | awk '{printf "%s: %d bytes (%.1f MiB)\n", $2, $1, $1 / 1048576}'
 }
 
-if [[ ${1:-} == --test-exes ]]; then
-  shift
-  list=$CARGO_TARGET_DIR/test-exes.txt
+# build_tests [CARGO TEST ARGS]: builds test executables (`cargo test --no-run`), lists them in
+# test-exes.txt and packs those named in PACK_TESTS into carry/tests (replacing what was there).
+build_tests() {
+  local list=$CARGO_TARGET_DIR/test-exes.txt want exe name base
   cargo test --release --features "$FEATURES" --no-run --message-format=json-render-diagnostics "$@" \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | sort -u >"$list"
   echo "== test executables =="
@@ -73,18 +77,36 @@ if [[ ${1:-} == --test-exes ]]; then
   want=" ${PACK_TESTS:-gpu_kernels} "
   while read -r exe; do
     name=$(basename "$exe")
-    [[ $exe == */deps/* ]] || continue          # the trainer bin itself: packed below
+    [[ $exe == */deps/* ]] || continue          # the trainer bin itself: packed separately
     base=${name%-*}
     [[ $want == " all " || $want == *" $base "* ]] || continue
     pack "$exe" "$CARRY/tests/$base.xz"
   done <"$list"
+}
+# carry_report: sizes of what is carried; fails when the working tree (what git would carry:
+# tracked and untracked, not ignored) plus the carry folder exceed 60 MiB of the 64 MiB limit.
+carry_report() {
+  local files carry tree
+  echo "== packed for carrying ($CARRY) =="
+  mapfile -t files < <(find "$CARRY" -type f | sort)
+  ((${#files[@]})) && report "${files[@]}"
+  carry=$(du -sb "$CARRY" | cut -f1)
+  tree=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }') || true
+  awk -v c="$carry" -v t="$tree" 'BEGIN { printf "carry %.1f MiB + working tree %.1f MiB = %.1f MiB (limit 64 MiB)\n", c / 1048576, t / 1048576, (c + t) / 1048576 }'
+  if ((carry + tree > 60 * 1048576)); then
+    echo "error: over 60 MiB: pack fewer test executables (PACK_TESTS) or shrink the tree" >&2
+    return 1
+  fi
+}
+
+if [[ ${1:-} == --test-exes ]]; then
+  shift
+  build_tests "$@"
   if [[ -x $CARGO_TARGET_DIR/release/trainer ]]; then
     pack "$CARGO_TARGET_DIR/release/trainer" "$CARRY/trainer.xz"
   fi
-  echo "== packed for carrying ($CARRY) =="
-  report $(find "$CARRY" -name '*.xz' | sort)
-  du -sh "$CARRY"
-  exit 0
+  carry_report
+  exit
 fi
 
 cargo build --release --features "$FEATURES" --bin trainer "$@"
@@ -98,3 +120,14 @@ echo "== trainer =="
 report "$BIN" "$OUT" "$CARRY/trainer.xz"
 echo "== ldd $OUT =="
 ldd "$OUT" || true
+if [[ ${PACK_TESTS:-gpu_kernels} != none ]]; then
+  if [[ ${PACK_TESTS:-gpu_kernels} == all ]]; then build_tests; else
+    # only the named test targets: --test NAME each
+    tests=()
+    for t in ${PACK_TESTS:-gpu_kernels}; do tests+=(--test "$t"); done
+    build_tests "${tests[@]}"
+  fi
+else
+  rm -rf "$CARRY/tests"
+fi
+carry_report

@@ -66,15 +66,27 @@ import shutil
 import struct
 import sys
 import time
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11 (the GPU machine's PyTorch Python may be older)
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        from pip._vendor import tomli as tomllib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+try:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+except ModuleNotFoundError as _missing_safetensors:  # only checkpoints need it, `bench` does not
+    def _no_safetensors(*_args, **_kwargs):
+        raise SystemExit(f"safetensors is not installed ({_missing_safetensors}): "
+                         "pip install safetensors")
+    safe_open = load_file = save_file = _no_safetensors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "vae-examples.toml"
