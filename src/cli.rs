@@ -191,16 +191,18 @@ pub struct SampleArgs {
     /// Run directory (its latest checkpoint) or checkpoint directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Number of images.
-    #[arg(long, default_value_t = 64)]
-    pub n: usize,
+    /// How many: prior samples; test images, each shown beside its reconstruction; or for
+    /// interpolation, rows (pairs of test images), each of 10 decoded steps. Default: 64 (8 rows
+    /// for interpolation).
+    #[arg(long)]
+    pub n: Option<usize>,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
     /// What to draw.
     #[arg(long, value_enum, default_value_t = SampleKind::Prior)]
     pub kind: SampleKind,
-    /// Seed of the samples.
+    /// Seed of the prior samples (reconstructions and interpolations use no randomness).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Directory with IDX image files (for reconstructions and interpolations).
@@ -217,6 +219,17 @@ pub enum SampleKind {
     Reconstructions,
     /// Decoded straight lines between posterior means of test images (n rows of 10).
     Interpolation,
+}
+
+impl SampleKind {
+    /// The spelling on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            SampleKind::Prior => "prior",
+            SampleKind::Reconstructions => "reconstructions",
+            SampleKind::Interpolation => "interpolation",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -264,13 +277,23 @@ pub struct CheckKernelsArgs {
     pub json: bool,
 }
 
+/// Flags of `trainer export-data`: only those that change which data is written (the test set
+/// is binarized or dequantized with its own fixed seed, whatever the run's).
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    #[command(flatten)]
-    pub flags: ConfigFlags,
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Take the config from this run or checkpoint directory instead of --config.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Directory with IDX image files (MNIST layout).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Any config value as section.key=value (TOML syntax), repeatable; the `data` section is
+    /// what matters here.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Output IDX file (uncompressed).
     #[arg(long)]
     pub out: PathBuf,
@@ -476,13 +499,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!("--max-rows must be at least 1");
             }
             let data = crate::session::load_datasets(&cfg)?;
-            if data.dim() != ck.model.input_dim() {
-                bail!(
-                    "the data has {} values per image but the model expects {}",
-                    data.dim(),
-                    ck.model.input_dim()
-                );
-            }
+            ck.check_data(&data)?;
             let limit = a.limit.unwrap_or(cfg.eval.limit);
             let mut v = serde_json::json!({
                 "checkpoint": ck.dir.display().to_string(),
@@ -550,7 +567,11 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sample(a) => {
-            if a.n == 0 {
+            let n = a.n.unwrap_or(match a.kind {
+                SampleKind::Interpolation => 8,
+                _ => 64,
+            });
+            if n == 0 {
                 bail!("--n must be at least 1");
             }
             let ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
@@ -563,7 +584,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 (crate::session::Model::Gan(_), SampleKind::Prior) => {
                     let mut cfg = ck.config.clone();
                     cfg.train.seed = a.seed;
-                    crate::samples::write_model_samples(&ck.model, &cfg, &a.out, a.n, 0, shape)?;
+                    crate::samples::write_model_samples(&ck.model, &cfg, &a.out, n, 0, shape)?;
                     outln!("wrote {}", a.out.display());
                     return Ok(());
                 }
@@ -574,15 +595,19 @@ pub fn run(cli: Cli) -> Result<()> {
                         .synthetic()
                         .map(|s| s.extent())
                         .unwrap_or((-6.0, 6.0));
-                    crate::samples::write_flow_samples(f, &a.out, a.n, a.seed, 0, shape, extent)?;
+                    crate::samples::write_flow_samples(f, &a.out, n, a.seed, 0, shape, extent)?;
                     outln!("wrote {}", a.out.display());
                     return Ok(());
                 }
-                (_, kind) => bail!("--kind {kind:?} needs a model with an encoder (a VAE)"),
+                (_, kind) => bail!(
+                    "--kind {} needs a model with an encoder (a VAE); this checkpoint is a {}",
+                    kind.name(),
+                    ck.config.model.family
+                ),
             };
             match a.kind {
                 SampleKind::Prior => {
-                    crate::samples::write_samples(model, &a.out, a.n, a.seed, 0, shape)?
+                    crate::samples::write_samples(model, &a.out, n, a.seed, 0, shape)?
                 }
                 SampleKind::Reconstructions | SampleKind::Interpolation => {
                     let mut cfg = ck.config.clone();
@@ -590,13 +615,12 @@ pub fn run(cli: Cli) -> Result<()> {
                         cfg.data.dir = d.clone();
                     }
                     let data = crate::session::load_datasets(&cfg)?;
+                    ck.check_data(&data)?;
                     if let SampleKind::Reconstructions = a.kind {
-                        crate::samples::write_reconstructions(
-                            model, &data.test, &a.out, a.n, shape,
-                        )?
+                        crate::samples::write_reconstructions(model, &data.test, &a.out, n, shape)?
                     } else {
                         crate::samples::write_interpolation(
-                            model, &data.test, &a.out, a.n, 10, shape,
+                            model, &data.test, &a.out, n, 10, shape,
                         )?
                     }
                 }
@@ -681,12 +705,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(c) => Some(checkpoint_config(c)?),
                 None => None,
             };
-            let cfg = resolve_config(&a.flags, None, fallback)?;
+            let flags = ConfigFlags {
+                config: a.config.clone(),
+                data_dir: a.data_dir.clone(),
+                set: a.set.clone(),
+                ..Default::default()
+            };
+            let cfg = resolve_config(&flags, None, fallback)?;
+            if let Some(reason) = no_idx_form(&cfg) {
+                bail!("export-data: {reason}");
+            }
             let data = crate::session::load_datasets(&cfg)?;
             let bytes = data
                 .test
                 .bytes()
-                .context("synthetic data has no IDX form")?;
+                .context("export-data: the evaluation rows are real values, not bytes")?;
             let encoded = encode_idx(&[data.test.len(), data.rows, data.cols], bytes);
             std::fs::write(&a.out, encoded).with_context(|| format!("{}", a.out.display()))?;
             outln!(
@@ -699,6 +732,26 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Why the evaluation data of `cfg` cannot be written as IDX bytes, if it cannot.
+fn no_idx_form(cfg: &Config) -> Option<String> {
+    if cfg.data.synthetic().is_some() {
+        return Some(format!(
+            "data.dataset = \"{}\" is a set of 2-D points with real coordinates, not images: \
+             IDX bytes cannot hold them",
+            cfg.data.dataset
+        ));
+    }
+    if cfg.data.binarize == crate::data::Binarization::Dequantize {
+        return Some(format!(
+            "data.binarize = \"dequantize\": the evaluation images are pixels plus uniform noise, \
+             real values that IDX bytes cannot hold (the pixels before the noise are the test \
+             images in {} as they stand)",
+            cfg.data.dir.display()
+        ));
+    }
+    None
 }
 
 /// Copies the fields of the object `extra` into the object `into`.

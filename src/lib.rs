@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod kernel_check;
 pub mod launch;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod objectives;

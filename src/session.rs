@@ -239,6 +239,33 @@ pub struct LoadedCheckpoint {
     pub file: LoadedFile,
 }
 
+impl LoadedCheckpoint {
+    /// Checks that `data` is what the model was trained on: the same image shape (rows and
+    /// columns, not only their product: a transposed set has the same size) and the same values
+    /// per row.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming both shapes.
+    pub fn check_data(&self, data: &Datasets) -> Result<()> {
+        let have = (data.rows, data.cols);
+        if have != self.image_shape || data.dim() != self.model.input_dim() {
+            return Err(Error::checkpoint(
+                &self.dir,
+                format!(
+                    "the model was trained on {}x{} data ({} values per row), this data is {}x{} ({} values per row)",
+                    self.image_shape.0,
+                    self.image_shape.1,
+                    self.model.input_dim(),
+                    have.0,
+                    have.1,
+                    data.dim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn parse_num<T: std::str::FromStr>(f: &LoadedFile, key: &str) -> Result<T> {
     f.meta(key)?
         .trim()

@@ -274,14 +274,15 @@ pub fn restore_optimizer(
 /// Checks that a checkpoint can continue the run `cfg` (same structure and optimizer) and
 /// logs the tunable settings the run overrides.
 fn check_resumable(cfg: &Config, ck: &session::LoadedCheckpoint) -> Result<()> {
-    for ((name, want), (_, have)) in cfg
-        .structural_fields()
-        .iter()
-        .zip(ck.config.structural_fields())
-    {
-        if *want != have {
-            return Err(Error::checkpoint(&ck.dir, format!("structural field {name} differs: checkpoint has {have}, the run asks for {want}")));
-        }
+    let differences = cfg.differences(&ck.config);
+    if let Some(d) = differences.iter().find(|d| d.structural) {
+        return Err(Error::checkpoint(
+            &ck.dir,
+            format!(
+                "structural field {} differs: checkpoint has {}, the run asks for {}",
+                d.path, d.old, d.new
+            ),
+        ));
     }
     if ck.config.optim.kind != cfg.optim.kind {
         return Err(Error::checkpoint(
@@ -289,31 +290,8 @@ fn check_resumable(cfg: &Config, ck: &session::LoadedCheckpoint) -> Result<()> {
             "optim.kind differs from the checkpoint's; the optimizer state cannot be carried over",
         ));
     }
-    for (field, old, new) in [
-        (
-            "optim.lr",
-            ck.config.optim.lr.to_string(),
-            cfg.optim.lr.to_string(),
-        ),
-        (
-            "train.batch_size",
-            ck.config.train.batch_size.to_string(),
-            cfg.train.batch_size.to_string(),
-        ),
-        (
-            "train.epochs",
-            ck.config.train.epochs.to_string(),
-            cfg.train.epochs.to_string(),
-        ),
-        (
-            "objective.k",
-            ck.config.objective.k.to_string(),
-            cfg.objective.k.to_string(),
-        ),
-    ] {
-        if old != new {
-            tracing::info!("resume overrides {field}: {old} -> {new}");
-        }
+    for d in &differences {
+        tracing::info!("resume overrides {}: {} -> {}", d.path, d.old, d.new);
     }
     Ok(())
 }
@@ -335,6 +313,7 @@ fn start(
     };
     let ck = session::load_checkpoint(resume, device)?;
     check_resumable(cfg, &ck)?;
+    ck.check_data(data)?;
     let step = ck.step;
     Ok(match family {
         "flow" => (Box::new(FlowTrainee::restore(cfg, ck, data, device)?), step),
@@ -360,10 +339,12 @@ fn save_checkpoint(
     checkpoint::save(run_dir, step, &files, keep)
 }
 
-/// Applies `train.on_nonfinite` to `count` skipped updates: an error for `stop`, a count and a
-/// warning for `skip`.
+/// Applies `train.on_nonfinite` to `count` skipped updates: an error for `stop` (saying which
+/// checkpoint of `run_dir`, if any, is left to resume from), a count and a warning for `skip`.
+#[allow(clippy::too_many_arguments)]
 fn on_nonfinite(
     cfg: &Config,
+    run_dir: &Path,
     metrics: &mut MetricsWriter,
     skipped: &mut u64,
     count: usize,
@@ -374,8 +355,21 @@ fn on_nonfinite(
     match cfg.train.on_nonfinite {
         crate::config::NonFinitePolicy::Stop => {
             metrics.flush()?;
+            let left = match checkpoint::resolve(run_dir) {
+                Ok(dir) => format!(
+                    "stopped without writing a checkpoint, the last saved one ({}) is intact",
+                    dir.display()
+                ),
+                Err(e) if run_dir.join(checkpoint::LATEST).exists() => {
+                    format!("stopped without writing a checkpoint, and the run's last one is unusable: {e}")
+                }
+                Err(_) => format!(
+                    "stopped; no checkpoint had been saved in {}, there is none to resume from",
+                    run_dir.display()
+                ),
+            };
             Err(Error::NonFinite(format!(
-                "loss {loss} at step {step} (epoch {}); stopped without writing a checkpoint, the last saved one is intact",
+                "loss {loss} at step {step} (epoch {}); {left}",
                 epoch + 1
             )))
         }
@@ -519,7 +513,16 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         let out = trainee.step(&ctx, &data.train, idx)?;
         if out.applied == Some(false) {
             let loss = out.loss.to_scalar::<f32>()?;
-            on_nonfinite(cfg, &mut metrics, &mut skipped, 1, loss, step, epoch)?;
+            on_nonfinite(
+                cfg,
+                run_dir,
+                &mut metrics,
+                &mut skipped,
+                1,
+                loss,
+                step,
+                epoch,
+            )?;
         }
         // Window sums stay on the device; they are read at logging intervals only.
         let skipped_now = out.skipped.ge(0.5f32)?;
@@ -544,6 +547,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 // The device skipped these updates itself; apply the policy now.
                 on_nonfinite(
                     cfg,
+                    run_dir,
                     &mut metrics,
                     &mut skipped,
                     window_skips,

@@ -405,6 +405,28 @@ fn resume_with_a_different_architecture_names_the_field() {
         "model.layers=[{hidden=[32],latent=8}]",
     ]);
     assert_user_error(&out, "model.layers");
+    // Fields the hand-written structural list had missed are refused as well, by name.
+    for (set, field) in [
+        (
+            "model.gan.conv_channels=[8, 16]",
+            "structural field model.gan.conv_channels differs",
+        ),
+        (
+            "model.gan.architecture=\"dcgan\"",
+            "structural field model.gan.architecture differs",
+        ),
+    ] {
+        let out = trainer(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--resume",
+            run.to_str().unwrap(),
+            "--set",
+            set,
+        ]);
+        assert_user_error(&out, field);
+    }
 }
 
 #[test]
@@ -581,4 +603,80 @@ fn a_closed_stdout_ends_the_command_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// MNIST-layout files of `n` images of `rows x cols` (the first pixels of real MNIST) in `dir`.
+fn shaped_set(dir: &std::path::Path, rows: usize, cols: usize, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let set = gentrain::data::images::ImageSet::load(&root, gentrain::data::images::Split::Train)
+        .unwrap();
+    let pixels = &set.pixels[..n * rows * cols];
+    let labels = &set.labels.as_ref().unwrap()[..n];
+    for prefix in ["train", "t10k"] {
+        write_idx(
+            &dir.join(format!("{prefix}-images-idx3-ubyte")),
+            &[n, rows, cols],
+            pixels,
+        );
+        write_idx(
+            &dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            &[n],
+            labels,
+        );
+    }
+}
+
+#[test]
+fn evaluating_or_sampling_on_transposed_images_is_refused() {
+    // A model of 20x32 images used to evaluate 32x20 ones without a word (only the product of
+    // the sides was compared).
+    let tmp = tempfile::tempdir().unwrap();
+    let (wide, tall) = (tmp.path().join("wide"), tmp.path().join("tall"));
+    shaped_set(&wide, 20, 32, 60);
+    shaped_set(&tall, 32, 20, 60);
+    let cfg = small_config(tmp.path(), &wide, "");
+    let run = tmp.path().join("run");
+    assert_success(&trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]));
+    let needle = "trained on 20x32 data (640 values per row), this data is 32x20";
+    let png = tmp.path().join("x.png");
+    let png = png.to_str().unwrap();
+    let run = run.to_str().unwrap();
+    let tall = tall.to_str().unwrap();
+    for args in [
+        vec!["eval", "--checkpoint", run, "--data-dir", tall, "--k", "2"],
+        vec![
+            "sample",
+            "--checkpoint",
+            run,
+            "--data-dir",
+            tall,
+            "--kind",
+            "reconstructions",
+            "--out",
+            png,
+        ],
+    ] {
+        assert_user_error(&trainer(&args), needle);
+    }
+    let resumed = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        tall,
+        "--epochs",
+        "2",
+        "--resume",
+        run,
+    ]);
+    assert_user_error(&resumed, needle);
 }

@@ -78,7 +78,7 @@ fn inputs(g: &Gan, seed: u64, n: usize, dim: usize) -> Tensor {
         return x;
     }
     let labels: Vec<u32> = (0..n).map(|i| (i % g.classes) as u32).collect();
-    let y = gentrain::samples::one_hot(&labels, g.classes, &Device::Cpu).unwrap();
+    let y = gentrain::data::one_hot(&labels, g.classes, &Device::Cpu).unwrap();
     Tensor::cat(&[&x, &y], 1).unwrap()
 }
 
@@ -572,7 +572,7 @@ fn conditional_gan_uses_its_labels() {
     let x = rows(21, 1, 4);
     let d: Vec<f64> = (0..3)
         .map(|c| {
-            let y = gentrain::samples::one_hot(&[c], 3, &Device::Cpu).unwrap();
+            let y = gentrain::data::one_hot(&[c], 3, &Device::Cpu).unwrap();
             to_f64(&g.discriminate(&Tensor::cat(&[&x, &y], 1).unwrap()).unwrap())[0]
         })
         .collect();
@@ -586,7 +586,7 @@ fn conditional_gan_uses_its_labels() {
     let s = g.sample(7, &mut stream_rng(22, Stream::Sample, 0)).unwrap();
     assert_eq!(s.dims(), [7, 4]);
     let z = g.noise(2, &mut stream_rng(23, Stream::Noise, 0)).unwrap();
-    let y = gentrain::samples::one_hot(&[0, 2], 3, &Device::Cpu).unwrap();
+    let y = gentrain::data::one_hot(&[0, 2], 3, &Device::Cpu).unwrap();
     let out: Vec<Vec<f32>> = g
         .generate(
             &Tensor::cat(

@@ -18,7 +18,7 @@ fn conditional_vae_uses_its_labels() {
     };
     let vae = Vae::new(&cfg, 12, &Device::Cpu, &mut stream_rng(1, Stream::Init, 0)).unwrap();
     let z = Tensor::zeros((2, 20), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let y = gentrain::samples::one_hot(&[3, 7], 10, &Device::Cpu).unwrap();
+    let y = gentrain::data::one_hot(&[3, 7], 10, &Device::Cpu).unwrap();
     let out = vae
         .decode_mean(&z, Some(&y))
         .unwrap()
@@ -38,7 +38,7 @@ fn conditional_vae_uses_its_labels() {
     assert!(err.contains("one-hot label of 10 classes"), "{err}");
     // With labels the pass runs and the encoder sees them: q(z|x,y) differs between labels.
     let with = |label: u32| {
-        let y = gentrain::samples::one_hot(&[label, label], 10, &Device::Cpu).unwrap();
+        let y = gentrain::data::one_hot(&[label, label], 10, &Device::Cpu).unwrap();
         let input = Tensor::cat(&[&x, &y], 1).unwrap();
         vae.encode(&input).unwrap().0.to_vec2::<f32>().unwrap()
     };

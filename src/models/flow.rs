@@ -6,8 +6,9 @@
 //! `log p(x) = log N(f(x); 0, I) + sum_l log |det df_l / dh_{l-1}|`. Each step `l` is
 //!
 //! - ActNorm: `h' = (h + b) * exp(s)` per dimension, `log|det| = sum_j s_j`; `b` and `s` are
-//!   initialized from the first batch so that `h'` has zero mean and unit variance
-//!   ([`Flow::initialize`]), then trained as ordinary parameters (a checkpoint restores them);
+//!   initialized from training rows so that `h'` has zero mean and unit variance (a constant
+//!   dimension keeps the scale 1; [`Flow::initialize`]), then trained as ordinary parameters (a
+//!   checkpoint restores them);
 //! - an affine coupling with a binary mask `m` (1: passed through and conditioned on):
 //!   `(a, t) = NN(m * h)`, `s = c * tanh(a) * (1 - m)`, `t = t * (1 - m)`,
 //!   `h' = h * exp(s) + t`, `log|det| = sum_j s_j`; inverse `h = (h' - t) * exp(-s)`, with
@@ -66,17 +67,17 @@ impl FlowConfig {
     pub fn validate(&self) -> Result<()> {
         if self.coupling_layers == 0 {
             return Err(Error::Config(
-                "flow.coupling_layers must be at least 1".into(),
+                "model.flow.coupling_layers must be at least 1".into(),
             ));
         }
         if self.hidden.is_empty() || self.hidden.contains(&0) {
             return Err(Error::Config(
-                "flow.hidden: at least one hidden layer, every width positive".into(),
+                "model.flow.hidden: at least one hidden layer, every width positive".into(),
             ));
         }
         if !(self.alpha >= 0.0 && self.alpha < 0.5) {
             return Err(Error::Config(format!(
-                "flow.alpha = {}: must be in [0, 0.5)",
+                "model.flow.alpha = {}: must be in [0, 0.5)",
                 self.alpha
             )));
         }
@@ -240,14 +241,25 @@ impl Flow {
     }
 
     /// Data-dependent ActNorm initialization (Glow): each ActNorm's bias and log-scale are set
-    /// so that its output on `x` has zero mean and unit variance per dimension.
+    /// so that its output on `x` has zero mean and unit variance per dimension
+    /// ([`actnorm_log_scale`]: a dimension that is constant over `x` keeps the scale 1). The
+    /// statistics are only as good as `x` is large: the trainer initializes on at least
+    /// [`ACTNORM_INIT_ROWS`] rows and refuses training sets under [`ACTNORM_MIN_ROWS`].
     pub fn initialize(&self, x: &Tensor) -> Result<()> {
         let mut h = x.detach();
         for (an, c) in self.actnorms.iter().zip(&self.couplings) {
             if let Some(an) = an {
-                let mean = h.mean(0)?;
-                let std = h.broadcast_sub(&mean)?.sqr()?.mean(0)?.sqrt()?;
-                let logs = (std + 1e-6)?.log()?.neg()?;
+                // In f64, so that a constant column comes out with a spread of (almost) exactly 0.
+                let h64 = h.to_dtype(DType::F64)?;
+                let mean = h64.mean(0)?;
+                let std = h64.broadcast_sub(&mean)?.sqr()?.mean(0)?.sqrt()?;
+                let logs: Vec<f32> = mean
+                    .to_vec1::<f64>()?
+                    .into_iter()
+                    .zip(std.to_vec1::<f64>()?)
+                    .map(|(m, s)| actnorm_log_scale(m, s) as f32)
+                    .collect();
+                let logs = Tensor::from_vec(logs, self.dim, h.device())?;
                 set_var(&self.store, &an.bias, &mean.neg()?)?;
                 set_var(&self.store, &an.logs, &logs)?;
                 h = h.broadcast_add(&an.bias)?.broadcast_mul(&an.logs.exp()?)?;
@@ -365,6 +377,33 @@ impl Flow {
     }
 }
 
+/// Rows ActNorm's data-dependent initialization sees during training: the first batch when it
+/// is at least this large, else this many rows of the first epoch's order (all of a smaller
+/// training set). Glow's reference code likewise initializes on a separate batch of 256
+/// (`n_batch_init`), whatever the training batch.
+pub const ACTNORM_INIT_ROWS: usize = 128;
+
+/// Fewest training rows from which training initializes ActNorm: fewer cannot estimate each
+/// dimension's spread (one row has none at all), and the run is refused.
+pub const ACTNORM_MIN_ROWS: usize = 32;
+
+/// The guard on a spread: `-ln(std + EPS)`, and a spread at or below `EPS * max(1, |mean|)` is
+/// a constant dimension.
+const ACTNORM_EPS: f64 = 1e-6;
+
+/// ActNorm's initial log-scale for a dimension of mean `mean` and standard deviation `std`
+/// over the initialization rows: `-ln(std + 1e-6)`, so that the dimension leaves with unit
+/// variance, except that a constant dimension (a spread at or below `1e-6 * max(1, |mean|)`,
+/// rounding error) keeps the scale 1 (log-scale 0): dividing by the guard instead would multiply
+/// it by 1e6 (log-scale 13.8) and any other value it takes later by as much.
+pub fn actnorm_log_scale(mean: f64, std: f64) -> f64 {
+    if std <= ACTNORM_EPS * mean.abs().max(1.0) {
+        0.0
+    } else {
+        -(std + ACTNORM_EPS).ln()
+    }
+}
+
 fn set_var(store: &ParamStore, t: &Tensor, value: &Tensor) -> Result<()> {
     let var = store
         .iter()
@@ -397,4 +436,70 @@ pub fn inverse_logit_transform(y: &Tensor, alpha: f64) -> Result<Tensor> {
 pub fn bits_per_dim(log_px: f64, dim: usize) -> f64 {
     let d = dim as f64;
     -(log_px - d * 256f64.ln()) / (d * std::f64::consts::LN_2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{stream_rng, Stream};
+
+    fn flow(dim: usize) -> Flow {
+        let cfg = FlowConfig {
+            coupling_layers: 2,
+            hidden: vec![8],
+            ..Default::default()
+        };
+        Flow::new(
+            &cfg,
+            (1, dim),
+            &Device::Cpu,
+            &mut stream_rng(0, Stream::Init, 0),
+        )
+        .unwrap()
+    }
+
+    fn param(f: &Flow, name: &str) -> Vec<f32> {
+        let (_, v) = f.store.iter().find(|(n, _)| *n == name).unwrap();
+        v.as_tensor().to_vec1().unwrap()
+    }
+
+    /// A dimension with no spread over the initialization rows (here: every dimension of a single
+    /// row) keeps the scale 1; it used to get log-scale -ln(1e-6) = 13.8, a factor of a million on
+    /// any other value, and test NLLs of 1e28 nats.
+    #[test]
+    fn actnorm_leaves_constant_dimensions_unscaled() {
+        let f = flow(2);
+        let one = Tensor::new(&[[0.3f32, -2.0]], &Device::Cpu).unwrap();
+        f.initialize(&one).unwrap();
+        assert_eq!(param(&f, "layers.0.actnorm.logs"), vec![0.0, 0.0]);
+        assert_eq!(param(&f, "layers.0.actnorm.bias"), vec![-0.3, 2.0]);
+        let other = Tensor::new(&[[1.3f32, -1.0]], &Device::Cpu).unwrap();
+        let lp = f.log_prob(&other).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!(lp.is_finite() && lp > -5.0, "log p = {lp}");
+
+        // One constant column beside a varying one: only the varying one is standardized.
+        let f = flow(2);
+        let x = Tensor::new(
+            &[[5.0f32, 1.0], [5.0, 3.0], [5.0, 2.0], [5.0, 6.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        f.initialize(&x).unwrap();
+        let logs = param(&f, "layers.0.actnorm.logs");
+        let std = ((4.0f64 + 0.0 + 1.0 + 9.0) / 4.0).sqrt(); // of 1, 3, 2, 6 (mean 3)
+        assert_eq!(logs[0], 0.0);
+        assert!(
+            (logs[1] as f64 + (std + 1e-6).ln()).abs() < 1e-6,
+            "{logs:?}"
+        );
+    }
+
+    #[test]
+    fn log_scale_of_a_spread() {
+        assert_eq!(actnorm_log_scale(3.0, 0.0), 0.0);
+        assert_eq!(actnorm_log_scale(-13.8, 1e-6), 0.0); // rounding error of a constant
+        assert_eq!(actnorm_log_scale(0.0, 1e-6), 0.0);
+        assert!((actnorm_log_scale(0.0, 0.5) - (2f64).ln()).abs() < 1e-5);
+        assert!((actnorm_log_scale(100.0, 1e-3) + (1e-3f64 + 1e-6).ln()).abs() < 1e-12);
+    }
 }

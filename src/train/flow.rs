@@ -1,5 +1,6 @@
 //! The flow family in the training loop: maximum likelihood by the change of variables
-//! (RealNVP, Dinh et al. 2017) with data-dependent ActNorm initialization on the first batch;
+//! (RealNVP, Dinh et al. 2017) with data-dependent ActNorm initialization on the first rows of
+//! the first epoch (at least [`ACTNORM_INIT_ROWS`] of them, see [`init_rows`]);
 //! test bits/dim (images) or NLL (2-D points) at epoch ends; sample grids or density maps.
 
 use std::path::Path;
@@ -14,6 +15,7 @@ use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::eval;
+use crate::models::flow::{ACTNORM_INIT_ROWS, ACTNORM_MIN_ROWS};
 use crate::models::Flow;
 use crate::optim::{check_finite_grads, Optimizer};
 use crate::session::{self, Datasets, Model};
@@ -28,7 +30,24 @@ pub struct FlowTrainee {
 
 impl FlowTrainee {
     /// A fresh flow for `cfg`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when ActNorm is on and the training set has fewer than
+    /// [`ACTNORM_MIN_ROWS`] rows: its data-dependent initialization could not estimate a spread.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
+        let n = data.train.len();
+        if cfg.model.flow.actnorm && n < ACTNORM_MIN_ROWS {
+            return Err(Error::Config(format!(
+                "model.flow.actnorm: ActNorm is initialized from the spread of each value over the \
+                 training rows, which needs at least {ACTNORM_MIN_ROWS} of them; the training set \
+                 has {n}{}: use more data or set model.flow.actnorm = false",
+                if cfg.data.limit_train > 0 {
+                    format!(" (data.limit_train = {})", cfg.data.limit_train)
+                } else {
+                    String::new()
+                }
+            )));
+        }
         let flow = session::build_flow(cfg, (data.rows, data.cols), device)?;
         let opt = Optimizer::new(&cfg.optim, &flow.store)?;
         Ok(FlowTrainee {
@@ -52,9 +71,8 @@ impl FlowTrainee {
             return Err(Error::checkpoint(
                 &ck.dir,
                 format!(
-                    "data shape differs: checkpoint has {:?}, the data has {:?}",
-                    flow.shape,
-                    (data.rows, data.cols)
+                    "data shape differs: checkpoint has {}x{}, the data has {}x{}",
+                    flow.shape.0, flow.shape.1, data.rows, data.cols
                 ),
             ));
         }
@@ -81,6 +99,19 @@ impl FlowTrainee {
     }
 }
 
+/// The training rows ActNorm is initialized on, given the first batch `first` of a fresh run
+/// over `n` rows: that batch when it has at least [`ACTNORM_INIT_ROWS`] rows, otherwise the first
+/// `ACTNORM_INIT_ROWS` rows (all `n` when fewer) of the first epoch's order, which begins with
+/// that batch. A batch of one row has no spread to measure.
+pub fn init_rows(seed: u64, n: usize, first: &[u32]) -> Vec<u32> {
+    if first.len() >= ACTNORM_INIT_ROWS || first.len() >= n {
+        return first.to_vec();
+    }
+    let mut order = crate::rng::epoch_permutation(seed, 0, n);
+    order.truncate(ACTNORM_INIT_ROWS);
+    order
+}
+
 impl Trainee for FlowTrainee {
     fn parameters(&self) -> Vec<candle_core::Var> {
         self.flow.store.vars()
@@ -95,8 +126,16 @@ impl Trainee for FlowTrainee {
         // trains on its rows of it (see crate::distributed).
         let x = data.batch(idx, ctx.step, ctx.device)?;
         if self.needs_init {
-            // ActNorm's data-dependent start on the global batch: identical on every rank.
-            self.flow.initialize(&self.flow.to_model_space(&x)?.0)?;
+            // ActNorm's data-dependent start on the global batch, or on more rows when that is
+            // small: identical on every rank.
+            let init = init_rows(ctx.cfg.train.seed, data.len(), idx);
+            let x_init = if init.len() == idx.len() {
+                x.clone()
+            } else {
+                data.batch(&init, ctx.step, ctx.device)?
+            };
+            self.flow
+                .initialize(&self.flow.to_model_space(&x_init)?.0)?;
             self.needs_init = false;
         }
         let rows = ctx.shard(idx.len());
@@ -211,5 +250,25 @@ impl Trainee for FlowTrainee {
             figures,
             report: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actnorm_initializes_on_enough_rows() {
+        let order = crate::rng::epoch_permutation(7, 0, 2000);
+        // A large first batch is used as it is.
+        assert_eq!(init_rows(7, 2000, &order[..200]), order[..200].to_vec());
+        // A batch of one row is extended along the first epoch's order.
+        let init = init_rows(7, 2000, &order[..1]);
+        assert_eq!(init.len(), ACTNORM_INIT_ROWS);
+        assert_eq!(init, order[..ACTNORM_INIT_ROWS].to_vec());
+        // A small training set is used whole.
+        let order = crate::rng::epoch_permutation(7, 0, 40);
+        assert_eq!(init_rows(7, 40, &order[..4]), order);
+        assert_eq!(init_rows(7, 40, &order), order);
     }
 }

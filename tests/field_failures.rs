@@ -1,0 +1,320 @@
+//! Failures reported from the field (issue 16), each turned into a check: ActNorm initialized
+//! from a degenerate batch, a non-finite stop that claimed a checkpoint that was never written,
+//! `export-data` giving the wrong reason, and the rough edges of `sample` and of the help texts.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+/// `trainer train ... --json` with the small RealNVP of the report (2 couplings, MLPs of 64).
+fn small_realnvp(run: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--config",
+        "configs/realnvp-mnist.toml",
+        "--set",
+        "model.flow.coupling_layers=2",
+        "--set",
+        "model.flow.hidden=[64]",
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    trainer(&args)
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One training image: ActNorm's spread would be 0 in every dimension (it used to become a
+/// log-scale of 13.8 everywhere, -38.9 bits/dim at step 1 and 9e25 bits/dim on the test set,
+/// with exit 0). Now a clean refusal naming the setting.
+#[test]
+fn actnorm_on_a_single_training_image_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = small_realnvp(&run, &["--set", "data.limit_train=1", "--epochs", "3"]);
+    assert_user_error(&out, "model.flow.actnorm");
+    assert!(
+        stderr(&out).contains("the training set has 1"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!run.join("latest").exists());
+}
+
+/// A batch of one row on a real training set: ActNorm is initialized on more rows than the
+/// batch, and the test bits/dim are those of a (barely trained) flow, not 1e26.
+#[test]
+fn actnorm_with_batch_size_one_gives_sensible_bits_per_dim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = small_realnvp(
+        &tmp.path().join("run"),
+        &[
+            "--set",
+            "data.limit_train=300",
+            "--batch-size",
+            "1",
+            "--epochs",
+            "1",
+        ],
+    );
+    assert_success(&out);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bpd = s["final_figures"]["bits_per_dim"].as_f64().unwrap();
+    assert!(
+        bpd.is_finite() && bpd > 0.5 && bpd < 8.0,
+        "bits/dim {bpd}: {s}"
+    );
+    // Every logged training figure is a possible one too.
+    let metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    for l in metrics.lines() {
+        let e: serde_json::Value = serde_json::from_str(l).unwrap();
+        if let Some(b) = e["bits_per_dim"].as_f64() {
+            assert!(b > 0.0 && b < 8.0, "{l}");
+        }
+    }
+}
+
+/// Two moons with a batch of one used to stop with exit 2 on a non-finite loss.
+#[test]
+fn two_moons_train_with_batch_size_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = trainer(&[
+        "train",
+        "--config",
+        "configs/realnvp-moons.toml",
+        "--batch-size",
+        "1",
+        "--epochs",
+        "1",
+        "--set",
+        "data.synthetic_size=600",
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_success(&out);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nll = s["final_figures"]["test_nll"].as_f64().unwrap();
+    // A standard normal on the standardized moons costs about 2.8 nats.
+    assert!(nll.is_finite() && nll < 3.0, "test NLL {nll}: {s}");
+}
+
+/// A non-finite stop says which checkpoint is left, and does not claim one when none was written.
+#[test]
+fn a_non_finite_stop_tells_the_truth_about_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 300, 20);
+    let cfg = small_config(tmp.path(), &data, "");
+    let fresh = tmp.path().join("fresh");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        fresh.to_str().unwrap(),
+        "--lr",
+        "1e30",
+    ]);
+    assert_user_error(&out, "non-finite");
+    let msg = stderr(&out);
+    assert!(msg.contains("no checkpoint had been saved"), "{msg}");
+    assert!(!msg.contains("intact"), "{msg}");
+    assert!(!fresh.join("latest").exists());
+
+    // After one good epoch, the message names the checkpoint that is left.
+    let run = tmp.path().join("run");
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
+    assert_success(&out);
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    let out = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--resume",
+        run.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--lr",
+        "1e30",
+    ]);
+    assert_user_error(&out, "is intact");
+    assert!(stderr(&out).contains(latest.trim()), "{}", stderr(&out));
+}
+
+/// `export-data` on data that has no IDX form names the real reason.
+#[test]
+fn export_data_gives_the_true_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("x.idx");
+    let out_file = out_file.to_str().unwrap();
+    for (config, needle) in [
+        (
+            "configs/realnvp-mnist.toml",
+            "data.binarize = \"dequantize\"",
+        ),
+        (
+            "configs/vae-gaussian-dequantized.toml",
+            "data.binarize = \"dequantize\"",
+        ),
+        ("configs/realnvp-moons.toml", "2-D points"),
+    ] {
+        let out = trainer(&["export-data", "--config", config, "--out", out_file]);
+        assert_user_error(&out, needle);
+        assert!(
+            !stderr(&out).contains("synthetic data"),
+            "{config}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!Path::new(out_file).exists());
+    // Images that are bytes still export.
+    let out = trainer(&[
+        "export-data",
+        "--config",
+        "configs/vae-examples.toml",
+        "--out",
+        out_file,
+    ]);
+    assert_success(&out);
+}
+
+/// Help texts: the top level names every family; `export-data` lists only flags that apply.
+#[test]
+fn help_texts_say_what_applies() {
+    let top = String::from_utf8_lossy(&trainer(&["--help"]).stdout).into_owned();
+    for family in ["VAE", "flow", "GAN"] {
+        assert!(top.contains(family), "{family} missing from: {top}");
+    }
+    let export = String::from_utf8_lossy(&trainer(&["export-data", "--help"]).stdout).into_owned();
+    for flag in ["--config", "--checkpoint", "--data-dir", "--set", "--out"] {
+        assert!(export.contains(flag), "{flag} missing from: {export}");
+    }
+    for flag in [
+        "--lr",
+        "--batch-size",
+        "--k ",
+        "--threads",
+        "--device",
+        "--seed",
+    ] {
+        assert!(!export.contains(flag), "{flag} listed by: {export}");
+    }
+    let sample = String::from_utf8_lossy(&trainer(&["sample", "--help"]).stdout).into_owned();
+    assert!(sample.contains("rows"), "--n of interpolation: {sample}");
+}
+
+/// The DCGAN's image-size error is a sentence, not Rust debug output.
+#[test]
+fn dcgan_on_odd_sized_images_says_so_plainly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (prefix, n) in [("train", 40), ("t10k", 10)] {
+        let pixels: Vec<u8> = (0..n * 18 * 26).map(|i| (i * 7 % 256) as u8).collect();
+        write_idx(
+            &dir.join(format!("{prefix}-images-idx3-ubyte")),
+            &[n, 18, 26],
+            &pixels,
+        );
+    }
+    let out = trainer(&[
+        "train",
+        "--config",
+        "configs/sngan-dcgan-mnist.toml",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        tmp.path().join("run").to_str().unwrap(),
+    ]);
+    assert_user_error(&out, "18x26 images");
+    let msg = stderr(&out);
+    assert!(!msg.contains("Some(") && !msg.contains("(18, 26)"), "{msg}");
+}
+
+/// `sample`: a reconstruction grid fits the count, `--n` of an interpolation is rows (8 by
+/// default), and a wrong kind is spelled as on the command line.
+#[test]
+fn sample_grids_fit_and_errors_use_the_cli_spelling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 300, 40);
+    let cfg = small_config(tmp.path(), &data, "");
+    let run = tmp.path().join("run");
+    assert_success(&trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]));
+    let png = tmp.path().join("grid.png");
+    let sample = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = trainer(&args);
+        assert_success(&out);
+        image::open(&png).unwrap()
+    };
+    // Tiles of 28 + 2 pixels of padding, plus 2, drawn at scale 2.
+    let side = |tiles: u32| 2 * (tiles * 30 + 2);
+    let g = sample(&["--kind", "reconstructions", "--n", "4"]);
+    assert_eq!((g.width(), g.height()), (side(8), side(1)));
+    let g = sample(&["--kind", "reconstructions", "--n", "9"]);
+    assert_eq!((g.width(), g.height()), (side(10), side(2)));
+    let g = sample(&["--kind", "interpolation"]);
+    assert_eq!((g.width(), g.height()), (side(10), side(8)));
+    let g = sample(&["--kind", "interpolation", "--n", "3"]);
+    assert_eq!((g.width(), g.height()), (side(10), side(3)));
+
+    // A model without an encoder.
+    let flow_run = tmp.path().join("flow");
+    assert_success(&trainer(&[
+        "train",
+        "--config",
+        "configs/realnvp-moons.toml",
+        "--epochs",
+        "1",
+        "--set",
+        "data.synthetic_size=300",
+        "--out",
+        flow_run.to_str().unwrap(),
+    ]));
+    let out = trainer(&[
+        "sample",
+        "--checkpoint",
+        flow_run.to_str().unwrap(),
+        "--kind",
+        "reconstructions",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert_user_error(&out, "--kind reconstructions needs");
+    assert!(
+        !stderr(&out).contains("Reconstructions"),
+        "{}",
+        stderr(&out)
+    );
+}
