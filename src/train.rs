@@ -19,9 +19,11 @@ use crate::optim::{learning_rate, Optimizer};
 use crate::report::MetricsWriter;
 use crate::rng::epoch_permutation;
 use crate::session::{self, Datasets};
+use progress::Progress;
 
 pub mod flow;
 pub mod gan;
+pub mod progress;
 pub mod vae;
 
 pub use flow::FlowTrainee;
@@ -302,41 +304,64 @@ fn start(
     resume: Option<&Path>,
     data: &Datasets,
     device: &Device,
-) -> Result<(Box<dyn Trainee>, u64)> {
+) -> Result<(Box<dyn Trainee>, Progress)> {
     let family = cfg.model.family.as_str();
     let Some(resume) = resume else {
-        return Ok(match family {
-            "flow" => (Box::new(FlowTrainee::fresh(cfg, data, device)?), 0),
-            "gan" => (Box::new(GanTrainee::fresh(cfg, data, device)?), 0),
-            _ => (Box::new(VaeTrainee::fresh(cfg, data, device)?), 0),
-        });
+        let fresh: Box<dyn Trainee> = match family {
+            "flow" => Box::new(FlowTrainee::fresh(cfg, data, device)?),
+            "gan" => Box::new(GanTrainee::fresh(cfg, data, device)?),
+            _ => Box::new(VaeTrainee::fresh(cfg, data, device)?),
+        };
+        return Ok((fresh, Progress::start()));
     };
     let ck = session::load_checkpoint(resume, device)?;
     check_resumable(cfg, &ck)?;
     ck.check_data(data)?;
-    let step = ck.step;
-    Ok(match family {
-        "flow" => (Box::new(FlowTrainee::restore(cfg, ck, data, device)?), step),
-        "gan" => (Box::new(GanTrainee::restore(cfg, ck, data, device)?), step),
-        _ => (Box::new(VaeTrainee::restore(cfg, ck, data, device)?), step),
-    })
+    let progress = checkpoint_progress(&ck, data.train.len())?;
+    let restored: Box<dyn Trainee> = match family {
+        "flow" => Box::new(FlowTrainee::restore(cfg, ck, data, device)?),
+        "gan" => Box::new(GanTrainee::restore(cfg, ck, data, device)?),
+        _ => Box::new(VaeTrainee::restore(cfg, ck, data, device)?),
+    };
+    Ok((restored, progress))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a checkpoint stands: its step, completed epochs and `epoch_offset` (samples into the
+/// current epoch); checkpoints written before offsets were recorded derive it from the step and
+/// the batch size they were trained with.
+fn checkpoint_progress(ck: &session::LoadedCheckpoint, n: usize) -> Result<Progress> {
+    let offset = match ck.file.metadata.get("epoch_offset") {
+        Some(v) => Some(v.trim().parse::<usize>().ok().filter(|o| *o < n.max(1)).ok_or_else(
+            || {
+                ck.file.error(format!(
+                    "metadata `epoch_offset` = {v:?} is not a row offset below the {n} training rows"
+                ))
+            },
+        )?),
+        None => None,
+    };
+    Ok(Progress::from_checkpoint(
+        ck.step,
+        ck.epoch,
+        offset,
+        ck.config.train.batch_size,
+        n,
+    ))
+}
+
 fn save_checkpoint(
     cfg: &Config,
     data: &Datasets,
     trainee: &dyn Trainee,
-    step: u64,
+    progress: Progress,
     run_dir: &Path,
-    epoch: u64,
-    keep: usize,
     world_size: usize,
 ) -> Result<PathBuf> {
-    let mut metadata = session::model_metadata(cfg, data, step, epoch);
+    let mut metadata = session::model_metadata(cfg, data, progress.step, progress.epoch);
+    metadata.insert("epoch_offset".into(), progress.offset.to_string());
     metadata.insert("world_size".into(), world_size.to_string());
-    let files = trainee.checkpoint_files(cfg, metadata, epoch)?;
-    checkpoint::save(run_dir, step, &files, keep)
+    let files = trainee.checkpoint_files(cfg, metadata, progress.epoch)?;
+    checkpoint::save(run_dir, progress.step, &files, cfg.train.keep_checkpoints)
 }
 
 /// Applies `train.on_nonfinite` to `count` skipped updates: an error for `stop` (saying which
@@ -423,7 +448,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             run_dir.display()
         )));
     }
-    let (mut trainee, mut step) = start(cfg, opts.resume.as_deref(), &data, &device)?;
+    let (mut trainee, mut progress) = start(cfg, opts.resume.as_deref(), &data, &device)?;
     if let Some(p) = &parallel {
         // Identical starting points whatever each rank initialized or loaded.
         p.broadcast_parameters(&trainee.parameters())?;
@@ -457,13 +482,22 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let n = data.train.len();
     let bs = cfg.train.batch_size.min(n);
     let steps_per_epoch = n.div_ceil(bs) as u64;
-    let total_steps = steps_per_epoch * cfg.train.epochs as u64;
+    let epochs = cfg.train.epochs as u64;
+    let total_steps = progress.step + progress.remaining_steps(epochs, bs, n);
     let seed = cfg.train.seed;
+    let already_complete = progress.epoch >= epochs;
+    if already_complete {
+        tracing::warn!(
+            "the run is complete: its checkpoint has {} of {} epochs trained; pass a larger --epochs to train further",
+            progress.epoch,
+            epochs
+        );
+    }
     tracing::info!(
         params = trainee.numel(),
         steps_per_epoch,
         total_steps,
-        start = step,
+        start = progress.step,
         "training"
     );
 
@@ -476,7 +510,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        b.set_position(step);
+        b.set_position(progress.step);
         b
     } else {
         indicatif::ProgressBar::hidden()
@@ -491,21 +525,24 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut last_eval: Vec<(&'static str, f64)> = Vec::new();
     let mut trained_samples = 0usize;
     let t_train = Instant::now();
-    let steps_limit = opts.max_steps.map(|m| step + m).unwrap_or(u64::MAX);
-    while step < total_steps && step < steps_limit {
-        let epoch = step / steps_per_epoch;
-        let within = (step % steps_per_epoch) as usize;
+    let steps_limit = opts
+        .max_steps
+        .map(|m| progress.step + m)
+        .unwrap_or(u64::MAX);
+    while progress.epoch < epochs && progress.step < steps_limit {
+        let epoch = progress.epoch;
+        let step = progress.step;
         if perm.as_ref().map(|p| p.0) != Some(epoch) {
             perm = Some((epoch, epoch_permutation(seed, epoch, n)));
             bar.set_prefix(format!("{}", epoch + 1));
         }
         let order = &perm.as_ref().expect("set above").1;
-        let idx = &order[within * bs..((within + 1) * bs).min(n)];
+        let idx = &order[progress.batch_range(bs, n)];
         let lr = learning_rate(&cfg.optim, epoch as usize);
         let ctx = StepContext {
             cfg,
             step,
-            epoch_progress: epoch as f64 + within as f64 / steps_per_epoch as f64,
+            epoch_progress: progress.epochs_done(n, bs),
             lr,
             device: &device,
             parallel: parallel.as_ref(),
@@ -520,7 +557,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 &mut skipped,
                 1,
                 loss,
-                step,
+                step + 1, // counted as metrics.jsonl counts steps: the steps done after this one
                 epoch,
             )?;
         }
@@ -534,12 +571,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         window_skipped = (window_skipped + &out.skipped)?;
         window_steps += 1;
-        step += 1;
+        let epoch_done = progress.advance(idx.len(), n);
+        let step = progress.step;
         trained_samples += idx.len();
         bar.inc(1);
         window.3 += idx.len();
-        let logging =
-            step % cfg.train.log_every as u64 == 0 || within as u64 + 1 == steps_per_epoch;
+        let logging = step % cfg.train.log_every as u64 == 0 || epoch_done;
         if logging {
             let loss = out.loss.to_scalar::<f32>()?;
             let window_skips = window_skipped.to_scalar::<f32>()?.round() as usize;
@@ -572,13 +609,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             fields.push(("samples_per_s", sps));
             fields.push(("wall_s", t_start.elapsed().as_secs_f64()));
             fields.push(("skipped_steps", skipped as f64));
-            metrics.log("train", step, step as f64 / steps_per_epoch as f64, &fields)?;
+            metrics.log("train", step, progress.epochs_done(n, bs), &fields)?;
             window = (0.0, 0, Instant::now(), 0);
             window_values.clear();
             window_skipped = zero.clone();
             window_steps = 0;
         }
-        let epoch_done = within as u64 + 1 == steps_per_epoch;
         let every = cfg.train.checkpoint_every_steps as u64;
         let mut want_checkpoint = root && every > 0 && step % every == 0;
         let mut valid_score = None;
@@ -609,16 +645,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 last || (cfg.train.checkpoint_every > 0 && e % cfg.train.checkpoint_every == 0);
         }
         if want_checkpoint {
-            let dir = save_checkpoint(
-                cfg,
-                &data,
-                trainee.as_ref(),
-                step,
-                run_dir,
-                step / steps_per_epoch,
-                cfg.train.keep_checkpoints,
-                world_size,
-            )?;
+            let dir = save_checkpoint(cfg, &data, trainee.as_ref(), progress, run_dir, world_size)?;
             saved_at = Some(step);
             if let Some(score) = valid_score.filter(|s| best.is_none_or(|b| *s < b)) {
                 let name = dir
@@ -653,30 +680,22 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     let seconds_training = t_train.elapsed().as_secs_f64();
-    let finished = step >= total_steps;
+    let step = progress.step;
+    let finished = progress.epoch >= epochs;
     if root && !finished && saved_at != Some(step) {
         // Stopped early (signal or --max-steps): checkpoint here so the run can be resumed.
-        save_checkpoint(
-            cfg,
-            &data,
-            trainee.as_ref(),
-            step,
-            run_dir,
-            step / steps_per_epoch,
-            cfg.train.keep_checkpoints,
-            world_size,
-        )?;
+        save_checkpoint(cfg, &data, trainee.as_ref(), progress, run_dir, world_size)?;
     }
     if interrupted {
         metrics.log(
             "interrupted",
             step,
-            step as f64 / steps_per_epoch as f64,
+            progress.epochs_done(n, bs),
             &[("wall_s", t_start.elapsed().as_secs_f64())],
         )?;
     }
     let mut final_figures = std::collections::BTreeMap::new();
-    let final_eval = if root && finished && !interrupted {
+    let final_eval = if root && finished && !interrupted && !already_complete {
         let fin = trainee.finish(cfg, &data, run_dir)?;
         if !fin.figures.is_empty() {
             metrics.log("final_eval", step, cfg.train.epochs as f64, &fin.figures)?;

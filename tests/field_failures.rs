@@ -318,3 +318,112 @@ fn sample_grids_fit_and_errors_use_the_cli_spelling() {
         stderr(&out)
     );
 }
+
+/// The `train` events of a run's metrics.jsonl as (step, epoch, lr).
+fn train_events(run: &Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "train")
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["epoch"].as_f64().unwrap(),
+                v["lr"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The `epoch` and `epoch_offset` metadata of the run's latest checkpoint.
+fn latest_position(run: &Path) -> (u64, String, String) {
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    let bytes = std::fs::read(run.join(latest.trim()).join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let m = meta.metadata().clone().unwrap();
+    (
+        m["step"].parse().unwrap(),
+        m["epoch"].clone(),
+        m["epoch_offset"].clone(),
+    )
+}
+
+/// Resumed with another batch size, a run used to read its step count under the new batch
+/// size: step 10 of batch 128 became half-way through epoch 1 at batch 64, half an epoch was
+/// trained twice at epoch 1's learning rate, and the epoch in metrics.jsonl went backwards.
+#[test]
+fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 200, 20);
+    // A learning rate that halves every epoch, so the epoch of every step shows in its lr.
+    let cfg = small_config(
+        tmp.path(),
+        &data,
+        "[optim]\nschedule = \"step\"\nstep_epochs = 1\ngamma = 0.5\n",
+    );
+    let run = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = trainer(&args);
+        assert_success(&out);
+    };
+    let r = run.to_str().unwrap();
+    // One epoch at batch 50 (4 steps), then a second one at batch 20 (10 steps).
+    train(&["--epochs", "1", "--batch-size", "50", "--out", r]);
+    assert_eq!(latest_position(&run), (4, "1".into(), "0".into()));
+    train(&["--epochs", "2", "--batch-size", "20", "--resume", r]);
+    assert_eq!(latest_position(&run), (14, "2".into(), "0".into()));
+    // Mid-epoch: 2 steps of 50 (100 rows), then the rest of the epoch at batch 30 (4 steps:
+    // 30, 30, 30, 10), then a second epoch (7 steps).
+    let run2 = tmp.path().join("run2");
+    let r2 = run2.to_str().unwrap();
+    train(&[
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--max-steps",
+        "2",
+        "--out",
+        r2,
+    ]);
+    assert_eq!(latest_position(&run2), (2, "0".into(), "100".into()));
+    train(&["--epochs", "2", "--batch-size", "30", "--resume", r2]);
+    assert_eq!(latest_position(&run2), (2 + 4 + 7, "2".into(), "0".into()));
+    let events = train_events(&run2);
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[1].0 > w[0].0 && w[1].1 >= w[0].1),
+        "steps and epochs must rise: {events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!((last.0, last.1), (13, 2.0));
+    // Resuming the finished run says so (and how to extend it) instead of doing nothing silently.
+    let again = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--resume",
+        r2,
+    ]);
+    assert_success(&again);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("the run is complete"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(train_events(&run2), events);
+    // Steps 1..=6 are epoch 1 (lr 0.001 x 1), steps 7..=13 epoch 2 (lr halved).
+    for (step, _, lr) in &events {
+        let want = if *step <= 6 { 1e-3 } else { 5e-4 };
+        assert!(
+            (lr - want).abs() < 1e-12,
+            "step {step}: lr {lr}, want {want}"
+        );
+    }
+}
