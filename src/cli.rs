@@ -500,6 +500,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let data = crate::session::load_datasets(&cfg)?;
             ck.check_data(&data)?;
+            crate::memory::check(
+                &format!("--max-rows {max_rows}"),
+                crate::memory::f32_bytes(&[
+                    max_rows,
+                    crate::memory::widest_layer(&cfg, data.dim()),
+                    4,
+                ]),
+            )?;
             let limit = a.limit.unwrap_or(cfg.eval.limit);
             let mut v = serde_json::json!({
                 "checkpoint": ck.dir.display().to_string(),
@@ -546,6 +554,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let n = a
                 .samples
                 .unwrap_or(if ck.image_shape.0 > 1 { 10_000 } else { 2_500 });
+            crate::memory::check(
+                &format!("--samples {n}"),
+                crate::memory::f32_bytes(&[n, ck.model.input_dim(), 4]),
+            )?;
             if n > 0 {
                 let r = crate::device::with_cpu_threads(a.threads.unwrap_or(0), || {
                     crate::metrics::sample_metrics(&ck.model, &cfg, &data, n, a.seed)
@@ -575,6 +587,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!("--n must be at least 1");
             }
             let ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+            let images = match a.kind {
+                SampleKind::Interpolation => n.saturating_mul(10),
+                _ => n,
+            };
+            // The samples, the model's activations for them and the grid's pixels at once.
+            crate::memory::check(
+                &format!("sampling {images} images"),
+                crate::memory::f32_bytes(&[images, ck.model.input_dim(), 4]),
+            )?;
             let shape = ck.image_shape;
             if shape.0 == 1 && matches!(ck.model, crate::session::Model::Vae(_)) {
                 bail!("this model was trained on 2-D points, not images");

@@ -43,6 +43,11 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
                 .collect()
         };
         let n = cfg.data.synthetic_size.max(1);
+        // Points are drawn as (x, y) pairs of f64 before they are stored as f32.
+        crate::memory::check(
+            &format!("data.synthetic_size = {n}"),
+            crate::memory::f32_bytes(&[n.max(cfg.data.validation), 2, 4]),
+        )?;
         let valid = (cfg.data.validation > 0)
             .then(|| DataSource::from_real(flat(cfg.data.validation, 1, seed), 2, seed));
         return Ok(Datasets {

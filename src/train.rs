@@ -409,6 +409,25 @@ fn on_nonfinite(
     }
 }
 
+/// Refuses a run whose model, batch or evaluation chunk cannot fit in memory, before anything
+/// is allocated (see [`crate::memory`]).
+fn check_memory(cfg: &Config, data: &Datasets) -> Result<()> {
+    use crate::memory::{check, f32_bytes, training_bytes, widest_layer};
+    let bs = cfg.train.batch_size.min(data.train.len());
+    check(
+        &format!(
+            "training this model on {} values per row, batch {bs}, k {}",
+            data.dim(),
+            cfg.objective.k
+        ),
+        training_bytes(cfg, data.dim(), bs),
+    )?;
+    check(
+        &format!("eval.max_rows = {}", cfg.eval.max_rows),
+        f32_bytes(&[cfg.eval.max_rows, widest_layer(cfg, data.dim()), 4]),
+    )
+}
+
 /// Trains according to `cfg`, writing everything into `opts.out`.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let t_start = Instant::now();
@@ -425,6 +444,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     if data.train.is_empty() {
         return Err(Error::Data("the training set is empty".into()));
     }
+    check_memory(cfg, &data)?;
     let parallel = match &opts.parallel {
         Some(spec) => {
             let bs = cfg.train.batch_size.min(data.train.len());

@@ -427,3 +427,111 @@ fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
         );
     }
 }
+
+/// Requests larger than the machine used to abort the process (`memory allocation of
+/// 160000000000 bytes failed`, exit 134): now refused with exit 2 before anything is allocated.
+#[test]
+fn requests_larger_than_the_machine_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_mnist(&tmp.path().join("data"), 100, 20);
+    let cfg = small_config(tmp.path(), &data, "");
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    let huge = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        r,
+        "--set",
+        "model.layers=[{hidden=[100000,100000], latent=20}]",
+    ]);
+    assert_user_error(&huge, "training this model");
+    let wide_k = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        r,
+        "--set",
+        "objective.k=100000000",
+    ]);
+    assert_user_error(&wide_k, "GiB");
+    let big_eval = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        r,
+        "--set",
+        "eval.max_rows=100000000000",
+    ]);
+    assert_user_error(&big_eval, "eval.max_rows");
+    let many_points = trainer(&[
+        "train",
+        "--config",
+        "configs/realnvp-moons.toml",
+        "--out",
+        r,
+        "--set",
+        "data.synthetic_size=100000000000",
+    ]);
+    assert_user_error(&many_points, "data.synthetic_size");
+    let many_points = trainer(&[
+        "train",
+        "--config",
+        "configs/realnvp-moons.toml",
+        "--out",
+        r,
+        "--set",
+        "data.synthetic_size=100000000000",
+    ]);
+    assert_user_error(&many_points, "data.synthetic_size");
+    assert!(!run.join("latest").exists());
+    assert_success(&trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        r,
+    ]));
+    let png = tmp.path().join("x.png");
+    let p = png.to_str().unwrap();
+    for args in [
+        vec!["sample", "--checkpoint", r, "--n", "100000000", "--out", p],
+        vec![
+            "sample",
+            "--checkpoint",
+            r,
+            "--kind",
+            "interpolation",
+            "--n",
+            "100000000",
+            "--out",
+            p,
+        ],
+        vec![
+            "eval",
+            "--checkpoint",
+            r,
+            "--samples",
+            "100000000000",
+            "--k",
+            "2",
+        ],
+        vec![
+            "eval",
+            "--checkpoint",
+            r,
+            "--max-rows",
+            "100000000000",
+            "--k",
+            "2",
+        ],
+    ] {
+        assert_user_error(&trainer(&args), "GiB");
+    }
+    assert!(!png.exists());
+}
