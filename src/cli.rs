@@ -480,6 +480,21 @@ pub fn run(cli: Cli) -> Result<()> {
                     "test NLL (importance sampled, k = {}, first {} test images): {:.2} +- {:.2} nats ({:.4} bits/dim)",
                     r.k, r.n, r.nll, r.nll_stderr, r.bits_per_dim
                 );
+            } else {
+                // Flows and GANs: their own end-of-run figures (the last epoch's when the run
+                // ends without a final evaluation), on stdout like the VAE's.
+                let (figures, when) = if s.final_figures.is_empty() {
+                    (&s.last_eval, " (last epoch)")
+                } else {
+                    (&s.final_figures, "")
+                };
+                for (name, v) in figures {
+                    if v.fract() == 0.0 && v.abs() < 1e15 {
+                        outln!("{name}{when}: {v}");
+                    } else {
+                        outln!("{name}{when}: {v:.4}");
+                    }
+                }
             }
             Ok(())
         }
@@ -526,7 +541,12 @@ pub fn run(cli: Cli) -> Result<()> {
                         crate::eval::evaluate(model, &data.test, k, limit, max_rows, a.seed)
                     })?;
                     merge(&mut v, crate::report::json::to_json(&r)?);
-                    lines.push(format!("test -ELBO: {:.3} nats", r.test_elbo));
+                    lines.push(format!(
+                        "test -ELBO ({} of {} test images): {:.3} nats",
+                        r.n,
+                        data.test.len(),
+                        r.test_elbo
+                    ));
                     lines.push(format!(
                         "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
                         r.k, r.n, r.nll, r.nll_stderr

@@ -535,3 +535,30 @@ fn requests_larger_than_the_machine_are_refused_before_allocating() {
     }
     assert!(!png.exists());
 }
+
+/// Flows and GANs used to print no result figure unless stderr was a terminal (it went to the
+/// progress bar only); every family prints its figures on stdout, as the VAE does.
+#[test]
+fn every_family_prints_its_final_figures_on_stdout() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (config, figure) in [
+        ("configs/realnvp-moons.toml", "test_nll: "),
+        ("configs/sngan-grid25.toml", "modes_covered: "),
+    ] {
+        let run = tmp.path().join(figure.trim_end_matches(": "));
+        let out = trainer(&[
+            "train",
+            "--config",
+            config,
+            "--epochs",
+            "1",
+            "--set",
+            "data.synthetic_size=1000",
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        assert_success(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(figure), "{config}: {stdout}");
+    }
+}

@@ -105,6 +105,20 @@ fn line(img: &mut RgbImage, a: (i64, i64), b: (i64, i64), c: Rgb<u8>) {
     }
 }
 
+/// The value axis for data spanning `[lo, hi]`: 5% of margin on each side; a constant series
+/// gets half its own magnitude on each side (a learning rate of 0.001 used to be drawn on a
+/// +-0.05 axis, where it read as 0).
+pub fn value_axis(lo: f64, hi: f64) -> (f64, f64) {
+    let (lo, hi) = if hi <= lo {
+        let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.5 };
+        (lo - pad, hi + pad)
+    } else {
+        (lo, hi)
+    };
+    let pad = (hi - lo) * 0.05;
+    (lo - pad, hi + pad)
+}
+
 /// About five round tick values covering `[lo, hi]`.
 pub fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).abs().max(1e-12);
@@ -157,12 +171,7 @@ fn draw_panel(img: &mut RgbImage, top: i64, panel: &Panel) {
     if xhi <= xlo {
         xhi = xlo + 1.0;
     }
-    if yhi <= ylo {
-        let pad = ylo.abs().max(1.0) * 0.05;
-        (ylo, yhi) = (ylo - pad, yhi + pad);
-    }
-    let pad = (yhi - ylo) * 0.05;
-    (ylo, yhi) = (ylo - pad, yhi + pad);
+    let (ylo, yhi) = value_axis(ylo, yhi);
     let sx = |x: f64| x0 + ((x - xlo) / (xhi - xlo) * (x1 - x0) as f64).round() as i64;
     let sy = |y: f64| y1 - ((y - ylo) / (yhi - ylo) * (y1 - y0) as f64).round() as i64;
     for t in ticks(ylo, yhi) {
@@ -304,6 +313,19 @@ pub fn write_training_curves(run_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_constant_series_is_drawn_on_an_axis_of_its_own_size() {
+        let (lo, hi) = value_axis(0.001, 0.001);
+        assert!(lo > 0.0 && hi < 0.002, "{lo} {hi}");
+        let t = ticks(lo, hi);
+        assert!(t.len() >= 2 && t.iter().all(|v| *v > 0.0), "{t:?}");
+        assert!(t.iter().any(|v| label(*v) == "0.001"), "{t:?}");
+        let (lo, hi) = value_axis(0.0, 0.0);
+        assert!(lo < 0.0 && hi > 0.0);
+        let (lo, hi) = value_axis(1.0, 3.0);
+        assert!((lo - 0.9).abs() < 1e-12 && (hi - 3.1).abs() < 1e-12);
+    }
 
     #[test]
     fn ticks_are_round_and_cover_the_range() {
