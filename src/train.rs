@@ -293,7 +293,17 @@ fn check_resumable(cfg: &Config, ck: &session::LoadedCheckpoint) -> Result<()> {
         ));
     }
     for d in &differences {
-        tracing::info!("resume overrides {}: {} -> {}", d.path, d.old, d.new);
+        if d.path == "train.seed" {
+            // Shown by default: the data order and every random draw follow the new seed from
+            // here on, so the run no longer matches an uninterrupted one.
+            tracing::warn!(
+                "resume overrides train.seed: {} -> {}; data order and noise follow the new seed from here",
+                d.old,
+                d.new
+            );
+        } else {
+            tracing::info!("resume overrides {}: {} -> {}", d.path, d.old, d.new);
+        }
     }
     Ok(())
 }

@@ -375,6 +375,26 @@ fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
     assert_eq!(latest_position(&run), (4, "1".into(), "0".into()));
     train(&["--epochs", "2", "--batch-size", "20", "--resume", r]);
     assert_eq!(latest_position(&run), (14, "2".into(), "0".into()));
+    // A seed change on resume used to pass without a word.
+    let reseeded = trainer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--seed",
+        "77",
+        "--resume",
+        r,
+        "--max-steps",
+        "1",
+    ]);
+    assert_success(&reseeded);
+    assert!(
+        String::from_utf8_lossy(&reseeded.stderr).contains("resume overrides train.seed"),
+        "{}",
+        String::from_utf8_lossy(&reseeded.stderr)
+    );
     // Mid-epoch: 2 steps of 50 (100 rows), then the rest of the epoch at batch 30 (4 steps:
     // 30, 30, 30, 10), then a second epoch (7 steps).
     let run2 = tmp.path().join("run2");
