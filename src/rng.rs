@@ -50,7 +50,7 @@ pub enum Draws {
     Host,
     /// Counter-based draws ([`counter_u64`], [`counter_normal`]) made where the tensors live:
     /// CUDA training, with no host work or transfer (`cuda/random.cu`; the CPU forwards of
-    /// [`crate::ops::random`] are the reference).
+    /// `ops::random` are the reference).
     Counter,
 }
 

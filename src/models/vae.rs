@@ -4,8 +4,8 @@
 //! likelihood `p(x|z_1)` (Bernoulli with logits, or diagonal Gaussian). The top prior is N(0, I).
 //!
 //! [`Vae::pass`] samples `k` latent paths per data point (reparameterized, `z = mu + exp(logvar/2) eps`)
-//! and returns the per-sample terms of `log w = log p(x, z) - log q(z | x)`; the objectives in
-//! [`crate::objectives`] combine them into the ELBO or the IWAE bound. Rows are sample-major:
+//! and returns the per-sample terms of `log w = log p(x, z) - log q(z | x)`; the `objectives`
+//! module combines them into the ELBO or the IWAE bound. Rows are sample-major:
 //! row `i * B + b` is sample `i` of data point `b`.
 //!
 //! A *conditional* VAE (Sohn et al. 2015, "Learning Structured Output Representation using Deep
