@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use candle_core::{DType, Device, Tensor};
+
 use serde::Serialize;
 
 use crate::config::Config;
@@ -35,6 +37,7 @@ pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
     let device = crate::device::open_device(&cfg.train.device)?;
     crate::device::set_tf32(cfg.train.tf32);
     let data = session::load_datasets(cfg)?;
+    crate::memory::check_training(cfg, data.dim(), data.train.len())?;
     let model = session::build_model(cfg, data.dim(), &device)?;
     let mut opt = Optimizer::new(&cfg.optim, &model.store)?;
     let n = data.train.len();
@@ -95,149 +98,189 @@ pub struct KernelReport {
     pub fraction_of_copy: f64,
 }
 
-/// Times every fused kernel on `n` f32 elements (rows of 784) and a plain device copy as the
-/// bandwidth reference; each figure is the mean of `repeats` calls after two warm-up calls,
-/// with the device synchronized before the clock is read.
-pub fn bench_kernels(
-    device: &candle_core::Device,
-    n: usize,
-    repeats: usize,
-) -> Result<Vec<KernelReport>> {
-    use crate::ops::{adam, bernoulli, gaussian, linear, logsumexp, spectral_norm};
-    use candle_core::{DType, Tensor};
-    if n < 784 || repeats == 0 {
-        return Err(Error::Config(
-            "--elements must be at least 784 and --repeats at least 1".into(),
-        ));
+/// The inputs every benchmarked kernel reads: `rows x 784` f32 tensors on one device, and a
+/// 2048-row spectral-norm weight of about as many values.
+pub struct KernelInputs {
+    /// Rows of 784 values.
+    pub rows: usize,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    bits: Tensor,
+    g_rows: Tensor,
+    bias: Tensor,
+    lse: Tensor,
+    sn_w: Tensor,
+    sn_u: Tensor,
+    state: Tensor,
+    grad: Tensor,
+    param: Tensor,
+}
+
+/// Values per row of the benchmark inputs (an MNIST image).
+const ROW: usize = 784;
+
+impl KernelInputs {
+    /// Seeded-uniform inputs of `n` values (rounded down to whole rows of 784) on `device`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `n` is under one row.
+    pub fn new(device: &Device, n: usize) -> Result<Self> {
+        if n < ROW {
+            return Err(Error::Config("--elements must be at least 784".into()));
+        }
+        let rows = n / ROW;
+        // Three inputs, the bits, the Adam state (2n) and parameter copy, and a kernel's output.
+        crate::memory::check(
+            &format!("--elements {n}"),
+            crate::memory::f32_bytes(&[rows, ROW, 10]),
+        )?;
+        let u = |lo: f32, hi: f32| Tensor::rand(lo, hi, (rows, ROW), device);
+        let (a, b, c) = (u(-3.0, 3.0)?, u(-3.0, 3.0)?, u(-3.0, 3.0)?);
+        let sn_cols = (rows * ROW / 2048).max(1);
+        Ok(KernelInputs {
+            rows,
+            bits: u(0.0, 1.0)?.ge(0.5)?.to_dtype(DType::F32)?,
+            g_rows: Tensor::rand(-1f32, 1f32, rows, device)?,
+            bias: Tensor::rand(-1f32, 1f32, ROW, device)?,
+            lse: crate::ops::logsumexp::logsumexp(&a)?,
+            // A wide layer's shape: the kernels give each block 32 columns, so a tall, narrow
+            // matrix would leave most SMs idle.
+            sn_w: Tensor::rand(-1f32, 1f32, (2048, sn_cols), device)?,
+            sn_u: Tensor::rand(-1f32, 1f32, 2048, device)?,
+            state: Tensor::zeros(2 * rows * ROW + 1, DType::F32, device)?,
+            grad: b.flatten_all()?,
+            param: c.flatten_all()?.copy()?,
+            a,
+            b,
+            c,
+        })
     }
-    let d = 784;
-    let rows = n / d;
-    let n = rows * d;
-    let u = |lo: f64, hi: f64| Tensor::rand(lo as f32, hi as f32, (rows, d), device);
-    let (a, b, c) = (u(-3.0, 3.0)?, u(-3.0, 3.0)?, u(-3.0, 3.0)?);
-    let bits = u(0.0, 1.0)?.ge(0.5)?.to_dtype(DType::F32)?;
-    let g_rows = Tensor::rand(-1f32, 1f32, rows, device)?;
-    let bias = Tensor::rand(-1f32, 1f32, d, device)?;
-    let lse = logsumexp::logsumexp(&a)?;
-    // Spectral norm on a 2048-row weight of about n values (a wide layer's shape; the kernels
-    // give each block 32 columns, so a tall, narrow matrix would leave most SMs idle).
-    let sn_cols = (n / 2048).max(1);
-    let sn_w = Tensor::rand(-1f32, 1f32, (2048, sn_cols), device)?;
-    let sn_u = Tensor::rand(-1f32, 1f32, 2048, device)?;
-    let sn_bytes = (2 * 2048 * sn_cols + 3 * 2048 + 2 * sn_cols) * 4;
-    let flat = a.flatten_all()?;
-    let grad = b.flatten_all()?;
-    let state = Tensor::zeros(2 * n + 1, DType::F32, device)?;
-    let param = c.flatten_all()?.copy()?;
-    let f = 4usize; // bytes per f32
-    type Run<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;
-    let cases: Vec<(&'static str, usize, Run)> = vec![
-        ("copy", 2 * n * f, Box::new(|| a.copy().map(|_| ()))),
+
+    /// Values per input.
+    pub fn elements(&self) -> usize {
+        self.rows * ROW
+    }
+}
+
+/// One call of a benchmarked kernel.
+pub type KernelCall<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;
+
+/// The benchmarked kernels, one table for `trainer bench-kernels` and the criterion benchmarks:
+/// `(name, bytes each call must read and write, the call)`, a plain device copy first as the
+/// bandwidth reference.
+pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_>)> {
+    use crate::ops::{adam, bernoulli, gaussian, linear, logsumexp, spectral_norm};
+    let (n, rows, f) = (x.elements(), x.rows, 4usize);
+    let sn_cols = x.sn_w.dim(1).unwrap_or(1);
+    let sn_bytes = (2 * 2048 * sn_cols + 3 * 2048 + 2 * sn_cols) * f;
+    let tanh = linear::Activation::Tanh;
+    let moments = adam::AdamMoments {
+        beta1: 0.9,
+        beta2: 0.999,
+        weight_decay: 0.0,
+    };
+    let apply = adam::AdamApply {
+        lr: 1e-9,
+        eps: 1e-8,
+        bias_correction1: 0.1,
+        bias_correction2: 0.001,
+    };
+    let (a, b, c, bits, g_rows) = (&x.a, &x.b, &x.c, &x.bits, &x.g_rows);
+    vec![
+        ("copy", 2 * n * f, Box::new(move || a.copy().map(drop))),
         (
             "reparameterize",
             4 * n * f,
-            Box::new(|| gaussian::reparameterize(&a, &b, &c).map(|_| ())),
+            Box::new(move || gaussian::reparameterize(a, b, c).map(drop)),
         ),
         (
             "gaussian_kl",
             (2 * n + rows) * f,
-            Box::new(|| gaussian::gaussian_kl(&a, &b).map(|_| ())),
+            Box::new(move || gaussian::gaussian_kl(a, b).map(drop)),
         ),
         (
             "gaussian_log_density",
             (3 * n + rows) * f,
-            Box::new(|| gaussian::gaussian_log_density(&a, &b, &c).map(|_| ())),
+            Box::new(move || gaussian::gaussian_log_density(a, b, c).map(drop)),
         ),
         (
             "bernoulli_loglik",
             (2 * n + rows) * f,
-            Box::new(|| bernoulli::bernoulli_log_likelihood(&a, &bits).map(|_| ())),
+            Box::new(move || bernoulli::bernoulli_log_likelihood(a, bits).map(drop)),
         ),
         (
             "bernoulli_loglik_bwd",
             (3 * n + rows) * f,
-            Box::new(|| {
-                a.apply_op3_no_bwd(&bits, &g_rows, &bernoulli::BernoulliBackward)
-                    .map(|_| ())
+            Box::new(move || {
+                a.apply_op3_no_bwd(bits, g_rows, &bernoulli::BernoulliBackward)
+                    .map(drop)
             }),
         ),
         (
             "logsumexp",
             (n + rows) * f,
-            Box::new(|| logsumexp::logsumexp(&a).map(|_| ())),
+            Box::new(move || logsumexp::logsumexp(a).map(drop)),
         ),
         (
             "logsumexp_bwd",
             (2 * n + 2 * rows) * f,
-            Box::new(|| {
-                a.apply_op3_no_bwd(&lse, &g_rows, &logsumexp::LogSumExpBackward)
-                    .map(|_| ())
+            Box::new(move || {
+                a.apply_op3_no_bwd(&x.lse, g_rows, &logsumexp::LogSumExpBackward)
+                    .map(drop)
             }),
         ),
         (
             // One iteration reads W twice (W^T u, then W v).
             "spectral_norm_power_iteration",
             sn_bytes,
-            Box::new(|| spectral_norm::power_iteration(&sn_w, &sn_u, 1).map(|_| ())),
+            Box::new(move || spectral_norm::power_iteration(&x.sn_w, &x.sn_u, 1).map(drop)),
         ),
         (
             "spectral_norm_power_iteration_candle_ops",
             sn_bytes,
-            Box::new(|| spectral_norm::power_iteration_slow(&sn_w, &sn_u, 1).map(|_| ())),
+            Box::new(move || spectral_norm::power_iteration_slow(&x.sn_w, &x.sn_u, 1).map(drop)),
         ),
         (
             "bias_act_tanh",
-            (2 * n + d) * f,
-            Box::new(|| linear::bias_act(&a, &bias, linear::Activation::Tanh).map(|_| ())),
+            (2 * n + ROW) * f,
+            Box::new(move || linear::bias_act(a, &x.bias, tanh).map(drop)),
         ),
         (
             "activation_bwd_tanh",
             3 * n * f,
-            Box::new(|| {
-                b.apply_op2_no_bwd(
-                    &a,
-                    &linear::ActivationBackward {
-                        act: linear::Activation::Tanh,
-                    },
-                )
-                .map(|_| ())
+            Box::new(move || {
+                b.apply_op2_no_bwd(a, &linear::ActivationBackward { act: tanh })
+                    .map(drop)
             }),
         ),
         (
             "adam_moments",
             6 * n * f,
-            Box::new(|| {
-                state.inplace_op3(
-                    &grad,
-                    &param,
-                    &adam::AdamMoments {
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        weight_decay: 0.0,
-                    },
-                )
-            }),
+            Box::new(move || x.state.inplace_op3(&x.grad, &x.param, &moments)),
         ),
         (
             "adam_apply",
             4 * n * f,
-            Box::new(|| {
-                param.inplace_op2(
-                    &state,
-                    &adam::AdamApply {
-                        lr: 1e-9,
-                        eps: 1e-8,
-                        bias_correction1: 0.1,
-                        bias_correction2: 0.001,
-                    },
-                )
-            }),
+            Box::new(move || x.param.inplace_op2(&x.state, &apply)),
         ),
-    ];
-    let _ = &flat;
+    ]
+}
+
+/// Times every kernel of [`kernel_cases`] on `n` f32 elements (rows of 784) against a plain
+/// device copy as the bandwidth reference; each figure is the mean of `repeats` calls after two
+/// warm-up calls, with the device synchronized before the clock is read.
+///
+/// # Errors
+/// [`Error::Config`] for `n` under 784 or `repeats` 0; device errors.
+pub fn bench_kernels(device: &Device, n: usize, repeats: usize) -> Result<Vec<KernelReport>> {
+    if repeats == 0 {
+        return Err(Error::Config("--repeats must be at least 1".into()));
+    }
+    let inputs = KernelInputs::new(device, n)?;
     let mut out = Vec::new();
     let mut copy_gbs = f64::NAN;
-    for (name, bytes, run) in &cases {
+    for (name, bytes, run) in &kernel_cases(&inputs) {
         run()?;
         run()?;
         device.synchronize()?;
@@ -253,7 +296,7 @@ pub fn bench_kernels(
         }
         out.push(KernelReport {
             kernel: name,
-            elements: n,
+            elements: inputs.elements(),
             bytes_per_call: *bytes,
             microseconds_per_call: secs * 1e6,
             gb_per_s: gbs,

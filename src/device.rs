@@ -5,26 +5,7 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 
-/// A parsed device request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-}
-
-/// Parses `cpu | cuda | cuda:N`.
-pub fn parse_device_spec(s: &str) -> Result<DeviceSpec> {
-    match s {
-        "cpu" => Ok(DeviceSpec::Cpu),
-        "cuda" => Ok(DeviceSpec::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
-            Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
-            _ => Err(Error::Device(format!(
-                "unknown device {s:?}: expected cpu, cuda or cuda:N"
-            ))),
-        },
-    }
-}
+pub use crate::config::{parse_device_spec, DeviceSpec};
 
 /// Opens the requested device.
 pub fn open_device(s: &str) -> Result<Device> {

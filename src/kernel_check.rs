@@ -654,10 +654,31 @@ pub fn run_all(dev: &Device) -> Vec<CheckReport> {
 }
 
 /// Every check of `groups`, in order, with output poisoning on; failures are recorded, not
-/// returned.
+/// returned. A group that panics (a bug in a kernel's launch glue or in candle's device backend)
+/// is recorded as one failed check named after it, and the next group still runs.
 pub fn run_groups(dev: &Device, groups: &[(&str, CheckGroup)]) -> Vec<CheckReport> {
     prepare();
-    groups.iter().flat_map(|(_, f)| f(dev)).collect()
+    let mut out = Vec::new();
+    for (name, f) in groups {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dev))) {
+            Ok(reports) => out.extend(reports),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "no message".into());
+                out.push(CheckReport {
+                    check: format!("{name} (group)"),
+                    max_rel_err: f32::NAN,
+                    tolerance: 0.0,
+                    passed: false,
+                    error: Some(format!("panicked: {why}")),
+                });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -724,6 +745,29 @@ mod tests {
             },
         );
         vec![erroring, wrong]
+    }
+
+    fn panicking_group(_: &Device) -> Vec<CheckReport> {
+        panic!("index out of bounds in a launch")
+    }
+
+    #[test]
+    fn a_panicking_group_is_a_failed_check_and_the_rest_still_run() {
+        let r = run_groups(
+            &Device::Cpu,
+            &[("panicking", panicking_group), ("random", check_random)],
+        );
+        assert!(
+            !r[0].passed && r[0].check == "panicking (group)",
+            "{:?}",
+            r[0]
+        );
+        assert!(r[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("index out of bounds"));
+        assert!(r.len() > 1 && r[1..].iter().all(|c| c.passed));
     }
 
     #[test]

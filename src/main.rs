@@ -1,25 +1,18 @@
-//! `trainer`: parses flags, sets up logging, runs the command, and maps any error to one line on
-//! stderr and exit code 2 (1 when `check-kernels` ran and found a disagreement).
+//! `trainer`: parses flags, sets up logging, runs the command, and maps the outcome to an exit
+//! code: 0 when it succeeded (or stdout was closed under it), 1 when `check-kernels` ran and
+//! found a disagreement, 2 for any other error, printed as one line on stderr.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = gentrain::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match gentrain::cli::run(cli) {
+    match run() {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`trainer eval --json | head -c 1`): stop quietly, as ripgrep does.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             // 1: checks ran and some failed (their lines are printed); 2: anything else.
             match e.downcast_ref::<gentrain::error::Error>() {
                 Some(gentrain::error::Error::ChecksFailed { .. }) => ExitCode::from(1),
@@ -27,6 +20,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Parses the command line (clap exits on `--help` and on bad flags), sets up logging on stderr
+/// (`RUST_LOG`, `warn` by default) and runs the command.
+fn run() -> anyhow::Result<()> {
+    let cli = gentrain::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    gentrain::cli::run(cli)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

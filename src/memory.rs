@@ -75,14 +75,31 @@ pub fn widest_layer(cfg: &Config, input_dim: usize) -> usize {
 /// their gradients and two optimizer moments (4 copies), and one batch of activations
 /// (`batch x k` rows of the widest layer, a forward and a backward copy).
 pub fn training_bytes(cfg: &Config, input_dim: usize, batch: usize) -> Option<u128> {
-    let params = match cfg.model.family.as_str() {
-        "flow" => cfg.model.flow.parameter_count(input_dim),
-        "gan" => cfg.model.gan.parameter_count(input_dim, cfg.model.classes),
-        _ => crate::models::vae::parameter_count(&cfg.model, input_dim),
-    }?;
+    let params = cfg.model.parameter_count(input_dim)?;
     let rows = batch.checked_mul(cfg.objective.k.max(1))?;
     let activations = f32_bytes(&[rows, widest_layer(cfg, input_dim), 2])?;
     f32_bytes(&[params, 4])?.checked_add(activations)
+}
+
+/// Refuses training `cfg` on `train_rows` rows of `input_dim` values when its model, batch or
+/// evaluation chunk cannot fit in memory (see [`training_bytes`]); `trainer train` and
+/// `trainer bench` call it before building anything.
+///
+/// # Errors
+/// [`Error::Config`] naming the request and the memory it needs.
+pub fn check_training(cfg: &Config, input_dim: usize, train_rows: usize) -> Result<()> {
+    let bs = cfg.train.batch_size.min(train_rows);
+    check(
+        &format!(
+            "training this model on {input_dim} values per row, batch {bs}, k {}",
+            cfg.objective.k
+        ),
+        training_bytes(cfg, input_dim, bs),
+    )?;
+    check(
+        &format!("eval.max_rows = {}", cfg.eval.max_rows),
+        f32_bytes(&[cfg.eval.max_rows, widest_layer(cfg, input_dim), 4]),
+    )
 }
 
 #[cfg(test)]

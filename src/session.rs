@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use crate::checkpoint::{self, LoadedFile, FORMAT_VERSION, MODEL_FILE};
-use crate::config::Config;
+use crate::config::{Config, ModelFamily};
 use crate::data::images::Split;
 use crate::data::{DataSource, ImageSet};
 use crate::error::{Error, Result};
@@ -135,7 +135,7 @@ pub fn model_metadata(
         ("format".into(), "pt".into()),
         ("gentrain_format_version".into(), FORMAT_VERSION.into()),
         ("gentrain_version".into(), env!("CARGO_PKG_VERSION").into()),
-        ("model_family".into(), cfg.model.family.clone()),
+        ("model_family".into(), cfg.model.family.to_string()),
         ("input_dim".into(), data.dim().to_string()),
         ("image_shape".into(), format!("{},{}", data.rows, data.cols)),
         ("num_classes".into(), data.num_classes.to_string()),
@@ -288,12 +288,12 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             "format version {version}, this build reads {FORMAT_VERSION}"
         )));
     }
-    let family = file.meta("model_family")?.to_string();
-    if !["vae", "flow", "gan"].contains(&family.as_str()) {
-        return Err(file.error(format!(
-            "model family `{family}`: this build reads `vae`, `flow` and `gan` checkpoints"
-        )));
-    }
+    let name = file.meta("model_family")?;
+    let family: ModelFamily = name.parse().map_err(|_| {
+        file.error(format!(
+            "model family `{name}`: this build reads `vae`, `flow` and `gan` checkpoints"
+        ))
+    })?;
     let config: Config = serde_json::from_str(file.meta("config")?)
         .map_err(|e| file.error(format!("metadata `config` is not a valid config: {e}")))?;
     config
@@ -323,15 +323,10 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     let epoch = parse_num(&file, "epoch")?;
     // The config must not describe more parameters than the file holds: a corrupt or hostile
     // config would otherwise make us allocate a huge model before any tensor is compared.
-    let wanted = match family.as_str() {
-        "flow" => config.model.flow.parameter_count(input_dim),
-        "gan" => config
-            .model
-            .gan
-            .parameter_count(input_dim, config.model.classes),
-        _ => crate::models::vae::parameter_count(&config.model, input_dim),
-    }
-    .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;
+    let wanted = config
+        .model
+        .parameter_count(input_dim)
+        .ok_or_else(|| file.error("metadata `config` describes a model too large to count"))?;
     if wanted > file.f32_elements() {
         return Err(file.error(format!(
             "metadata `config` describes {wanted} parameters but the file holds {} values",
@@ -339,9 +334,9 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         )));
     }
     let lookup = |name: &str, dims: &[usize]| file.tensor(name, dims, device);
-    let model = match family.as_str() {
-        "flow" => Model::Flow(build_flow(&config, image_shape, device)?),
-        "gan" => {
+    let model = match family {
+        ModelFamily::Flow => Model::Flow(build_flow(&config, image_shape, device)?),
+        ModelFamily::Gan => {
             let mut gan = build_gan(&config, input_dim, image_shape, device)?;
             gan.gen_store.load_from(lookup).map_err(|e| file.error(e))?;
             gan.disc_store
@@ -350,7 +345,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             gan.load_buffers(lookup).map_err(|e| file.error(e))?;
             Model::Gan(gan)
         }
-        _ => Model::Vae(build_model(&config, input_dim, device)?),
+        ModelFamily::Vae => Model::Vae(build_model(&config, input_dim, device)?),
     };
     if !matches!(model, Model::Gan(_)) {
         model.store().load_from(lookup).map_err(|e| file.error(e))?;

@@ -433,7 +433,9 @@ fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
     ]);
     assert_success(&again);
     assert!(
-        String::from_utf8_lossy(&again.stderr).contains("the run is complete"),
+        String::from_utf8_lossy(&again.stderr).contains(
+            "nothing to train: the checkpoint has 2 epochs trained and train.epochs is 2"
+        ),
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
@@ -520,6 +522,20 @@ fn requests_larger_than_the_machine_are_refused_before_allocating() {
     let png = tmp.path().join("x.png");
     let p = png.to_str().unwrap();
     for args in [
+        vec![
+            "bench",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "model.layers=[{hidden=[100000,100000], latent=20}]",
+        ],
+        vec![
+            "bench-kernels",
+            "--device",
+            "cpu",
+            "--elements",
+            "100000000000",
+        ],
         vec!["sample", "--checkpoint", r, "--n", "100000000", "--out", p],
         vec![
             "sample",

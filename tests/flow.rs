@@ -5,8 +5,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use candle_core::{DType, Device, Tensor, Var};
-use gentrain::config::OptimConfig;
-use gentrain::models::flow::{bits_per_dim, inverse_logit_transform, logit_transform, FlowConfig};
+use gentrain::config::{FlowConfig, OptimConfig};
+use gentrain::models::flow::{bits_per_dim, inverse_logit_transform, logit_transform};
 use gentrain::models::Flow;
 use gentrain::optim::Optimizer;
 use gentrain::rng::{normal_vec, stream_rng, Stream};

@@ -5,7 +5,8 @@
 //! checkpoints and exact resume; and a short SN-GAN run that must find the modes of the ring.
 
 use candle_core::{Device, Tensor, Var};
-use gentrain::models::gan::{Gan, GanArchitecture, GanConfig, GanLoss};
+use gentrain::config::{GanArchitecture, GanConfig, GanLoss};
+use gentrain::models::Gan;
 use gentrain::rng::{normal_vec, stream_rng, Stream};
 
 fn gan(cfg: GanConfig, dim: usize, seed: u64) -> Gan {

@@ -7,11 +7,11 @@
 
 use candle_core::{Device, Tensor};
 use gentrain::config::{
-    DecoderKind, KlEstimator, LayerConfig, ModelConfig, ObjectiveConfig, ObjectiveKind,
+    Activation, DecoderKind, KlEstimator, LayerConfig, ModelConfig, ModelFamily, ObjectiveConfig,
+    ObjectiveKind,
 };
 use gentrain::models::Vae;
 use gentrain::objectives::{log_weights, objective};
-use gentrain::ops::linear::Activation;
 use gentrain::rng::{stream_rng, Stream};
 
 const D: usize = 3;
@@ -101,7 +101,7 @@ fn posterior() -> ([f64; Z], [f64; Z]) {
 /// Gaussian above.
 fn model(m: &[f64; Z], v: &[f64; Z]) -> Vae {
     let cfg = ModelConfig {
-        family: "vae".into(),
+        family: ModelFamily::Vae,
         activation: Activation::Tanh,
         decoder: DecoderKind::Gaussian,
         layers: vec![LayerConfig {

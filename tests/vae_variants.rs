@@ -43,10 +43,7 @@ fn conditional_vae_uses_its_labels() {
         vae.encode(&input).unwrap().0.to_vec2::<f32>().unwrap()
     };
     assert_ne!(with(0), with(5));
-    assert_eq!(
-        gentrain::models::vae::parameter_count(&cfg, 12).unwrap(),
-        vae.store.numel()
-    );
+    assert_eq!(cfg.vae_parameter_count(12).unwrap(), vae.store.numel());
 }
 
 #[test]

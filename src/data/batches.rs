@@ -15,26 +15,12 @@
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, RngCore};
-use serde::{Deserialize, Serialize};
 
 use super::ImageSet;
 use crate::error::Result;
 use crate::rng::{stream_rng, Draws, Stream};
 
-/// How 8-bit pixels become model inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Binarization {
-    /// Resample `x ~ Bernoulli(pixel / 255)` for every minibatch.
-    #[default]
-    Dynamic,
-    /// Sample the binary images once.
-    Fixed,
-    /// No binarization: `x = pixel / 255`.
-    None,
-    /// Uniform dequantization: `x = (pixel + u) / 256`, `u ~ U[0, 1)` for every minibatch.
-    Dequantize,
-}
+pub use crate::config::Binarization;
 
 /// Rows of model inputs, stored compactly, from which minibatches are drawn.
 #[derive(Debug, Clone)]

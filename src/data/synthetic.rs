@@ -4,21 +4,8 @@
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-/// A synthetic 2-D distribution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Synthetic {
-    /// 8 Gaussians on a circle of radius 2, standard deviation 0.02.
-    Ring8,
-    /// 25 Gaussians on the grid {-4,-2,0,2,4}^2, standard deviation 0.05.
-    Grid25,
-    /// Two interleaving half circles with Gaussian noise 0.1.
-    Moons,
-    /// Uniform on the black squares of a 4x4 checkerboard on [-4, 4)^2.
-    Checkerboard,
-}
+pub use crate::config::Synthetic;
 
 impl Synthetic {
     /// Mode centres and standard deviation of the mixture sets (`None` for the others).

@@ -95,66 +95,7 @@ pub fn tcp(
     check_group(rank, world)?;
     let deadline = Instant::now() + timeout;
     if rank == 0 {
-        let listener = TcpListener::bind(addr)
-            .map_err(|e| net(format!("rank 0 cannot listen on {addr}"), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| net("listener".into(), e))?;
-        let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
-        let mut missing = world - 1;
-        while missing > 0 {
-            match listener.accept() {
-                Ok((mut s, from)) => {
-                    s.set_nonblocking(false)
-                        .map_err(|e| net("socket".into(), e))?;
-                    s.set_read_timeout(Some(Duration::from_secs(30)))
-                        .map_err(|e| net("socket".into(), e))?;
-                    let mut hello = [0u8; 16];
-                    s.read_exact(&mut hello)
-                        .map_err(|e| net(format!("handshake from {from}"), e))?;
-                    let (r, w) = (
-                        u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize,
-                        u32::from_le_bytes(hello[12..16].try_into().expect("4 bytes")) as usize,
-                    );
-                    if &hello[..8] != MAGIC {
-                        return Err(Error::Distributed(format!(
-                            "{from} is not a gentrain rank (bad handshake)"
-                        )));
-                    }
-                    if w != world || r == 0 || r >= world {
-                        return Err(Error::Distributed(format!(
-                            "{from} says rank {r} of {w}; this group has world size {world}"
-                        )));
-                    }
-                    if peers[r - 1].is_some() {
-                        return Err(Error::Distributed(format!("rank {r} joined twice")));
-                    }
-                    s.set_read_timeout(None)
-                        .map_err(|e| net("socket".into(), e))?;
-                    s.set_nodelay(true).map_err(|e| net("socket".into(), e))?;
-                    peers[r - 1] = Some(s);
-                    missing -= 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        let absent: Vec<usize> = peers
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, p)| p.is_none())
-                            .map(|(i, _)| i + 1)
-                            .collect();
-                        return Err(Error::Distributed(format!(
-                            "rank(s) {absent:?} did not join {addr} within {} s",
-                            timeout.as_secs()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(net("accept".into(), e)),
-            }
-        }
-        let mut streams: Vec<TcpStream> =
-            peers.into_iter().map(|p| p.expect("all joined")).collect();
+        let mut streams = accept_ranks(addr, world, deadline, timeout)?;
         let len = (payload.len() as u32).to_le_bytes();
         for (i, s) in streams.iter_mut().enumerate() {
             s.write_all(&len)
@@ -163,6 +104,101 @@ pub fn tcp(
         }
         return Ok((Connections::Root(streams), payload.to_vec()));
     }
+    join_rank_0(addr, rank, world, deadline)
+}
+
+/// Rank 0's side: listens on `addr` until every other rank of `world` has joined (or the
+/// deadline passes); returns their streams, rank 1 first.
+fn accept_ranks(
+    addr: &str,
+    world: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>> {
+    let listener =
+        TcpListener::bind(addr).map_err(|e| net(format!("rank 0 cannot listen on {addr}"), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| net("listener".into(), e))?;
+    let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+    let mut missing = world - 1;
+    while missing > 0 {
+        match listener.accept() {
+            Ok((s, from)) => {
+                let (r, s) = handshake(s, from, world)?;
+                if peers[r - 1].is_some() {
+                    return Err(Error::Distributed(format!("rank {r} joined twice")));
+                }
+                peers[r - 1] = Some(s);
+                missing -= 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    let absent: Vec<usize> = peers
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.is_none())
+                        .map(|(i, _)| i + 1)
+                        .collect();
+                    return Err(Error::Distributed(format!(
+                        "rank(s) {absent:?} did not join {addr} within {} s",
+                        timeout.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(net("accept".into(), e)),
+        }
+    }
+    Ok(peers.into_iter().map(|p| p.expect("all joined")).collect())
+}
+
+/// Reads a joining rank's hello (magic, rank, world size) from `s`, accepted from `from`, and
+/// checks it against this group of `world`; returns the rank and the stream, set up for the
+/// collectives.
+fn handshake(
+    mut s: TcpStream,
+    from: std::net::SocketAddr,
+    world: usize,
+) -> Result<(usize, TcpStream)> {
+    let sock = |e| net("socket".into(), e);
+    s.set_nonblocking(false).map_err(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(sock)?;
+    let mut hello = [0u8; 16];
+    s.read_exact(&mut hello)
+        .map_err(|e| net(format!("handshake from {from}"), e))?;
+    let (r, w) = (
+        u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize,
+        u32::from_le_bytes(hello[12..16].try_into().expect("4 bytes")) as usize,
+    );
+    if &hello[..8] != MAGIC {
+        return Err(Error::Distributed(format!(
+            "{from} is not a gentrain rank (bad handshake)"
+        )));
+    }
+    if w != world || r == 0 || r >= world {
+        return Err(Error::Distributed(format!(
+            "{from} says rank {r} of {w}; this group has world size {world}"
+        )));
+    }
+    s.set_read_timeout(None).map_err(sock)?;
+    s.set_nodelay(true).map_err(sock)?;
+    Ok((r, s))
+}
+
+/// The largest group id rank 0 sends (an NCCL unique id is 128 bytes): a longer length is a
+/// corrupt or foreign peer, refused before allocating.
+const MAX_PAYLOAD: usize = 1 << 20;
+
+/// A worker's side: connects to rank 0 at `addr` (retrying until the deadline), says hello, and
+/// reads the group's payload.
+fn join_rank_0(
+    addr: &str,
+    rank: usize,
+    world: usize,
+    deadline: Instant,
+) -> Result<(Connections, Vec<u8>)> {
     let mut stream = loop {
         match TcpStream::connect(addr) {
             Ok(s) => break s,
@@ -190,7 +226,13 @@ pub fn tcp(
         .map_err(io)?;
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).map_err(io)?;
-    let mut got = vec![0u8; u32::from_le_bytes(len) as usize];
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(Error::Distributed(format!(
+            "rank 0 at {addr} announced a {len}-byte group id: not a gentrain group"
+        )));
+    }
+    let mut got = vec![0u8; len];
     stream.read_exact(&mut got).map_err(io)?;
     stream.set_read_timeout(None).map_err(io)?;
     Ok((Connections::Worker(stream), got))

@@ -1,5 +1,5 @@
 //! The TCP backend: data parallelism across CPU processes (on one machine or several), with
-//! the connections of a TCP [`rendezvous`](super::rendezvous). An all-reduce sends every rank's
+//! the connections of a TCP [`rendezvous`]. An all-reduce sends every rank's
 //! buffer to rank 0, which sums them in rank order and sends the sum back: `2 (W - 1)` messages
 //! through one node, the right trade for a handful of CPU ranks and for testing the launcher,
 //! the rendezvous and the rank-0-only writes where no GPU is at hand. GPU ranks use NCCL.

@@ -28,78 +28,13 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 use super::mlp::{Dense, Trunk};
 use super::params::ParamStore;
+use crate::config::Activation;
+pub use crate::config::FlowConfig;
 use crate::error::{Error, Result};
 use crate::ops::gaussian::standard_normal_log_density;
-use crate::ops::linear::Activation;
-
-/// Architecture of a flow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlowConfig {
-    /// Coupling layers (each preceded by an ActNorm when `actnorm` is on).
-    pub coupling_layers: usize,
-    /// Hidden widths of every coupling network (ReLU).
-    pub hidden: Vec<usize>,
-    /// ActNorm before every coupling.
-    pub actnorm: bool,
-    /// Logit-transform margin for images (MAF's MNIST setting, 1e-6, by default; RealNVP used
-    /// 0.05 on natural images). Unused on 2-D data.
-    pub alpha: f64,
-}
-
-impl Default for FlowConfig {
-    fn default() -> Self {
-        FlowConfig {
-            coupling_layers: 8,
-            hidden: vec![512, 512],
-            actnorm: true,
-            alpha: 1e-6,
-        }
-    }
-}
-
-impl FlowConfig {
-    /// Checks the values a user can get wrong.
-    pub fn validate(&self) -> Result<()> {
-        if self.coupling_layers == 0 {
-            return Err(Error::Config(
-                "model.flow.coupling_layers must be at least 1".into(),
-            ));
-        }
-        if self.hidden.is_empty() || self.hidden.contains(&0) {
-            return Err(Error::Config(
-                "model.flow.hidden: at least one hidden layer, every width positive".into(),
-            ));
-        }
-        if !(self.alpha >= 0.0 && self.alpha < 0.5) {
-            return Err(Error::Config(format!(
-                "model.flow.alpha = {}: must be in [0, 0.5)",
-                self.alpha
-            )));
-        }
-        Ok(())
-    }
-
-    /// Parameters of a flow on `dim` values (`None` on overflow), without allocating.
-    pub fn parameter_count(&self, dim: usize) -> Option<usize> {
-        let mut per_layer = 0usize;
-        let mut d = dim;
-        for &h in &self.hidden {
-            per_layer = per_layer.checked_add(d.checked_add(1)?.checked_mul(h)?)?;
-            d = h;
-        }
-        per_layer = per_layer.checked_add(d.checked_add(1)?.checked_mul(dim.checked_mul(2)?)?)?;
-        per_layer = per_layer.checked_add(dim)?; // scale c
-        if self.actnorm {
-            per_layer = per_layer.checked_add(dim.checked_mul(2)?)?;
-        }
-        per_layer.checked_mul(self.coupling_layers)
-    }
-}
 
 impl ParamStore {
     /// Creates a parameter filled with `value`.

@@ -5,8 +5,9 @@ use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 
 use super::params::ParamStore;
+use crate::config::Activation;
 use crate::error::Result;
-use crate::ops::linear::{linear, Activation};
+use crate::ops::linear::linear;
 
 /// An affine layer (`weight (out, in)`, `bias (out)`) with a fused activation.
 #[derive(Debug, Clone)]

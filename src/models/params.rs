@@ -1,5 +1,5 @@
 //! Named, ordered parameters. Names are PyTorch `state_dict` keys (`encoders.0.net.0.weight`),
-//! built with [`ParamStore::pp`]-style prefixes as candle-nn's `VarBuilder` does; unlike a hash
+//! built with `pp`-style prefixes as candle-nn's `VarBuilder` does; unlike a hash
 //! map the order is the creation order, so checkpoints and optimizer state are deterministic.
 //!
 //! Initialization matches PyTorch's `nn.Linear.reset_parameters`: weight and bias drawn from

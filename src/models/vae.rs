@@ -304,42 +304,6 @@ impl Vae {
     }
 }
 
-/// The number of parameters `Vae::new(cfg, input_dim, ..)` creates, computed without allocating
-/// (`None` on overflow), so a checkpoint's config can be checked against its file before a model
-/// is built from it.
-pub fn parameter_count(cfg: &ModelConfig, input_dim: usize) -> Option<usize> {
-    // An MLP d_in -> hidden.. -> heads x d_out: every Linear has (d_in + 1) * d_out parameters.
-    fn mlp(d_in: usize, hidden: &[usize], d_out: usize, heads: usize) -> Option<usize> {
-        let mut total = 0usize;
-        let mut d = d_in;
-        for &h in hidden {
-            total = total.checked_add(d.checked_add(1)?.checked_mul(h)?)?;
-            d = h;
-        }
-        total.checked_add(d.checked_add(1)?.checked_mul(d_out)?.checked_mul(heads)?)
-    }
-    let mut dims = vec![input_dim];
-    dims.extend(cfg.layers.iter().map(|l| l.latent));
-    let mut total = 0usize;
-    for (l, layer) in cfg.layers.iter().enumerate() {
-        let extra = if l == 0 { cfg.classes } else { 0 };
-        total = total.checked_add(mlp(
-            dims[l].checked_add(extra)?,
-            &layer.hidden,
-            dims[l + 1],
-            2,
-        )?)?;
-        let rev: Vec<usize> = layer.hidden.iter().rev().copied().collect();
-        let heads = if l == 0 && cfg.decoder == DecoderKind::Bernoulli {
-            1
-        } else {
-            2
-        };
-        total = total.checked_add(mlp(dims[l + 1].checked_add(extra)?, &rev, dims[l], heads)?)?;
-    }
-    Some(total)
-}
-
 /// `(B, d)` -> `(k * B, d)`, sample-major copies.
 pub fn repeat_rows(t: &Tensor, k: usize) -> Result<Tensor> {
     Ok(if k == 1 { t.clone() } else { t.repeat((k, 1))? })

@@ -9,26 +9,12 @@
 //! `dx = g_pre W` (only when `x` needs a gradient).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use serde::{Deserialize, Serialize};
 
 use candle_core::Storage;
 
 use super::{for_rows, slice, softplus};
 
-/// Elementwise nonlinearity applied after an affine map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    /// No nonlinearity.
-    Identity,
-    /// `max(a, 0)`.
-    #[default]
-    Relu,
-    /// `tanh(a)`.
-    Tanh,
-    /// `ln(1 + e^a)`.
-    Softplus,
-}
+pub use crate::config::Activation;
 
 impl Activation {
     #[inline]

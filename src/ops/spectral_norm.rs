@@ -43,7 +43,7 @@ pub struct PowerIterationResult {
 }
 
 /// `iterations` (at least 1) power-iteration steps for the weight `w` (any rank, see
-/// [`as_matrix`]) from `u: (out)`; returns the new `(u, v)`, detached.
+/// `as_matrix`) from `u: (out)`; returns the new `(u, v)`, detached.
 pub fn power_iteration(w: &Tensor, u: &Tensor, iterations: usize) -> Result<(Tensor, Tensor)> {
     let r = power_iteration_with_sigma(w, u, iterations)?;
     Ok((r.u, r.v))

@@ -76,13 +76,19 @@ impl Progress {
         }
     }
 
-    /// Epochs done, fractional, counted in batches of `bs` (`epoch + batches done / batches per
-    /// epoch`): the epoch of `metrics.jsonl` and of KL warm-up. For a run that keeps its batch
-    /// size this is `step / steps per epoch`, as it always was; after a change it continues from
-    /// the same point of the epoch.
+    /// Epochs done, fractional: the epoch of `metrics.jsonl` and of KL warm-up. Counted in
+    /// batches of `bs` (`epoch + batches done / batches per epoch`, i.e. `step / steps per epoch`
+    /// as it always was) while the offset is a whole number of batches; in an epoch begun with
+    /// another batch size, by rows (`epoch + offset / n`), which is never below the batch count
+    /// at the same offset, so the value keeps rising across the change.
     pub fn epochs_done(&self, n: usize, bs: usize) -> f64 {
         let bs = bs.max(1);
-        self.epoch as f64 + self.offset.div_ceil(bs) as f64 / n.div_ceil(bs).max(1) as f64
+        if self.offset % bs == 0 {
+            self.epoch as f64 + (self.offset / bs) as f64 / n.div_ceil(bs).max(1) as f64
+        } else {
+            // An epoch begun with another batch size: the share of its rows trained.
+            self.epoch as f64 + self.offset as f64 / n.max(1) as f64
+        }
     }
 
     /// Optimizer steps left until `epochs` epochs are complete, with batches of `bs` rows.

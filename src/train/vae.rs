@@ -188,6 +188,43 @@ pub struct VaeStepOutput {
     pub applied: Option<bool>,
 }
 
+/// The batch `idx` of `data` and its noise for `k` samples, drawn for the whole global batch by
+/// `draws` at step `step`, narrowed to this rank's `rows`: x is `(rows, d)`, each noise tensor
+/// `(k rows, d_l)`, sample-major.
+#[allow(clippy::too_many_arguments)]
+fn shard_inputs(
+    model: &Vae,
+    data: &DataSource,
+    idx: &[u32],
+    step: u64,
+    k: usize,
+    seed: u64,
+    device: &Device,
+    draws: Draws,
+    rows: &std::ops::Range<usize>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let batch = idx.len();
+    let x = data.batch_drawn(idx, step, device, draws)?;
+    let mut eps = match draws {
+        Draws::Host => model.draw_noise(k, batch, &mut stream_rng(seed, Stream::Noise, step))?,
+        Draws::Counter => {
+            model.draw_noise_keyed(k, batch, crate::rng::stream_key(seed, Stream::Noise, step))?
+        }
+    };
+    if rows.len() == batch {
+        return Ok((x, eps));
+    }
+    for e in eps.iter_mut() {
+        let d = e.dim(1)?;
+        *e = e
+            .reshape((k, batch, d))?
+            .narrow(1, rows.start, rows.len())?
+            .contiguous()?
+            .reshape((k * rows.len(), d))?;
+    }
+    Ok((super::rows_of(&x, rows)?, eps))
+}
+
 /// One optimizer step on the rows `idx` of `data` at global step `step`.
 ///
 /// On the CPU the loss and the gradients are tested on the host before the update. On a CUDA
@@ -221,26 +258,7 @@ pub fn train_step(
     let seed = cfg.train.seed;
     let batch = idx.len();
     let rows = parallel.map_or(0..batch, |p| p.shard(batch));
-    let mut x = data.batch_drawn(idx, step, device, draws)?;
-    let mut eps = match draws {
-        Draws::Host => model.draw_noise(k, batch, &mut stream_rng(seed, Stream::Noise, step))?,
-        Draws::Counter => {
-            model.draw_noise_keyed(k, batch, crate::rng::stream_key(seed, Stream::Noise, step))?
-        }
-    };
-    if rows.len() != batch {
-        // This rank's rows of the global draws: x is (B, d); each noise tensor is (k B, d),
-        // sample-major.
-        x = super::rows_of(&x, &rows)?;
-        for e in eps.iter_mut() {
-            let d = e.dim(1)?;
-            *e = e
-                .reshape((k, batch, d))?
-                .narrow(1, rows.start, rows.len())?
-                .contiguous()?
-                .reshape((k * rows.len(), d))?;
-        }
-    }
+    let (x, eps) = shard_inputs(model, data, idx, step, k, seed, device, draws, &rows)?;
     let local = if rows.is_empty() {
         None
     } else {

@@ -1,334 +1,85 @@
 //! Run configuration: a TOML file, then command-line overrides (flags win). Unknown keys are
 //! errors. The resolved config is written into the run directory and into every checkpoint.
 //!
+//! This module is the reference for config keys: every field below documents its meaning, unit
+//! and default. One file per section: [`ModelConfig`] (`model.rs`, with the flow's and the GAN's
+//! architectures), [`ObjectiveConfig`] (`objective.rs`), [`DataConfig`] (`data.rs`),
+//! [`TrainConfig`] (`train.rs`), [`OptimConfig`] (`optim.rs`) and [`EvalConfig`] (`eval.rs`).
+//!
 //! Fields are *structural* (they fix the shapes of the parameters: architecture, latent sizes,
-//! data shape) or *tunable* (everything else). Resuming checks the structural ones.
+//! data shape) or *tunable* (everything else). Resuming checks the structural ones
+//! ([`is_structural`]).
+//!
+//! Config is the bottom of the crate's one-way dependency chain (config -> data -> model ->
+//! objective -> optimizer -> checkpoint / metrics / samples): nothing here imports from the
+//! layers above it, only [`crate::error`].
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::synthetic::Synthetic;
-use crate::data::Binarization;
 use crate::error::{Error, Result};
-use crate::ops::linear::Activation;
+
+mod data;
+mod eval;
+mod model;
+mod objective;
+mod optim;
+mod train;
+
+pub use data::{Binarization, DataConfig, Synthetic};
+pub use eval::EvalConfig;
+pub use model::{
+    Activation, DecoderKind, FlowConfig, GanArchitecture, GanConfig, GanLoss, LayerConfig,
+    ModelConfig, ModelFamily, UnknownModelFamily,
+};
+pub use objective::{KlEstimator, ObjectiveConfig, ObjectiveKind};
+pub use optim::{OptimConfig, OptimizerKind, ScheduleKind};
+pub use train::{parse_device_spec, DeviceSpec, NonFinitePolicy, TrainConfig};
 
 /// The whole resolved configuration of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[model]`: family and architecture. Default: the 784-400-20 VAE ([`ModelConfig`]).
     pub model: ModelConfig,
+    /// `[objective]`: the VAE's bound. Default: the single-sample ELBO ([`ObjectiveConfig`]).
     pub objective: ObjectiveConfig,
+    /// `[data]`: data set and input transform. Default: dynamically binarized MNIST
+    /// ([`DataConfig`]).
     pub data: DataConfig,
+    /// `[train]`: loop length, batch, seed, device, cadences. Default: 10 epochs of batch 128
+    /// on the CPU ([`TrainConfig`]).
     pub train: TrainConfig,
+    /// `[optim]`: optimizer and schedule. Default: Adam at a constant `1e-3`
+    /// ([`OptimConfig`]).
     pub optim: OptimConfig,
+    /// `[eval]`: likelihood estimates. Default: k = 5000 for `eval`, k = 1000 on 2000 test
+    /// images after training ([`EvalConfig`]).
     pub eval: EvalConfig,
-}
-
-/// Model family and architecture.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// Model family: `vae` (the VAE and the IWAE: same model, different bound), `flow`
-    /// (RealNVP) or `gan`.
-    pub family: String,
-    pub activation: Activation,
-    pub decoder: DecoderKind,
-    /// Stochastic layers, bottom (next to x) first.
-    pub layers: Vec<LayerConfig>,
-    /// Conditional models: classes of the one-hot label (0: unconditional). A VAE feeds it to
-    /// the bottom encoder and to the likelihood; a GAN to the generator's input and to a
-    /// projection discriminator.
-    pub classes: usize,
-    /// The flow's architecture (`family = "flow"`).
-    pub flow: crate::models::flow::FlowConfig,
-    /// The GAN's architecture and losses (`family = "gan"`).
-    pub gan: crate::models::gan::GanConfig,
-}
-
-/// One stochastic layer: the deterministic hidden widths below it and its latent size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LayerConfig {
-    pub hidden: Vec<usize>,
-    pub latent: usize,
-}
-
-/// Likelihood of the data given the bottom latent layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DecoderKind {
-    /// Bernoulli with logits (binary data).
-    #[default]
-    Bernoulli,
-    /// Diagonal Gaussian with learned mean and log-variance (continuous data).
-    Gaussian,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig {
-            family: "vae".into(),
-            activation: Activation::Relu,
-            decoder: DecoderKind::Bernoulli,
-            layers: vec![LayerConfig {
-                hidden: vec![400],
-                latent: 20,
-            }],
-            classes: 0,
-            flow: Default::default(),
-            gan: Default::default(),
-        }
-    }
-}
-
-/// The bound that is maximized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ObjectiveKind {
-    /// ELBO averaged over `k` samples.
-    #[default]
-    Elbo,
-    /// Importance-weighted bound with `k` samples.
-    Iwae,
-}
-
-/// How the KL term of the ELBO is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum KlEstimator {
-    /// Closed form (one stochastic layer only).
-    #[default]
-    Analytic,
-    /// `log q(z|x) - log p(z)` at the sampled z.
-    MonteCarlo,
-}
-
-/// Objective settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ObjectiveConfig {
-    pub kind: ObjectiveKind,
-    /// Samples per data point.
-    pub k: usize,
-    pub kl: KlEstimator,
-    /// Weight of the KL term (beta-VAE); 1 is the ELBO.
-    pub beta: f64,
-    /// Epochs over which the KL weight rises linearly from 0 to `beta` (0: no warm-up).
-    pub warmup_epochs: f64,
-    /// Free bits per latent dimension (Kingma et al. 2016), 0 to disable.
-    pub free_bits: f64,
-}
-
-impl Default for ObjectiveConfig {
-    fn default() -> Self {
-        ObjectiveConfig {
-            kind: ObjectiveKind::Elbo,
-            k: 1,
-            kl: KlEstimator::Analytic,
-            beta: 1.0,
-            warmup_epochs: 0.0,
-            free_bits: 0.0,
-        }
-    }
-}
-
-/// Data settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// `mnist` (or any IDX image set in `dir`) or a synthetic set name.
-    pub dataset: String,
-    /// Directory of the IDX files (relative paths are taken from the working directory).
-    pub dir: PathBuf,
-    pub binarize: Binarization,
-    /// Training images held out for validation (from the end of the training set).
-    pub validation: usize,
-    /// Use only the first N training images (0: all).
-    pub limit_train: usize,
-    /// Size of a synthetic training set.
-    pub synthetic_size: usize,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        DataConfig {
-            dataset: "mnist".into(),
-            dir: PathBuf::from("data/mnist"),
-            binarize: Binarization::Dynamic,
-            validation: 0,
-            limit_train: 0,
-            synthetic_size: 50_000,
-        }
-    }
-}
-
-impl DataConfig {
-    /// The synthetic set named by `dataset`, if it is one.
-    pub fn synthetic(&self) -> Option<Synthetic> {
-        serde_json::from_value(serde_json::Value::String(self.dataset.clone())).ok()
-    }
-}
-
-/// Training-loop settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub seed: u64,
-    /// CPU threads (0: all cores).
-    pub threads: usize,
-    /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
-    /// Log training metrics every N steps.
-    pub log_every: usize,
-    /// Evaluate the test ELBO every N epochs (0: never during training).
-    pub eval_every: usize,
-    /// Write a checkpoint every N epochs (the final epoch always writes one).
-    pub checkpoint_every: usize,
-    /// Also write a checkpoint every N optimizer steps (0: off).
-    pub checkpoint_every_steps: usize,
-    /// Write a sample grid every N epochs (0: only at the end).
-    pub sample_every: usize,
-    /// What to do when the loss or a gradient is NaN or infinite.
-    pub on_nonfinite: NonFinitePolicy,
-    /// Checkpoints to keep in the run directory (0: all).
-    pub keep_checkpoints: usize,
-    /// Allow TF32 tensor-core GEMMs on CUDA devices.
-    pub tf32: bool,
-}
-
-/// Policy for a non-finite loss or gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum NonFinitePolicy {
-    /// Stop with an error; the last checkpoint is left as it was.
-    #[default]
-    Stop,
-    /// Skip the update (counted and logged) and go on.
-    Skip,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            epochs: 10,
-            batch_size: 128,
-            seed: 0,
-            threads: 0,
-            device: "cpu".into(),
-            log_every: 50,
-            eval_every: 1,
-            checkpoint_every: 1,
-            checkpoint_every_steps: 0,
-            sample_every: 1,
-            on_nonfinite: NonFinitePolicy::Stop,
-            keep_checkpoints: 3,
-            tf32: true,
-        }
-    }
-}
-
-/// Optimizer family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    #[default]
-    Adam,
-    Sgd,
-}
-
-/// Learning-rate schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
-    #[default]
-    Constant,
-    /// Multiply by `gamma` every `step_epochs` epochs.
-    Step,
-    /// The IWAE paper's: for i = 0..7, 3^i epochs at `lr * 10^(-i/7)` (3280 epochs in all).
-    Iwae,
-    /// Linear decay over `step_epochs` epochs: `lr * (1 - e / step_epochs)` in epoch `e`
-    /// (0-based), so the last of `step_epochs` epochs runs at `lr / step_epochs`; 0 after.
-    /// Set `step_epochs` to `train.epochs` for the SN-GAN decay to zero.
-    Linear,
-}
-
-/// Optimizer settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    pub kind: OptimizerKind,
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    pub schedule: ScheduleKind,
-    pub step_epochs: usize,
-    pub gamma: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            kind: OptimizerKind::Adam,
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            momentum: 0.9,
-            schedule: ScheduleKind::Constant,
-            step_epochs: 10,
-            gamma: 0.5,
-        }
-    }
-}
-
-/// Evaluation settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EvalConfig {
-    /// Importance samples for the log-likelihood estimate.
-    pub k: usize,
-    /// Rows (samples x images) per forward pass; bounds memory at any k.
-    pub max_rows: usize,
-    /// Evaluate on the first N test images (0: all).
-    pub limit: usize,
-    /// Importance samples of the end-of-training NLL printed by `train` (0: skip it).
-    pub final_k: usize,
-    /// Test images of that estimate (0: all).
-    pub final_limit: usize,
-}
-
-impl Default for EvalConfig {
-    fn default() -> Self {
-        EvalConfig {
-            k: 5000,
-            max_rows: 16_384,
-            limit: 0,
-            final_k: 1000,
-            final_limit: 2000,
-        }
-    }
 }
 
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--epochs`: `train.epochs` (epochs). Default: none (the file's value).
     pub epochs: Option<usize>,
+    /// `--device`: `train.device`. Default: none.
     pub device: Option<String>,
+    /// `--seed`: `train.seed`. Default: none.
     pub seed: Option<u64>,
+    /// `--data-dir`: `data.dir`. Default: none.
     pub data_dir: Option<PathBuf>,
+    /// `--batch-size`: `train.batch_size` (rows). Default: none.
     pub batch_size: Option<usize>,
+    /// `--lr`: `optim.lr`. Default: none.
     pub lr: Option<f64>,
+    /// `--k`: `objective.k` (samples per data point). Default: none.
     pub k: Option<usize>,
+    /// `--threads`: `train.threads`. Default: none.
     pub threads: Option<usize>,
-    /// Free-form `section.key=value` overrides (TOML values).
+    /// `--set section.key=value` overrides (TOML values; a bare word is a string), applied in
+    /// order before the flags above. Default: empty.
     pub set: Vec<String>,
 }
 
@@ -413,9 +164,9 @@ impl Config {
     /// Checks every value a user can get wrong, with a message naming the field.
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(Error::Config(m));
-        match self.model.family.as_str() {
-            "vae" => self.validate_vae()?,
-            "flow" => {
+        match self.model.family {
+            ModelFamily::Vae => self.validate_vae()?,
+            ModelFamily::Flow => {
                 self.model.flow.validate()?;
                 if self.data.synthetic().is_none() && self.data.binarize != Binarization::Dequantize
                 {
@@ -424,8 +175,14 @@ impl Config {
                             .into(),
                     );
                 }
+                if self.model.classes > 0 {
+                    return err(
+                        "model.classes (conditioning) is implemented for the vae and gan families"
+                            .into(),
+                    );
+                }
             }
-            "gan" => {
+            ModelFamily::Gan => {
                 self.model.gan.validate()?;
                 if self.data.synthetic().is_none() && self.data.binarize != Binarization::None {
                     return err(
@@ -433,16 +190,6 @@ impl Config {
                     );
                 }
             }
-            other => {
-                return err(format!(
-                    "model.family = {other:?}: expected \"vae\", \"flow\" or \"gan\""
-                ))
-            }
-        }
-        if self.model.classes > 0 && self.model.family == "flow" {
-            return err(
-                "model.classes (conditioning) is implemented for the vae and gan families".into(),
-            );
         }
         if self.train.batch_size == 0 {
             return err("train.batch_size must be at least 1".into());
@@ -494,7 +241,7 @@ impl Config {
                 "model.classes: the synthetic 2-D sets have no labels to condition on".into(),
             );
         }
-        crate::device::parse_device_spec(&self.train.device)?;
+        parse_device_spec(&self.train.device)?;
         Ok(())
     }
 
@@ -549,7 +296,6 @@ impl Config {
             Binarization::None | Binarization::Dequantize
         ) && self.model.decoder == DecoderKind::Bernoulli
             && self.data.synthetic().is_none()
-            && self.model.family == "vae"
         {
             return err(format!(
                 "data.binarize = \"{}\" gives continuous data: use model.decoder = \"gaussian\"",
@@ -627,8 +373,8 @@ const TUNABLE_MODEL_FIELDS: &[&str] = &[
 ];
 
 /// Whether a change of the field at `path` makes a checkpoint unusable: every field under
-/// `model.` (they fix the parameters and their meaning) except [`TUNABLE_MODEL_FIELDS`], and
-/// `data.dataset`. Decided by path, not by a list of structural fields, so a field added to a
+/// `model.` (they fix the parameters and their meaning) except those of `TUNABLE_MODEL_FIELDS`
+/// (the GAN's `loss`, `n_critic`, `gp_weight` and `sn_iterations`), and `data.dataset`. Decided by path, not by a list of structural fields, so a field added to a
 /// model config is structural without anyone remembering to list it.
 pub fn is_structural(path: &str) -> bool {
     (path.starts_with("model.") && !TUNABLE_MODEL_FIELDS.contains(&path)) || path == "data.dataset"
@@ -690,7 +436,7 @@ mod tests {
         type Change = (&'static str, fn(&mut Config));
         let changes: [Change; 5] = [
             ("model.gan.architecture", |c| {
-                c.model.gan.architecture = crate::models::gan::GanArchitecture::Dcgan
+                c.model.gan.architecture = GanArchitecture::Dcgan
             }),
             ("model.gan.conv_channels", |c| {
                 c.model.gan.conv_channels = [8, 4]
@@ -725,6 +471,81 @@ mod tests {
         let leaves = base.leaves();
         assert!(leaves.iter().any(|(p, _)| p == "model.gan.architecture"));
         assert!(leaves.iter().any(|(p, _)| p == "optim.lr"));
+    }
+
+    #[test]
+    fn every_family_round_trips_with_its_spelling() {
+        for (family, name, binarize) in [
+            (ModelFamily::Vae, "vae", "dynamic"),
+            (ModelFamily::Flow, "flow", "dequantize"),
+            (ModelFamily::Gan, "gan", "none"),
+        ] {
+            assert_eq!(
+                (family.as_str(), family.to_string()),
+                (name, name.to_string())
+            );
+            assert_eq!(name.parse::<ModelFamily>(), Ok(family));
+            let mut c = Config::default();
+            c.model.family = family;
+            // TOML (config files, `RUN_DIR/config.toml`) writes and reads the same word.
+            let text = c.to_toml();
+            assert!(
+                text.contains(&format!("family = \"{name}\"")),
+                "{name}: {text}"
+            );
+            assert_eq!(Config::from_toml(&text, Path::new("x")).unwrap(), c);
+            // JSON (the `config` inside checkpoints) likewise.
+            let json = serde_json::to_string(&c).unwrap();
+            assert!(json.contains(&format!("\"family\":\"{name}\"")), "{json}");
+            assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
+            // `--set model.family=...`, bare or quoted.
+            for set in [
+                format!("model.family={name}"),
+                format!("model.family=\"{name}\""),
+            ] {
+                let o = Overrides {
+                    set: vec![set, format!("data.binarize={binarize}")],
+                    ..Default::default()
+                };
+                let got = Config::default().with_overrides(&o).unwrap();
+                assert_eq!(got.model.family, family);
+            }
+        }
+        // A config JSON as written by earlier builds (family as a string) still loads.
+        let old = serde_json::to_value(Config::default()).unwrap();
+        assert_eq!(old["model"]["family"], serde_json::json!("vae"));
+        let back: Config = serde_json::from_value(old).unwrap();
+        assert_eq!(back.model.family, ModelFamily::Vae);
+    }
+
+    #[test]
+    fn an_unknown_family_is_refused_naming_the_accepted_ones() {
+        let accepted = "expected \"vae\", \"flow\" or \"gan\"";
+        let e = "diffusion".parse::<ModelFamily>().unwrap_err().to_string();
+        assert_eq!(e, format!("model.family = \"diffusion\": {accepted}"));
+        // The spelling is exact: no other case is accepted.
+        assert!("VAE".parse::<ModelFamily>().is_err());
+        let e = Config::from_toml("[model]\nfamily = \"diffusion\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("diffusion") && e.contains(accepted), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let mut json = serde_json::to_value(Config::default()).unwrap();
+        json["model"]["family"] = serde_json::json!("diffusion");
+        let e = serde_json::from_value::<Config>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("diffusion") && e.contains(accepted), "{e}");
+        let o = Overrides {
+            set: vec!["model.family=diffusion".into()],
+            ..Default::default()
+        };
+        let e = Config::default()
+            .with_overrides(&o)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("diffusion") && e.contains(accepted), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! `trainer eval`: the likelihoods that apply to a checkpoint's model, then the sample metrics.
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::output::{merge, print_json};
+use crate::cli::resolve::with_data_dir;
+use crate::cli::EvalArgs;
+use crate::config::Config;
+use crate::session::{Datasets, LoadedCheckpoint, Model};
+
+/// The evaluation flags resolved against the checkpoint's config.
+struct Settings {
+    k: usize,
+    max_rows: usize,
+    limit: usize,
+    threads: usize,
+    seed: u64,
+}
+
+impl Settings {
+    /// The flags, else the config's `eval` section.
+    ///
+    /// # Errors
+    /// `--k 0` or `--max-rows 0` (given, or from the config).
+    fn resolve(a: &EvalArgs, cfg: &Config) -> Result<Self> {
+        let k = a.k.unwrap_or(cfg.eval.k);
+        if k == 0 {
+            bail!("--k must be at least 1");
+        }
+        let max_rows = a.max_rows.unwrap_or(cfg.eval.max_rows);
+        if max_rows == 0 {
+            bail!("--max-rows must be at least 1");
+        }
+        Ok(Settings {
+            k,
+            max_rows,
+            limit: a.limit.unwrap_or(cfg.eval.limit),
+            threads: a.threads.unwrap_or(0),
+            seed: a.seed,
+        })
+    }
+}
+
+/// What `eval` prints: one JSON object, or the same figures as lines of text.
+struct Report {
+    json: serde_json::Value,
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn new(ck: &LoadedCheckpoint, cfg: &Config) -> Self {
+        let json = serde_json::json!({
+            "checkpoint": ck.dir.display().to_string(),
+            "step": ck.step,
+            "family": cfg.model.family.as_str(),
+        });
+        let lines = vec![format!(
+            "checkpoint: {} (step {}, epoch {})",
+            ck.dir.display(),
+            ck.step,
+            ck.epoch
+        )];
+        Report { json, lines }
+    }
+
+    /// Adds the fields of `figures` to the JSON object.
+    fn merge(&mut self, figures: &impl serde::Serialize) -> Result<()> {
+        merge(&mut self.json, crate::report::json::to_json(figures)?);
+        Ok(())
+    }
+
+    fn print(self, json: bool) -> Result<()> {
+        if json {
+            return print_json(&self.json);
+        }
+        for l in self.lines {
+            outln!("{l}");
+        }
+        Ok(())
+    }
+}
+
+/// Evaluates the checkpoint on the test set and prints the figures (or one JSON object).
+///
+/// # Errors
+/// An unknown device, an unreadable checkpoint, `--k 0` or `--max-rows 0`, data that is not what
+/// the model was trained on, sizes that would not fit in memory, a failure while evaluating, or
+/// a failed write to stdout.
+pub(crate) fn run(a: &EvalArgs) -> Result<()> {
+    let device = crate::device::open_device(a.device.as_deref().unwrap_or("cpu"))?;
+    let ck = crate::session::load_checkpoint(&a.checkpoint, &device)?;
+    let cfg = with_data_dir(ck.config.clone(), a.data_dir.as_deref());
+    let s = Settings::resolve(a, &cfg)?;
+    let data = crate::session::load_datasets(&cfg)?;
+    ck.check_data(&data)?;
+    crate::memory::check(
+        &format!("--max-rows {}", s.max_rows),
+        crate::memory::f32_bytes(&[s.max_rows, crate::memory::widest_layer(&cfg, data.dim()), 4]),
+    )?;
+    let mut report = Report::new(&ck, &cfg);
+    likelihood(&mut report, &ck.model, &data, &s)?;
+    let n = a
+        .samples
+        .unwrap_or(if ck.image_shape.0 > 1 { 10_000 } else { 2_500 });
+    crate::memory::check(
+        &format!("--samples {n}"),
+        crate::memory::f32_bytes(&[n, ck.model.input_dim(), 4]),
+    )?;
+    if n > 0 {
+        let r = crate::device::with_cpu_threads(s.threads, || {
+            crate::metrics::sample_metrics(&ck.model, &cfg, &data, n, s.seed)
+        })?;
+        report.lines.extend(r.lines());
+        report.merge(&r)?;
+    }
+    report.print(a.json)
+}
+
+/// The likelihood figures of the model's family: a VAE's test ELBO, importance-sampled NLL,
+/// bits/dim and active units; a flow's exact NLL; none for a GAN.
+fn likelihood(report: &mut Report, model: &Model, data: &Datasets, s: &Settings) -> Result<()> {
+    match model {
+        Model::Vae(model) => {
+            let r = crate::device::with_cpu_threads(s.threads, || {
+                crate::eval::evaluate(model, &data.test, s.k, s.limit, s.max_rows, s.seed)
+            })?;
+            report.merge(&r)?;
+            report.lines.push(format!(
+                "test -ELBO ({} of {} test images): {:.3} nats",
+                r.n,
+                data.test.len(),
+                r.test_elbo
+            ));
+            report.lines.push(format!(
+                "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
+                r.k, r.n, r.nll, r.nll_stderr
+            ));
+            report
+                .lines
+                .push(format!("bits/dim: {:.4}", r.bits_per_dim));
+            report
+                .lines
+                .push(format!("active units per layer: {:?}", r.active_units));
+        }
+        Model::Flow(flow) => {
+            let r = crate::device::with_cpu_threads(s.threads, || {
+                crate::eval::evaluate_flow(flow, &data.test, s.limit, 1000)
+            })?;
+            report.merge(&r)?;
+            report.lines.push(format!(
+                "test NLL (exact, {} rows): {:.3} +- {:.3} nats",
+                r.n, r.nll, r.nll_stderr
+            ));
+            if let Some(b) = r.bits_per_dim {
+                report.lines.push(format!("bits/dim: {b:.4}"));
+            }
+        }
+        Model::Gan(_) => {
+            report
+                .lines
+                .push("a GAN has no likelihood: sample metrics only".into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! `[optim]`: the optimizer and its learning-rate schedule. Every field may change on resume.
+
+use serde::{Deserialize, Serialize};
+
+/// Optimizer family (`optim.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam as `torch.optim.Adam` (L2 weight decay added to the gradient).
+    #[default]
+    Adam,
+    /// SGD with momentum as `torch.optim.SGD`.
+    Sgd,
+}
+
+/// Learning-rate schedule (`optim.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// `lr` throughout.
+    #[default]
+    Constant,
+    /// Multiply by `gamma` every `step_epochs` epochs.
+    Step,
+    /// The IWAE paper's: for i = 0..7, 3^i epochs at `lr * 10^(-i/7)` (3280 epochs in all).
+    Iwae,
+    /// Linear decay over `step_epochs` epochs: `lr * (1 - e / step_epochs)` in epoch `e`
+    /// (0-based), so the last of `step_epochs` epochs runs at `lr / step_epochs`; 0 after.
+    /// Set `step_epochs` to `train.epochs` for the SN-GAN decay to zero.
+    Linear,
+}
+
+/// Optimizer settings (`[optim]`; a GAN's two optimizers share them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `adam` or `sgd` ([`OptimizerKind`]). Default: `adam`.
+    pub kind: OptimizerKind,
+    /// Learning rate per optimizer step (the schedule's starting value). Default: `1e-3`.
+    pub lr: f64,
+    /// Adam's decay of the first moment, in `[0, 1)`. Default: 0.9.
+    pub beta1: f64,
+    /// Adam's decay of the second moment, in `[0, 1)`. Default: 0.999.
+    pub beta2: f64,
+    /// Adam's denominator term, added to the root of the second moment. Default: `1e-8`.
+    pub eps: f64,
+    /// L2 weight decay, added to the gradient as `weight_decay * p` (0: off). Default: 0.
+    pub weight_decay: f64,
+    /// SGD momentum `mu`, in `[0, 1)` (`kind = "sgd"` only). Default: 0.9.
+    pub momentum: f64,
+    /// `constant`, `step`, `iwae` or `linear` ([`ScheduleKind`]). Default: `constant`.
+    pub schedule: ScheduleKind,
+    /// Epochs between decays of the `step` schedule, or the length of the `linear` decay, in
+    /// epochs. Default: 10.
+    pub step_epochs: usize,
+    /// Factor of each decay of the `step` schedule. Default: 0.5.
+    pub gamma: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            kind: OptimizerKind::Adam,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.9,
+            schedule: ScheduleKind::Constant,
+            step_epochs: 10,
+            gamma: 0.5,
+        }
+    }
+}
