@@ -201,95 +201,12 @@ impl Gan {
         }
         let mut gen_store = ParamStore::new(device.clone());
         let mut disc_store = ParamStore::new(device.clone());
-        let mut disc = Vec::new();
-        let generator = match cfg.architecture {
-            GanArchitecture::Mlp => {
-                let trunk = Trunk::new(
-                    &mut gen_store,
-                    "gen",
-                    g_in,
-                    &cfg.gen_hidden,
-                    Activation::Relu,
-                    rng,
-                )?;
-                let out = Dense::new(
-                    &mut gen_store,
-                    &format!("gen.net.{}", 2 * cfg.gen_hidden.len()),
-                    trunk.out_dim,
-                    dim,
-                    Activation::Identity,
-                    rng,
-                )?;
-                let mut d_in = dim;
-                let widths: Vec<usize> = cfg.disc_hidden.iter().copied().chain([1]).collect();
-                for (i, &w) in widths.iter().enumerate() {
-                    disc.push(DiscLayer::new(
-                        &mut disc_store,
-                        format!("disc.net.{}", 2 * i),
-                        &[w, d_in],
-                        None,
-                        cfg.spectral_norm,
-                        rng,
-                    )?);
-                    d_in = w;
-                }
-                Generator::Mlp { trunk, out }
-            }
+        let mut stores = (&mut gen_store, &mut disc_store);
+        let (generator, disc) = match cfg.architecture {
+            GanArchitecture::Mlp => mlp_players(cfg, g_in, dim, &mut stores, rng)?,
             GanArchitecture::Dcgan => {
-                let (h, w) = match image {
-                    Some((h, w)) if h % 4 == 0 && w % 4 == 0 && h * w == dim => (h, w),
-                    _ => {
-                        let got = match image {
-                            Some((h, w)) if h * w == dim => format!("{h}x{w} images"),
-                            Some((h, w)) => {
-                                format!("{h}x{w} images stored as {dim} values per row")
-                            }
-                            None => format!("rows of {dim} values that are not images"),
-                        };
-                        return Err(Error::Config(format!(
-                            "model.gan.architecture = \"dcgan\" needs one-channel images whose height and width are multiples of 4; this data has {got} (use model.gan.architecture = \"mlp\")"
-                        )));
-                    }
-                };
-                let [c1, c2] = cfg.conv_channels;
-                let seed_shape = (c2, h / 4, w / 4);
-                let fc = Dense::new(
-                    &mut gen_store,
-                    "gen.net.0",
-                    g_in,
-                    c2 * (h / 4) * (w / 4),
-                    Activation::Relu,
-                    rng,
-                )?;
-                let up1 = UpConv::new(&mut gen_store, "gen.net.3", c2, c1, rng)?;
-                let up2 = UpConv::new(&mut gen_store, "gen.net.5", c1, 1, rng)?;
-                for (name, shape, input) in [
-                    ("disc.net.0", [c1, 1, 4, 4], (1, h, w)),
-                    ("disc.net.2", [c2, c1, 4, 4], (c1, h / 2, w / 2)),
-                ] {
-                    disc.push(DiscLayer::new(
-                        &mut disc_store,
-                        name.to_string(),
-                        &shape,
-                        Some(input),
-                        cfg.spectral_norm,
-                        rng,
-                    )?);
-                }
-                disc.push(DiscLayer::new(
-                    &mut disc_store,
-                    "disc.net.5".to_string(),
-                    &[1, c2 * (h / 4) * (w / 4)],
-                    None,
-                    cfg.spectral_norm,
-                    rng,
-                )?);
-                Generator::Dcgan {
-                    fc,
-                    seed_shape,
-                    up1,
-                    up2,
-                }
+                let (h, w) = dcgan_image(dim, image)?;
+                dcgan_players(cfg, g_in, (h, w), &mut stores, rng)?
             }
         };
         let embed = if classes > 0 {
@@ -548,6 +465,122 @@ impl Gan {
 }
 
 /// `ln(1 + e^x)`, stable for large `|x|`.
+/// The generator's and the discriminator's parameter stores, in that order.
+type Stores<'a> = (&'a mut ParamStore, &'a mut ParamStore);
+
+/// MLP players: a ReLU generator `g_in -> gen_hidden.. -> dim` and a discriminator
+/// `dim -> disc_hidden.. -> 1` (spectrally normalized when the config asks).
+fn mlp_players(
+    cfg: &GanConfig,
+    g_in: usize,
+    dim: usize,
+    (gen_store, disc_store): &mut Stores,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Generator, Vec<DiscLayer>)> {
+    let trunk = Trunk::new(
+        gen_store,
+        "gen",
+        g_in,
+        &cfg.gen_hidden,
+        Activation::Relu,
+        rng,
+    )?;
+    let out = Dense::new(
+        gen_store,
+        &format!("gen.net.{}", 2 * cfg.gen_hidden.len()),
+        trunk.out_dim,
+        dim,
+        Activation::Identity,
+        rng,
+    )?;
+    let mut disc = Vec::new();
+    let mut d_in = dim;
+    let widths: Vec<usize> = cfg.disc_hidden.iter().copied().chain([1]).collect();
+    for (i, &w) in widths.iter().enumerate() {
+        disc.push(DiscLayer::new(
+            disc_store,
+            format!("disc.net.{}", 2 * i),
+            &[w, d_in],
+            None,
+            cfg.spectral_norm,
+            rng,
+        )?);
+        d_in = w;
+    }
+    Ok((Generator::Mlp { trunk, out }, disc))
+}
+
+/// The `(height, width)` of one-channel images a DCGAN can take: both multiples of 4 (two
+/// stride-2 convolutions), else a config error saying what the data is.
+fn dcgan_image(dim: usize, image: Option<(usize, usize)>) -> Result<(usize, usize)> {
+    match image {
+        Some((h, w)) if h % 4 == 0 && w % 4 == 0 && h * w == dim => Ok((h, w)),
+        _ => {
+            let got = match image {
+                Some((h, w)) if h * w == dim => format!("{h}x{w} images"),
+                Some((h, w)) => format!("{h}x{w} images stored as {dim} values per row"),
+                None => format!("rows of {dim} values that are not images"),
+            };
+            Err(Error::Config(format!(
+                "model.gan.architecture = \"dcgan\" needs one-channel images whose height and width are multiples of 4; this data has {got} (use model.gan.architecture = \"mlp\")"
+            )))
+        }
+    }
+}
+
+/// DCGAN players for `(h, w)` images: a generator `g_in -> (c2, h/4, w/4) -> (c1, h/2, w/2) ->
+/// (1, h, w)` (dense seed, two transposed convolutions) and a discriminator of two strided
+/// 4x4 convolutions and a dense output.
+fn dcgan_players(
+    cfg: &GanConfig,
+    g_in: usize,
+    (h, w): (usize, usize),
+    (gen_store, disc_store): &mut Stores,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Generator, Vec<DiscLayer>)> {
+    let [c1, c2] = cfg.conv_channels;
+    let seed_shape = (c2, h / 4, w / 4);
+    let fc = Dense::new(
+        gen_store,
+        "gen.net.0",
+        g_in,
+        c2 * (h / 4) * (w / 4),
+        Activation::Relu,
+        rng,
+    )?;
+    let up1 = UpConv::new(gen_store, "gen.net.3", c2, c1, rng)?;
+    let up2 = UpConv::new(gen_store, "gen.net.5", c1, 1, rng)?;
+    let mut disc = Vec::new();
+    for (name, shape, input) in [
+        ("disc.net.0", [c1, 1, 4, 4], (1, h, w)),
+        ("disc.net.2", [c2, c1, 4, 4], (c1, h / 2, w / 2)),
+    ] {
+        disc.push(DiscLayer::new(
+            disc_store,
+            name.to_string(),
+            &shape,
+            Some(input),
+            cfg.spectral_norm,
+            rng,
+        )?);
+    }
+    disc.push(DiscLayer::new(
+        disc_store,
+        "disc.net.5".to_string(),
+        &[1, c2 * (h / 4) * (w / 4)],
+        None,
+        cfg.spectral_norm,
+        rng,
+    )?);
+    let generator = Generator::Dcgan {
+        fc,
+        seed_shape,
+        up1,
+        up2,
+    };
+    Ok((generator, disc))
+}
+
 fn softplus(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }

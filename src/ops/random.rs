@@ -9,7 +9,7 @@ use crate::rng::{counter_normal, counter_u64};
 /// Bernoulli(pixel / 255) bits of the rows `idx` of a `(n, d)` u8 pixel tensor, as `(b, d)` f32.
 /// A row index of `n` or more gives a row of NaN on every device (the kernel never reads past
 /// the pixels, and cannot fail without a device sync): callers that take indices from users
-/// check them on the host first, as [`crate::data::DataSource::batch`] does.
+/// check them on the host first, as `DataSource::batch` (in `data`) does.
 pub fn binarize_rows(pixels: &Tensor, idx: &Tensor, key: u64) -> Result<Tensor> {
     pixels.apply_op2_no_bwd(idx, &BinarizeRows { key })
 }
