@@ -137,9 +137,9 @@ pub(super) fn start(
     ck.check_data(data)?;
     let progress = checkpoint_progress(&ck, data.train.len())?;
     let restored: Box<dyn Trainee> = match family {
-        ModelFamily::Flow => Box::new(FlowTrainee::restore(cfg, ck, data, device)?),
-        ModelFamily::Gan => Box::new(GanTrainee::restore(cfg, ck, data, device)?),
-        ModelFamily::Vae => Box::new(VaeTrainee::restore(cfg, ck, data, device)?),
+        ModelFamily::Flow => Box::new(FlowTrainee::restore(cfg, ck, device)?),
+        ModelFamily::Gan => Box::new(GanTrainee::restore(cfg, ck, device)?),
+        ModelFamily::Vae => Box::new(VaeTrainee::restore(cfg, ck, device)?),
     };
     Ok((restored, progress))
 }

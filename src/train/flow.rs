@@ -7,10 +7,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::{
-    checkpoint_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
-};
-use crate::checkpoint::{FileContents, LoadedFile, OPTIM_FILE};
+use super::{restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee};
+use crate::checkpoint::{LoadedFile, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
@@ -57,25 +55,12 @@ impl FlowTrainee {
         })
     }
 
-    /// The flow and optimizer state of a checkpoint.
-    pub fn restore(
-        cfg: &Config,
-        ck: session::LoadedCheckpoint,
-        data: &Datasets,
-        device: &Device,
-    ) -> Result<Self> {
+    /// The flow and optimizer state of a checkpoint (whose data the caller has checked,
+    /// [`session::LoadedCheckpoint::check_data`]).
+    pub fn restore(cfg: &Config, ck: session::LoadedCheckpoint, device: &Device) -> Result<Self> {
         let Model::Flow(flow) = ck.model else {
             return Err(Error::checkpoint(&ck.dir, "not a flow checkpoint"));
         };
-        if flow.shape != (data.rows, data.cols) {
-            return Err(Error::checkpoint(
-                &ck.dir,
-                format!(
-                    "data shape differs: checkpoint has {}x{}, the data has {}x{}",
-                    flow.shape.0, flow.shape.1, data.rows, data.cols
-                ),
-            ));
-        }
         let mut opt = Optimizer::new(&cfg.optim, &flow.store)?;
         let optim_file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
         restore_optimizer(&mut opt, &optim_file, "", device)?;
@@ -221,19 +206,12 @@ impl Trainee for FlowTrainee {
         )
     }
 
-    fn checkpoint_files(
-        &self,
-        cfg: &Config,
-        metadata: std::collections::HashMap<String, String>,
-        epoch: u64,
-    ) -> Result<Vec<(&'static str, FileContents)>> {
-        checkpoint_contents(
-            cfg,
-            self.flow.store.named_tensors(),
-            metadata,
-            &[("", &self.opt)],
-            epoch,
-        )
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.flow.store.named_tensors()
+    }
+
+    fn optimizers(&self) -> Vec<(&'static str, &Optimizer)> {
+        vec![("", &self.opt)]
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {

@@ -9,10 +9,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use rand::Rng;
 
-use super::{
-    checkpoint_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
-};
-use crate::checkpoint::{FileContents, LoadedFile, OPTIM_FILE};
+use super::{restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee};
+use crate::checkpoint::{LoadedFile, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
@@ -46,26 +44,12 @@ impl GanTrainee {
         })
     }
 
-    /// The players, spectral-norm vectors and optimizer states of a checkpoint.
-    pub fn restore(
-        cfg: &Config,
-        ck: session::LoadedCheckpoint,
-        data: &Datasets,
-        device: &Device,
-    ) -> Result<Self> {
+    /// The players, spectral-norm vectors and optimizer states of a checkpoint (whose data the
+    /// caller has checked, [`session::LoadedCheckpoint::check_data`]).
+    pub fn restore(cfg: &Config, ck: session::LoadedCheckpoint, device: &Device) -> Result<Self> {
         let Model::Gan(gan) = ck.model else {
             return Err(Error::checkpoint(&ck.dir, "not a gan checkpoint"));
         };
-        if gan.dim != data.dim() {
-            return Err(Error::checkpoint(
-                &ck.dir,
-                format!(
-                    "data dimension differs: checkpoint has {}, the data has {}",
-                    gan.dim,
-                    data.dim()
-                ),
-            ));
-        }
         let mut t = Self::with(cfg, gan)?;
         let file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
         restore_optimizer(&mut t.gen_opt, &file, "gen_", device)?;
@@ -237,22 +221,15 @@ impl Trainee for GanTrainee {
         )
     }
 
-    fn checkpoint_files(
-        &self,
-        cfg: &Config,
-        metadata: std::collections::HashMap<String, String>,
-        epoch: u64,
-    ) -> Result<Vec<(&'static str, FileContents)>> {
+    fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut tensors = self.gan.gen_store.named_tensors();
         tensors.extend(self.gan.disc_store.named_tensors());
         tensors.extend(self.gan.named_buffers());
-        checkpoint_contents(
-            cfg,
-            tensors,
-            metadata,
-            &[("gen_", &self.gen_opt), ("disc_", &self.disc_opt)],
-            epoch,
-        )
+        tensors
+    }
+
+    fn optimizers(&self) -> Vec<(&'static str, &Optimizer)> {
+        vec![("gen_", &self.gen_opt), ("disc_", &self.disc_opt)]
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {

@@ -355,8 +355,8 @@ impl<'a> Run<'a> {
         Ok((due, score))
     }
 
-    /// Saves a checkpoint here; marks it best when its validation `score` is the lowest yet.
-    fn checkpoint(&mut self, score: Option<f64>) -> Result<()> {
+    /// Saves a checkpoint of the run as it stands; returns its directory.
+    fn save(&mut self) -> Result<std::path::PathBuf> {
         let dir = save_checkpoint(
             self.cfg,
             &self.data,
@@ -366,6 +366,12 @@ impl<'a> Run<'a> {
             self.world_size(),
         )?;
         self.saved_at = Some(self.progress.step);
+        Ok(dir)
+    }
+
+    /// Saves a checkpoint here; marks it best when its validation `score` is the lowest yet.
+    fn checkpoint(&mut self, score: Option<f64>) -> Result<()> {
+        let dir = self.save()?;
         if let Some(score) = score.filter(|s| self.best.is_none_or(|b| *s < b)) {
             let name = dir
                 .file_name()
@@ -426,14 +432,7 @@ impl<'a> Run<'a> {
         let finished = self.progress.epoch >= self.epochs();
         if self.root && !finished && self.saved_at != Some(step) {
             // Stopped early (signal or --max-steps): checkpoint here so the run can be resumed.
-            save_checkpoint(
-                self.cfg,
-                &self.data,
-                self.trainee.as_ref(),
-                self.progress,
-                self.run_dir(),
-                self.world_size(),
-            )?;
+            self.save()?;
         }
         if interrupted {
             let epochs_done = self.progress.epochs_done(self.n(), self.batch_size());

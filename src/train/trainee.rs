@@ -126,12 +126,20 @@ pub trait Trainee {
     /// A sample grid (or, for 2-D data, a plot) at `path` after epoch `epoch`.
     fn write_samples(&self, cfg: &Config, data: &Datasets, path: &Path, epoch: u64) -> Result<()>;
     /// The files of a checkpoint: `model.safetensors` with `metadata`, and optimizer state.
+    /// Every tensor of `model.safetensors` (parameters and buffers), by PyTorch name.
+    fn tensors(&self) -> Vec<(String, Tensor)>;
+    /// The optimizers, each with the prefix of its state's names in `optim.safetensors`.
+    fn optimizers(&self) -> Vec<(&'static str, &crate::optim::Optimizer)>;
+    /// The files of a checkpoint at `epoch` with the model `metadata` (see
+    /// [`super::checkpoint_contents`]).
     fn checkpoint_files(
         &self,
         cfg: &Config,
         metadata: std::collections::HashMap<String, String>,
         epoch: u64,
-    ) -> Result<Vec<(&'static str, FileContents)>>;
+    ) -> Result<Vec<(&'static str, FileContents)>> {
+        super::checkpoint_contents(cfg, self.tensors(), metadata, &self.optimizers(), epoch)
+    }
     /// The end-of-training evaluation and pictures.
     fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval>;
 }

@@ -6,10 +6,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::{
-    checkpoint_contents, restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
-};
-use crate::checkpoint::{FileContents, LoadedFile, OPTIM_FILE};
+use super::{restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee};
+use crate::checkpoint::{LoadedFile, OPTIM_FILE};
 use crate::config::Config;
 use crate::data::DataSource;
 use crate::distributed::DataParallel;
@@ -36,26 +34,12 @@ impl VaeTrainee {
         Ok(VaeTrainee { model, opt })
     }
 
-    /// The model and optimizer state of a checkpoint.
-    pub fn restore(
-        cfg: &Config,
-        ck: session::LoadedCheckpoint,
-        data: &Datasets,
-        device: &Device,
-    ) -> Result<Self> {
+    /// The model and optimizer state of a checkpoint (whose data the caller has checked,
+    /// [`session::LoadedCheckpoint::check_data`]).
+    pub fn restore(cfg: &Config, ck: session::LoadedCheckpoint, device: &Device) -> Result<Self> {
         let crate::session::Model::Vae(model) = ck.model else {
             return Err(Error::checkpoint(&ck.dir, "not a vae checkpoint"));
         };
-        if model.input_dim != data.dim() {
-            return Err(Error::checkpoint(
-                &ck.dir,
-                format!(
-                    "data dimension differs: checkpoint has {}, the data has {}",
-                    model.input_dim,
-                    data.dim()
-                ),
-            ));
-        }
         let mut opt = Optimizer::new(&cfg.optim, &model.store)?;
         let optim_file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
         restore_optimizer(&mut opt, &optim_file, "", device)?;
@@ -125,19 +109,12 @@ impl Trainee for VaeTrainee {
         )
     }
 
-    fn checkpoint_files(
-        &self,
-        cfg: &Config,
-        metadata: std::collections::HashMap<String, String>,
-        epoch: u64,
-    ) -> Result<Vec<(&'static str, FileContents)>> {
-        checkpoint_contents(
-            cfg,
-            self.model.store.named_tensors(),
-            metadata,
-            &[("", &self.opt)],
-            epoch,
-        )
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.model.store.named_tensors()
+    }
+
+    fn optimizers(&self) -> Vec<(&'static str, &Optimizer)> {
+        vec![("", &self.opt)]
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval> {
