@@ -27,9 +27,12 @@
 #   bash scripts/gpu-first-contact.sh          (timeout ~570 s; see docs/gpu-notes.md)
 # which unpacks everything itself (scripts/gpu-env.sh: xz, or Python's lzma where there is no xz)
 # and sets LD_LIBRARY_PATH to the CUDA 13 / NCCL libraries of PyTorch's pip packages; libcuda.so.1
-# comes from the driver there. Test executables have env!("CARGO_MANIFEST_DIR") and
-# env!("CARGO_BIN_EXE_trainer") baked in as absolute paths of the build machine (/work/main/...):
-# gpu-first-contact.sh links /work/main to the checkout when it does not exist.
+# comes from the driver there. The packed gpu_kernels executable reads no path of the build
+# machine (tests/gpu_kernels.rs uses neither env!("CARGO_MANIFEST_DIR") nor
+# env!("CARGO_BIN_EXE_trainer")), so it runs from any checkout. A test executable that does use
+# them (many of tests/ do, through tests/common; PACK_TESTS=all packs those too) has this
+# machine's absolute paths (/work/main/...) baked in and runs elsewhere only from a checkout at
+# the same path.
 #
 # Environment: GENTRAIN_CUDA_FEATURES (default nccl, which implies cuda; set cuda to build without
 # NCCL), GENTRAIN_CUDA_PREFIX (as in cuda-toolchain.sh), CUDA_COMPUTE_CAP (default 90),
