@@ -102,7 +102,7 @@ fn train_steps(c: &mut Criterion) {
         cfg.data.dir = root.join("data/mnist");
         cfg.train.batch_size = batch;
         let data = gentrain::session::load_datasets(&cfg).unwrap();
-        let model = gentrain::session::build_model(&cfg, data.dim(), &dev).unwrap();
+        let model = gentrain::session::build_vae(&cfg, data.dim(), &dev).unwrap();
         let mut opt = gentrain::optim::Optimizer::new(&cfg.optim, &model.store).unwrap();
         let idx: Vec<u32> = (0..batch as u32).collect();
         g.throughput(Throughput::Elements(batch as u64));

@@ -38,7 +38,7 @@ pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
     crate::device::set_tf32(cfg.train.tf32);
     let data = session::load_datasets(cfg)?;
     crate::memory::check_training(cfg, data.dim(), data.train.len())?;
-    let model = session::build_model(cfg, data.dim(), &device)?;
+    let model = session::build_vae(cfg, data.dim(), &device)?;
     let mut opt = Optimizer::new(&cfg.optim, &model.store)?;
     let n = data.train.len();
     let bs = cfg.train.batch_size.min(n);

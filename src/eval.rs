@@ -181,13 +181,7 @@ pub fn active_units(model: &Vae, data: &DataSource, n: usize, batch: usize) -> R
 /// for binary data; for dequantized 8-bit data the density lives on `[0, 1)^D`, and on the pixel
 /// scale (`[0, 256)^D`, bins of width 1) it is `(nll + D ln 256) / (D ln 2)`.
 pub fn bits_per_dim(nll: f64, data: &DataSource) -> f64 {
-    let d = data.dim() as f64;
-    let shift = if data.is_dequantized() {
-        d * 256f64.ln()
-    } else {
-        0.0
-    };
-    (nll + shift) / (d * std::f64::consts::LN_2)
+    crate::objectives::bits_per_dim(nll, data.dim(), data.is_dequantized())
 }
 
 /// Runs the full evaluation on the first `limit` rows (0: all) of `data`.

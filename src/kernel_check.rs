@@ -544,7 +544,7 @@ fn train_step_error(dev: &Device, draws: [Draws; 2]) -> Result<f32> {
     let idx: Vec<u32> = (0..64).map(|i| (i * 37 % n) as u32).collect();
     let mut res = Vec::new();
     for (d, draws) in [&Device::Cpu, dev].into_iter().zip(draws) {
-        let model = crate::session::build_model(&cfg, data.dim(), d)?;
+        let model = crate::session::build_vae(&cfg, data.dim(), d)?;
         let mut opt = crate::optim::Optimizer::new(&cfg.optim, &model.store)?;
         let step = crate::train::train_step(
             &model, &mut opt, &cfg, &data, &idx, 5, 1.0, 0.1, d, None, draws,

@@ -53,11 +53,6 @@ impl Optimizer {
         })
     }
 
-    /// Replaces the tunable hyper-parameters (used when a resumed run overrides them).
-    pub fn set_config(&mut self, cfg: &OptimConfig) {
-        self.cfg = cfg.clone();
-    }
-
     /// One update with learning rate `lr` from the gradients in `grads`. Parameters without a
     /// gradient are left alone (their moments are not decayed, as in PyTorch). With `guard`
     /// (a scalar on the parameters' device), the fused Adam kernels skip the update on the device

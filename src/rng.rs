@@ -25,16 +25,15 @@ pub enum Stream {
     Eval = 6,
     /// Sampling for images written to disk.
     Sample = 7,
-    /// Train/validation split.
-    Split = 8,
+    // 8 and 12 were a train/validation split and initial spectral-norm vectors, neither drawn
+    // from a stream of its own (the split is fixed rows of the training set, the vectors come
+    // from `Init`); the numbers stay retired so every other stream keeps its key.
     /// Synthetic data generation.
     Synthetic = 9,
     /// GAN generator noise for the generator's own update (the discriminator's fakes use `Noise`).
     GeneratorNoise = 10,
     /// Interpolation points of the WGAN gradient penalty.
     Penalty = 11,
-    /// Initial spectral-normalization vectors.
-    SpectralInit = 12,
     /// Sample-quality metrics: the feature classifier's initialization and shuffling, and the
     /// subsets the metrics compare.
     Metrics = 13,

@@ -109,8 +109,9 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
     })
 }
 
-/// A freshly initialized model for `cfg`.
-pub fn build_model(cfg: &Config, input_dim: usize, device: &Device) -> Result<Vae> {
+/// A freshly initialized VAE for `cfg` (rows of `input_dim` values), with the run seed's
+/// `Init` stream.
+pub fn build_vae(cfg: &Config, input_dim: usize, device: &Device) -> Result<Vae> {
     Vae::new(
         &cfg.model,
         input_dim,
@@ -345,7 +346,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             gan.load_buffers(lookup).map_err(|e| file.error(e))?;
             Model::Gan(gan)
         }
-        ModelFamily::Vae => Model::Vae(build_model(&config, input_dim, device)?),
+        ModelFamily::Vae => Model::Vae(build_vae(&config, input_dim, device)?),
     };
     if !matches!(model, Model::Gan(_)) {
         model.store().load_from(lookup).map_err(|e| file.error(e))?;

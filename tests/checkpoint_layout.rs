@@ -6,9 +6,7 @@ use common::*;
 
 #[test]
 fn run_directory_and_checkpoint_follow_the_documented_layout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 100, 20);
-    let cfg = small_config(tmp.path(), &data, "");
+    let (tmp, cfg) = small_setup(100, 20);
     let run = tmp.path().join("run");
     let summary = train_json(&cfg, &run);
     assert!(summary["final_eval"]["nll"].as_f64().unwrap() > 50.0);
@@ -28,18 +26,10 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
         .file_name()
         .to_string_lossy()
         .starts_with("events.out.tfevents.")));
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    assert_eq!(latest.trim(), "ckpt-00000004");
-    let ck = run.join(latest.trim());
+    let ck = latest_checkpoint(&run);
+    assert_eq!(ck, run.join("ckpt-00000004"));
 
-    let bytes = std::fs::read(ck.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<(String, Vec<usize>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.shape().to_vec()))
-        .collect();
-    names.sort();
+    let names = map_tensors(&ck.join("model.safetensors"), |_, t| t.shape().to_vec());
     let expect: Vec<(&str, Vec<usize>)> = vec![
         ("decoders.0.net.0.bias", vec![64]),
         ("decoders.0.net.0.weight", vec![64, 8]),
@@ -59,8 +49,7 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
             .map(|(n, s)| (n.to_string(), s))
             .collect::<Vec<_>>()
     );
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().unwrap();
+    let meta = checkpoint_metadata(&ck.join("model.safetensors"));
     for key in [
         "format",
         "gentrain_format_version",
@@ -89,15 +78,13 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
             .shape(),
         &[64, 784]
     );
-    let (_, ometa) = safetensors::SafeTensors::read_metadata(&obytes).unwrap();
-    assert_eq!(ometa.metadata().as_ref().unwrap()["step"], "4");
+    assert_eq!(
+        checkpoint_metadata(&ck.join("optim.safetensors"))["step"],
+        "4"
+    );
 
     // metrics.jsonl: train, eval and final_eval events with the documented fields.
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let events: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = metrics_events(&run);
     let train = events.iter().find(|e| e["event"] == "train").unwrap();
     for k in ["step", "epoch", "bound", "samples_per_s", "wall_s"] {
         assert!(train.get(k).is_some(), "train event lacks {k}");
@@ -108,7 +95,7 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
     assert!(events.iter().any(|e| e["event"] == "final_eval"));
 
     // eval --json gives the contract's keys as positive nats, and sample writes a PNG.
-    let out = trainer(&[
+    let r = trainer_json(&[
         "eval",
         "--checkpoint",
         run.to_str().unwrap(),
@@ -118,12 +105,6 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
         "20",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (nll, neg_elbo) = (r["nll"].as_f64().unwrap(), r["test_elbo"].as_f64().unwrap());
     assert!(nll > 0.0 && neg_elbo > 0.0, "positive nats: {r}");
     // -ELBO bounds the NLL from above (up to Monte-Carlo noise of a 10-sample estimate).
@@ -163,28 +144,18 @@ fn run_directory_and_checkpoint_follow_the_documented_layout() {
 
 #[test]
 fn keeps_the_last_n_and_the_best_checkpoint() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 300, 20);
-    let cfg = small_config(tmp.path(), &data, "");
-    let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--epochs",
-        "6",
-        "--set",
-        "data.validation=100",
-        "--set",
-        "train.keep_checkpoints=2",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_tmp, _, run) = small_trained_run(
+        300,
+        20,
+        &[
+            "--epochs",
+            "6",
+            "--set",
+            "data.validation=100",
+            "--set",
+            "train.keep_checkpoints=2",
+            "--json",
+        ],
     );
     let (best, score) =
         gentrain::checkpoint::read_best(&run).expect("a best checkpoint is recorded");
@@ -193,10 +164,8 @@ fn keeps_the_last_n_and_the_best_checkpoint() {
         "best checkpoint {best} was pruned"
     );
     // The score is the lowest validation -ELBO among the epochs' evaluations.
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let scores: Vec<f64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let scores: Vec<f64> = metrics_events(&run)
+        .iter()
         .filter_map(|e| e["valid_elbo"].as_f64())
         .collect();
     assert_eq!(scores.len(), 6);

@@ -109,18 +109,17 @@ fn unknown_flag_is_a_usage_error() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
 
+/// Rewrites the file at `path` with `edit` applied to its bytes.
+fn edit_file(path: &std::path::Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    let mut b = std::fs::read(path).unwrap();
+    edit(&mut b);
+    std::fs::write(path, &b).unwrap();
+}
+
 fn data_case(mutate: impl Fn(&std::path::Path), needle: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 100, 20);
-    mutate(&data);
-    let cfg = small_config(tmp.path(), &data, "");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        tmp.path().join("run").to_str().unwrap(),
-    ]);
+    let (tmp, cfg) = small_setup(100, 20);
+    mutate(&tmp.path().join("data"));
+    let out = train_cmd(&cfg, &["--out", tmp.path().join("run").to_str().unwrap()]);
     assert_user_error(&out, needle);
     assert!(!tmp.path().join("run").join("latest").exists());
 }
@@ -129,9 +128,9 @@ fn data_case(mutate: impl Fn(&std::path::Path), needle: &str) {
 fn truncated_idx_file() {
     data_case(
         |d| {
-            let p = d.join("train-images-idx3-ubyte");
-            let b = std::fs::read(&p).unwrap();
-            std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+            edit_file(&d.join("train-images-idx3-ubyte"), |b| {
+                b.truncate(b.len() - 100)
+            })
         },
         "header claims",
     );
@@ -165,12 +164,7 @@ fn corrupt_gzip_stream() {
 #[test]
 fn idx_with_bad_magic() {
     data_case(
-        |d| {
-            let p = d.join("t10k-images-idx3-ubyte");
-            let mut b = std::fs::read(&p).unwrap();
-            b[0] = 0x42;
-            std::fs::write(&p, &b).unwrap();
-        },
+        |d| edit_file(&d.join("t10k-images-idx3-ubyte"), |b| b[0] = 0x42),
         "bad magic",
     );
 }
@@ -179,10 +173,9 @@ fn idx_with_bad_magic() {
 fn idx_header_claiming_more_than_present() {
     data_case(
         |d| {
-            let p = d.join("train-images-idx3-ubyte");
-            let mut b = std::fs::read(&p).unwrap();
-            b[4..8].copy_from_slice(&4_000_000_000u32.to_be_bytes());
-            std::fs::write(&p, &b).unwrap();
+            edit_file(&d.join("train-images-idx3-ubyte"), |b| {
+                b[4..8].copy_from_slice(&4_000_000_000u32.to_be_bytes())
+            })
         },
         "header claims",
     );
@@ -212,36 +205,14 @@ fn missing_data_files() {
     );
 }
 
-/// Trains a tiny model and returns (tempdir, run dir).
-fn trained_run() -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 100, 20);
-    let cfg = small_config(tmp.path(), &data, "");
-    let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (tmp, run)
+/// Trains a tiny model for one epoch: (tempdir, config, run dir).
+fn trained_run() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    small_trained_run(100, 20, &["--epochs", "1", "--json"])
 }
 
 fn checkpoint_case(mutate: impl Fn(&[u8]) -> Vec<u8>, needle: &str) {
-    let (_tmp, run) = trained_run();
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    let model = run.join(latest.trim()).join("model.safetensors");
-    let bytes = std::fs::read(&model).unwrap();
-    std::fs::write(&model, mutate(&bytes)).unwrap();
+    let (_tmp, _, run) = trained_run();
+    edit_file(&latest_model(&run), |b| *b = mutate(b));
     assert_user_error(
         &trainer(&[
             "eval",
@@ -274,6 +245,11 @@ fn with_header(bytes: &[u8], f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     out
 }
 
+/// [`checkpoint_case`] with the model file's JSON header edited by `edit`.
+fn header_case(edit: impl Fn(&mut serde_json::Value), needle: &str) {
+    checkpoint_case(|b| with_header(b, &edit), needle);
+}
+
 #[test]
 fn checkpoint_header_length_lies() {
     checkpoint_case(
@@ -296,25 +272,20 @@ fn checkpoint_truncated() {
 
 #[test]
 fn checkpoint_offsets_out_of_range() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                h["encoders.0.net.0.bias"]["data_offsets"][1] = serde_json::json!(1u64 << 40)
-            })
-        },
+    header_case(
+        |h| h["encoders.0.net.0.bias"]["data_offsets"][1] = serde_json::json!(1u64 << 40),
         "not a valid safetensors file",
     );
 }
 
 #[test]
 fn checkpoint_wrong_dtype() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                let off = h["decoders.0.out.bias"]["data_offsets"].clone();
-                let (a, z) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
-                h["decoders.0.out.bias"] = serde_json::json!({"dtype": "I32", "shape": [(z - a) / 4], "data_offsets": [a, z]});
-            })
+    header_case(
+        |h| {
+            let off = h["decoders.0.out.bias"]["data_offsets"].clone();
+            let (a, z) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
+            h["decoders.0.out.bias"] =
+                serde_json::json!({"dtype": "I32", "shape": [(z - a) / 4], "data_offsets": [a, z]});
         },
         "dtype",
     );
@@ -322,16 +293,14 @@ fn checkpoint_wrong_dtype() {
 
 #[test]
 fn checkpoint_missing_tensor() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                let v = h
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("encoders.0.mu.weight")
-                    .unwrap();
-                h["renamed.weight"] = v;
-            })
+    header_case(
+        |h| {
+            let v = h
+                .as_object_mut()
+                .unwrap()
+                .remove("encoders.0.mu.weight")
+                .unwrap();
+            h["renamed.weight"] = v;
         },
         "encoders.0.mu.weight",
     );
@@ -339,13 +308,11 @@ fn checkpoint_missing_tensor() {
 
 #[test]
 fn checkpoint_misshapen_tensor() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                let s = h["encoders.0.mu.weight"]["shape"].clone();
-                let (r, c) = (s[0].as_u64().unwrap(), s[1].as_u64().unwrap());
-                h["encoders.0.mu.weight"]["shape"] = serde_json::json!([c, r]);
-            })
+    header_case(
+        |h| {
+            let s = h["encoders.0.mu.weight"]["shape"].clone();
+            let (r, c) = (s[0].as_u64().unwrap(), s[1].as_u64().unwrap());
+            h["encoders.0.mu.weight"]["shape"] = serde_json::json!([c, r]);
         },
         "shape",
     );
@@ -353,38 +320,28 @@ fn checkpoint_misshapen_tensor() {
 
 #[test]
 fn checkpoint_from_an_unknown_family() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                h["__metadata__"]["model_family"] = serde_json::json!("diffusion")
-            })
-        },
+    header_case(
+        |h| h["__metadata__"]["model_family"] = serde_json::json!("diffusion"),
         "model family `diffusion`",
     );
 }
 
 #[test]
 fn checkpoint_family_that_contradicts_its_config() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                h["__metadata__"]["model_family"] = serde_json::json!("gan")
-            })
-        },
+    header_case(
+        |h| h["__metadata__"]["model_family"] = serde_json::json!("gan"),
         "is `gan` but its config says `vae`",
     );
 }
 
 #[test]
 fn checkpoint_config_describing_a_huge_model_is_refused_before_allocating() {
-    checkpoint_case(
-        |b| {
-            with_header(b, |h| {
-                let mut cfg: serde_json::Value =
-                    serde_json::from_str(h["__metadata__"]["config"].as_str().unwrap()).unwrap();
-                cfg["model"]["layers"][0]["hidden"] = serde_json::json!([4_000_000_000u64]);
-                h["__metadata__"]["config"] = serde_json::json!(cfg.to_string());
-            })
+    header_case(
+        |h| {
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(h["__metadata__"]["config"].as_str().unwrap()).unwrap();
+            cfg["model"]["layers"][0]["hidden"] = serde_json::json!([4_000_000_000u64]);
+            h["__metadata__"]["config"] = serde_json::json!(cfg.to_string());
         },
         "describes",
     );
@@ -392,18 +349,17 @@ fn checkpoint_config_describing_a_huge_model_is_refused_before_allocating() {
 
 #[test]
 fn resume_with_a_different_architecture_names_the_field() {
-    let (tmp, run) = trained_run();
-    let data = tmp.path().join("data");
-    let cfg = small_config(tmp.path(), &data, "");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--resume",
-        run.to_str().unwrap(),
-        "--set",
-        "model.layers=[{hidden=[32],latent=8}]",
-    ]);
+    let (_tmp, cfg, run) = trained_run();
+    let r = run.to_str().unwrap();
+    let out = train_cmd(
+        &cfg,
+        &[
+            "--resume",
+            r,
+            "--set",
+            "model.layers=[{hidden=[32],latent=8}]",
+        ],
+    );
     assert_user_error(&out, "model.layers");
     // Fields the hand-written structural list had missed are refused as well, by name.
     for (set, field) in [
@@ -416,61 +372,30 @@ fn resume_with_a_different_architecture_names_the_field() {
             "structural field model.gan.architecture differs",
         ),
     ] {
-        let out = trainer(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--resume",
-            run.to_str().unwrap(),
-            "--set",
-            set,
-        ]);
+        let out = train_cmd(&cfg, &["--resume", r, "--set", set]);
         assert_user_error(&out, field);
     }
 }
 
 #[test]
 fn training_into_an_existing_run_is_refused() {
-    let (tmp, run) = trained_run();
-    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
-    let before = tensors(
-        &run.join(std::fs::read_to_string(run.join("latest")).unwrap().trim())
-            .join("model.safetensors"),
-    );
+    let (_tmp, cfg, run) = trained_run();
+    let before = tensors(&latest_model(&run));
     assert_user_error(
-        &trainer(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ]),
+        &train_cmd(&cfg, &["--out", run.to_str().unwrap()]),
         "already holds a run",
     );
-    let after = tensors(
-        &run.join(std::fs::read_to_string(run.join("latest")).unwrap().trim())
-            .join("model.safetensors"),
-    );
+    let after = tensors(&latest_model(&run));
     assert_eq!(before, after);
 }
 
 #[test]
 fn nan_loss_stops_with_exit_2_and_keeps_the_checkpoint() {
-    let (tmp, run) = trained_run();
-    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
+    let (_tmp, cfg, run) = trained_run();
     let latest_before = std::fs::read_to_string(run.join("latest")).unwrap();
     // An absurd learning rate drives the loss to infinity within a few steps.
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--resume",
-        run.to_str().unwrap(),
-        "--epochs",
-        "30",
-        "--lr",
-        "1e30",
-    ]);
+    let r = run.to_str().unwrap();
+    let out = train_cmd(&cfg, &["--resume", r, "--epochs", "30", "--lr", "1e30"]);
     assert_user_error(&out, "non-finite");
     assert_eq!(
         std::fs::read_to_string(run.join("latest")).unwrap(),
@@ -480,37 +405,30 @@ fn nan_loss_stops_with_exit_2_and_keeps_the_checkpoint() {
 
 #[test]
 fn nan_policy_skip_counts_skipped_steps_and_finishes() {
-    let (tmp, run) = trained_run();
-    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--resume",
-        run.to_str().unwrap(),
-        "--epochs",
-        "4",
-        "--lr",
-        "1e30",
-        "--set",
-        "train.on_nonfinite=\"skip\"",
-        "--set",
-        "eval.final_k=0",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_tmp, cfg, run) = trained_run();
+    train_ok(
+        &cfg,
+        &[
+            "--resume",
+            run.to_str().unwrap(),
+            "--epochs",
+            "4",
+            "--lr",
+            "1e30",
+            "--set",
+            "train.on_nonfinite=\"skip\"",
+            "--set",
+            "eval.final_k=0",
+            "--json",
+        ],
     );
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let skipped = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let events = metrics_events(&run);
+    let skipped = events
+        .iter()
         .filter(|e| e["event"] == "train")
         .filter_map(|e| e["skipped_steps"].as_f64())
         .fold(0.0, f64::max);
-    assert!(skipped >= 1.0, "no step was skipped: {metrics}");
+    assert!(skipped >= 1.0, "no step was skipped: {events:?}");
 }
 
 /// The inputs the checkpoint fuzzer found (`fuzz/reproducers/`, see `docs/fuzzing.md`): each used
@@ -567,23 +485,13 @@ fn checkpoint_with_a_non_finite_parameter_is_refused_by_name() {
 
 #[test]
 fn resume_from_a_non_finite_optimizer_state_is_refused_by_name() {
-    let (tmp, run) = trained_run();
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    let optim = run.join(latest.trim()).join("optim.safetensors");
-    let bytes = std::fs::read(&optim).unwrap();
+    let (_tmp, cfg, run) = trained_run();
     let name = "decoders.0.out.bias.exp_avg_sq";
-    std::fs::write(&optim, with_value(&bytes, name, f32::NAN)).unwrap();
-    let cfg = small_config(tmp.path(), &tmp.path().join("data"), "");
+    edit_file(&latest_checkpoint(&run).join("optim.safetensors"), |b| {
+        *b = with_value(b, name, f32::NAN)
+    });
     assert_user_error(
-        &trainer(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--epochs",
-            "2",
-            "--resume",
-            run.to_str().unwrap(),
-        ]),
+        &train_cmd(&cfg, &["--epochs", "2", "--resume", run.to_str().unwrap()]),
         &format!("tensor `{name}` holds a non-finite value"),
     );
 }
@@ -637,15 +545,7 @@ fn evaluating_or_sampling_on_transposed_images_is_refused() {
     shaped_set(&tall, 32, 20, 60);
     let cfg = small_config(tmp.path(), &wide, "");
     let run = tmp.path().join("run");
-    assert_success(&trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--out",
-        run.to_str().unwrap(),
-    ]));
+    train_ok(&cfg, &["--epochs", "1", "--out", run.to_str().unwrap()]);
     let needle = "trained on 20x32 data (640 values per row), this data is 32x20";
     let png = tmp.path().join("x.png");
     let png = png.to_str().unwrap();
@@ -667,16 +567,9 @@ fn evaluating_or_sampling_on_transposed_images_is_refused() {
     ] {
         assert_user_error(&trainer(&args), needle);
     }
-    let resumed = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--data-dir",
-        tall,
-        "--epochs",
-        "2",
-        "--resume",
-        run,
-    ]);
+    let resumed = train_cmd(
+        &cfg,
+        &["--data-dir", tall, "--epochs", "2", "--resume", run],
+    );
     assert_user_error(&resumed, needle);
 }

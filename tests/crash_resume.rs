@@ -6,48 +6,44 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-fn latest_model(run: &Path) -> std::path::PathBuf {
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    run.join(latest.trim()).join("model.safetensors")
-}
-
+/// `trainer ARGS` started with every checkpoint write stalled by `failpoint_ms`.
 fn spawn(args: &[&str], failpoint_ms: u64) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env(
-            gentrain::checkpoint::FAILPOINT_SLEEP_ENV,
-            failpoint_ms.to_string(),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    let ms = failpoint_ms.to_string();
+    spawn_trainer(
+        args,
+        &[(gentrain::checkpoint::FAILPOINT_SLEEP_ENV, ms.as_str())],
+    )
 }
 
-fn signal(child: &std::process::Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+/// Starts `trainer train --config cfg --out run --json` (see [`spawn`]), waits until training
+/// is under way (the first epoch's metrics) and sends it SIGINT.
+fn start_then_interrupt(cfg: &str, run: &Path, failpoint_ms: u64) -> std::process::Child {
+    let args = [
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ];
+    let child = spawn(&args, failpoint_ms);
+    wait_for_metrics(run, 3, Duration::from_secs(60));
+    send_signal(&child, "-INT");
+    child
 }
 
-/// The small test config with `epochs`, a checkpoint every `every_steps` steps (0: off) and
-/// every `every_epochs` epochs.
-fn config(
-    tmp: &Path,
+/// [`small_setup`] of 400 images with `epochs`, a checkpoint every `every_steps` steps (0: off)
+/// and every `every_epochs` epochs: `(directory, config path)`.
+fn setup(
     epochs: usize,
     every_steps: usize,
     every_epochs: usize,
-) -> std::path::PathBuf {
-    let data = small_mnist(&tmp.join("data"), 400, 50);
-    let p = small_config(tmp, &data, "");
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (tmp, p) = small_setup(400, 50);
     let text = std::fs::read_to_string(&p)
         .unwrap()
         .replace(
@@ -57,7 +53,7 @@ fn config(
         .replace("batch_size = 50", "batch_size = 40")
         .replace("final_k = 20", "final_k = 0");
     std::fs::write(&p, text).unwrap();
-    p
+    (tmp, p)
 }
 
 /// True while an unfinished checkpoint write (a `.tmp-ckpt-*` directory) is in `run`.
@@ -82,26 +78,20 @@ fn start_or_resume<'a>(cfg: &'a str, run: &'a Path, run_s: &'a str) -> Vec<&'a s
 
 #[test]
 fn sigkill_at_twenty_random_moments_then_resume_matches_uninterrupted_run() {
-    let tmp = tempfile::tempdir().unwrap();
     // 500 steps (10 per epoch) with a checkpoint after every step; checkpointing draws no
     // random numbers, so the reference run may skip it.
-    let cfg = config(tmp.path(), 50, 1, 1);
+    let (tmp, cfg) = setup(50, 1, 1);
     let cfg = cfg.to_str().unwrap();
     let reference = tmp.path().join("reference");
-    let out = trainer(&[
-        "train",
-        "--config",
+    train_ok(
         cfg,
-        "--out",
-        reference.to_str().unwrap(),
-        "--set",
-        "train.checkpoint_every_steps=0",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[
+            "--out",
+            reference.to_str().unwrap(),
+            "--set",
+            "train.checkpoint_every_steps=0",
+            "--json",
+        ],
     );
 
     let run = tmp.path().join("crashy");
@@ -128,12 +118,7 @@ fn sigkill_at_twenty_random_moments_then_resume_matches_uninterrupted_run() {
             assert!(ck.dir.join("optim.safetensors").is_file());
         }
     }
-    let out = trainer(&start_or_resume(cfg, &run, &run_s));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&trainer(&start_or_resume(cfg, &run, &run_s)));
     assert_eq!(
         tensors(&latest_model(&reference)),
         tensors(&latest_model(&run)),
@@ -148,34 +133,10 @@ fn sigkill_at_twenty_random_moments_then_resume_matches_uninterrupted_run() {
 
 #[test]
 fn sigint_checkpoints_and_exits_zero_and_the_run_resumes_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), 200, 0, 1);
+    let (tmp, cfg) = setup(200, 0, 1);
     let cfg = cfg.to_str().unwrap();
     let run = tmp.path().join("run");
-    let child = spawn(
-        &[
-            "train",
-            "--config",
-            cfg,
-            "--out",
-            run.to_str().unwrap(),
-            "--json",
-        ],
-        0,
-    );
-    // Wait for training to be under way (the first epoch's metrics), then interrupt.
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|m| m.lines().count() >= 3)
-        .unwrap_or(false)
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    signal(&child, "-INT");
+    let child = start_then_interrupt(cfg, &run, 0);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -184,33 +145,10 @@ fn sigint_checkpoints_and_exits_zero_and_the_run_resumes_exactly() {
     assert!(ck.step > 0 && ck.step < 2000, "stopped at step {}", ck.step);
     // Resuming for a few epochs equals a straight run of the same length.
     let epochs = (ck.step / 10 + 2).to_string();
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--resume",
-        run.to_str().unwrap(),
-        "--epochs",
-        &epochs,
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let straight = tmp.path().join("straight");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        straight.to_str().unwrap(),
-        "--epochs",
-        &epochs,
-        "--json",
-    ]);
-    assert!(out.status.success());
+    let (r, straight) = (run.to_str().unwrap(), tmp.path().join("straight"));
+    train_ok(cfg, &["--resume", r, "--epochs", &epochs, "--json"]);
+    let s = straight.to_str().unwrap();
+    train_ok(cfg, &["--out", s, "--epochs", &epochs, "--json"]);
     assert_eq!(
         tensors(&latest_model(&straight)),
         tensors(&latest_model(&run))
@@ -219,35 +157,12 @@ fn sigint_checkpoints_and_exits_zero_and_the_run_resumes_exactly() {
 
 #[test]
 fn second_sigint_exits_at_once_without_touching_checkpoints() {
-    let tmp = tempfile::tempdir().unwrap();
     // No periodic checkpoints: the only write is the one the first signal asks for.
-    let cfg = config(tmp.path(), 200, 0, 1000);
+    let (tmp, cfg) = setup(200, 0, 1000);
     let cfg = cfg.to_str().unwrap();
     let run = tmp.path().join("run");
     // Every checkpoint write stalls for 3 s before it is published.
-    let child = spawn(
-        &[
-            "train",
-            "--config",
-            cfg,
-            "--out",
-            run.to_str().unwrap(),
-            "--json",
-        ],
-        3000,
-    );
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|m| m.lines().count() >= 3)
-        .unwrap_or(false)
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    signal(&child, "-INT");
+    let child = start_then_interrupt(cfg, &run, 3000);
     // The first signal starts the (stalled) checkpoint write; the second must not wait for it.
     let t_first = Instant::now();
     while !write_in_progress(&run) {
@@ -257,36 +172,20 @@ fn second_sigint_exits_at_once_without_touching_checkpoints() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    signal(&child, "-INT");
+    send_signal(&child, "-INT");
     let t_second = Instant::now();
     let out = child.wait_with_output().unwrap();
     assert!(
         t_second.elapsed() < Duration::from_millis(2500),
         "the second signal did not exit at once"
     );
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     // Nothing was published: the interrupted write never became `latest`.
     assert!(!run.join("latest").exists());
     // The next start cleans the unfinished write up and trains normally.
-    let out = trainer(&[
-        "train",
-        "--config",
+    train_ok(
         cfg,
-        "--out",
-        run.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &["--out", run.to_str().unwrap(), "--epochs", "1", "--json"],
     );
     assert!(!write_in_progress(&run));
 }

@@ -58,7 +58,7 @@ fn train(
 ) -> Vec<Vec<Vec<f32>>> {
     let run = |parallel: Option<DataParallel>| -> Vec<Vec<f32>> {
         let dev = Device::Cpu;
-        let model = gentrain::session::build_model(cfg, data.dim(), &dev).unwrap();
+        let model = gentrain::session::build_vae(cfg, data.dim(), &dev).unwrap();
         let mut opt = gentrain::optim::Optimizer::new(&cfg.optim, &model.store).unwrap();
         if let Some(p) = &parallel {
             p.broadcast_parameters(&model.store.vars()).unwrap();
@@ -83,13 +83,7 @@ fn train(
         model
             .store
             .iter()
-            .map(|(_, v)| {
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
+            .map(|(_, v)| common::flat_f32(v.as_tensor()))
             .collect()
     };
     if world == 0 {
@@ -213,28 +207,19 @@ fn averaging_is_the_global_mean_and_detects_a_wrong_weighting() {
 
 #[test]
 fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
-    use common::{small_config, small_mnist, trainer};
-    let dir = tempfile::tempdir().unwrap();
-    let data = small_mnist(&dir.path().join("data"), 230, 40);
+    use common::{assert_success, checkpoint_metadata, latest_model, metrics_events};
+    use common::{small_setup, train_ok};
     // 230 rows in global batches of 50: four full batches and a short one of 30 per epoch.
-    let cfg = small_config(dir.path(), &data, "");
+    let (dir, cfg) = small_setup(230, 40);
     let cfg = cfg.to_str().unwrap();
     let single = dir.path().join("single");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        single.to_str().unwrap(),
-        "--json",
-    ]);
-    common::assert_success(&out);
+    train_ok(cfg, &["--out", single.to_str().unwrap(), "--json"]);
     let group = dir.path().join("group");
     let out = launch(
         3,
         &["--config", cfg, "--out", group.to_str().unwrap(), "--json"],
     );
-    common::assert_success(&out);
+    assert_success(&out);
     // Only rank 0 prints its summary.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -256,31 +241,27 @@ fn launch_trains_over_tcp_like_one_process_and_only_rank_0_writes() {
         worst < 1e-3,
         "group vs one process: relative difference {worst:.2e}"
     );
-    let ck = gentrain::checkpoint::resolve(&group).unwrap();
-    let file = gentrain::checkpoint::LoadedFile::read(&ck.join("model.safetensors")).unwrap();
-    assert_eq!(file.meta("world_size").unwrap(), "3");
-    // One metrics file, written by rank 0, and no stray files from other ranks.
-    let lines = std::fs::read_to_string(group.join("metrics.jsonl")).unwrap();
     assert_eq!(
-        lines
-            .lines()
-            .filter(|l| l.contains("\"event\":\"eval\""))
-            .count(),
+        checkpoint_metadata(&latest_model(&group))["world_size"],
+        "3"
+    );
+    // One metrics file, written by rank 0, and no stray files from other ranks.
+    let events = metrics_events(&group);
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "eval").count(),
         2,
-        "{lines}"
+        "{events:?}"
     );
 }
 
 #[test]
 fn a_failing_rank_stops_the_group_with_a_clear_error() {
-    use common::{assert_user_error, small_config, small_mnist};
+    use common::{assert_user_error, small_setup};
     // Rank arguments the launcher refuses.
     let out = launch(2, &["--rank", "1"]);
     assert_user_error(&out, "set by `trainer launch`");
     // Ranks that fail: a global batch smaller than the group.
-    let dir = tempfile::tempdir().unwrap();
-    let data = small_mnist(&dir.path().join("data"), 230, 40);
-    let cfg = small_config(dir.path(), &data, "");
+    let (dir, cfg) = small_setup(230, 40);
     let out = launch(
         2,
         &[
@@ -310,24 +291,13 @@ fn launch(processes: usize, args: &[&str]) -> std::process::Output {
 
 /// The model tensors of a run's latest checkpoint, by name.
 fn latest_tensors(run: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let dir = gentrain::checkpoint::resolve(run).unwrap();
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    out.sort();
-    out
+    common::tensors(&common::latest_model(run))
 }
 
 #[test]
 fn a_group_stopped_early_resumes_exactly_with_the_same_world_size() {
-    use common::{assert_success, small_config, small_mnist};
-    let dir = tempfile::tempdir().unwrap();
-    let data = small_mnist(&dir.path().join("data"), 230, 40);
-    let cfg = small_config(dir.path(), &data, "");
+    use common::{assert_success, small_setup};
+    let (dir, cfg) = small_setup(230, 40);
     let cfg = cfg.to_str().unwrap();
     let straight = dir.path().join("straight");
     let s = straight.to_str().unwrap();
@@ -346,19 +316,11 @@ fn a_group_stopped_early_resumes_exactly_with_the_same_world_size() {
 
 #[test]
 fn a_group_of_one_matches_the_plain_run_bit_for_bit() {
-    use common::{assert_success, small_config, small_mnist, trainer};
-    let dir = tempfile::tempdir().unwrap();
-    let data = small_mnist(&dir.path().join("data"), 230, 40);
-    let cfg = small_config(dir.path(), &data, "");
+    use common::{assert_success, small_setup, train_ok};
+    let (dir, cfg) = small_setup(230, 40);
     let cfg = cfg.to_str().unwrap();
     let (plain, group) = (dir.path().join("plain"), dir.path().join("group"));
-    assert_success(&trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        plain.to_str().unwrap(),
-    ]));
+    train_ok(cfg, &["--out", plain.to_str().unwrap()]);
     assert_success(&launch(
         1,
         &[
@@ -376,57 +338,43 @@ fn a_group_of_one_matches_the_plain_run_bit_for_bit() {
 
 #[test]
 fn a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint() {
-    use common::{small_config, small_mnist};
-    let dir = tempfile::tempdir().unwrap();
-    let data = small_mnist(&dir.path().join("data"), 230, 40);
-    let cfg = small_config(dir.path(), &data, "");
+    use common::{checkpoint_metadata, latest_model, metrics_events, send_signal};
+    use common::{small_setup, spawn_trainer, wait_for_metrics};
+    let (dir, cfg) = small_setup(230, 40);
     let run = dir.path().join("run");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["launch", "--processes", "2", "--", "--config"])
-        .arg(&cfg)
-        .args(["--epochs", "100000", "--out"])
-        .arg(&run)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_trainer(
+        &[
+            "launch",
+            "--processes",
+            "2",
+            "--",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--epochs",
+            "100000",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        &[],
+    );
     // Wait until training is under way (metrics are being written), then SIGTERM the launcher.
-    let metrics = run.join("metrics.jsonl");
-    let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
-        assert!(t0.elapsed().as_secs() < 120, "training never started");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    wait_for_metrics(&run, 3, std::time::Duration::from_secs(120));
+    send_signal(&child, "-TERM");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines = std::fs::read_to_string(&metrics).unwrap();
-    assert!(lines.contains("\"event\":\"interrupted\""), "{lines}");
-    let ck = gentrain::checkpoint::resolve(&run).unwrap();
-    let file = gentrain::checkpoint::LoadedFile::read(&ck.join("model.safetensors")).unwrap();
-    assert_eq!(file.meta("world_size").unwrap(), "2");
+    let events = metrics_events(&run);
+    assert!(
+        events.iter().any(|e| e["event"] == "interrupted"),
+        "{events:?}"
+    );
+    assert_eq!(checkpoint_metadata(&latest_model(&run))["world_size"], "2");
 }
 
 /// The (f32) tensors of a run's latest checkpoint, flattened, by name.
 fn latest_f32(run: &std::path::Path) -> Vec<(String, Vec<f32>)> {
-    latest_tensors(run)
-        .into_iter()
-        .map(|(n, b)| {
-            let v = b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (n, v)
-        })
-        .collect()
+    common::tensors_f32(&common::latest_model(run))
 }
 
 /// [`latest_f32`] without the spectral-norm vectors, values only.
@@ -440,7 +388,7 @@ fn latest_values(run: &std::path::Path) -> Vec<Vec<f32>> {
 
 #[test]
 fn flows_and_gans_train_data_parallel_like_one_process() {
-    use common::{assert_success, trainer};
+    use common::assert_success;
     let dir = tempfile::tempdir().unwrap();
     // 98 rows in global batches of 48: the third batch has 2 rows, so one of 3 ranks gets none.
     let common = [
@@ -483,7 +431,7 @@ fn flows_and_gans_train_data_parallel_like_one_process() {
             args.extend(["--config", config, "--out", &o, "--max-steps", steps]);
             args.extend(common);
             args.extend(extra.iter());
-            assert_success(&trainer(&args));
+            assert_success(&common::trainer(&args));
             out
         };
         let start = latest_values(&run("start", "0", false));

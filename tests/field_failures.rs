@@ -10,9 +10,6 @@ use std::path::Path;
 /// `trainer train ... --json` with the small RealNVP of the report (2 couplings, MLPs of 64).
 fn small_realnvp(run: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
-        "train",
-        "--config",
-        "configs/realnvp-mnist.toml",
         "--set",
         "model.flow.coupling_layers=2",
         "--set",
@@ -22,11 +19,7 @@ fn small_realnvp(run: &Path, extra: &[&str]) -> std::process::Output {
         "--json",
     ];
     args.extend_from_slice(extra);
-    trainer(&args)
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    train_cmd("configs/realnvp-mnist.toml", &args)
 }
 
 /// One training image: ActNorm's spread would be 0 in every dimension (it used to become a
@@ -63,18 +56,16 @@ fn actnorm_with_batch_size_one_gives_sensible_bits_per_dim() {
         ],
     );
     assert_success(&out);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = stdout_json(&out);
     let bpd = s["final_figures"]["bits_per_dim"].as_f64().unwrap();
     assert!(
         bpd.is_finite() && bpd > 0.5 && bpd < 8.0,
         "bits/dim {bpd}: {s}"
     );
     // Every logged training figure is a possible one too.
-    let metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
-    for l in metrics.lines() {
-        let e: serde_json::Value = serde_json::from_str(l).unwrap();
+    for e in metrics_events(&tmp.path().join("run")) {
         if let Some(b) = e["bits_per_dim"].as_f64() {
-            assert!(b > 0.0 && b < 8.0, "{l}");
+            assert!(b > 0.0 && b < 8.0, "{e}");
         }
     }
 }
@@ -84,22 +75,20 @@ fn actnorm_with_batch_size_one_gives_sensible_bits_per_dim() {
 fn two_moons_train_with_batch_size_one() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
+    let s = stdout_json(&train_ok(
         "configs/realnvp-moons.toml",
-        "--batch-size",
-        "1",
-        "--epochs",
-        "1",
-        "--set",
-        "data.synthetic_size=600",
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_success(&out);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        &[
+            "--batch-size",
+            "1",
+            "--epochs",
+            "1",
+            "--set",
+            "data.synthetic_size=600",
+            "--out",
+            run.to_str().unwrap(),
+            "--json",
+        ],
+    ));
     let nll = s["final_figures"]["test_nll"].as_f64().unwrap();
     // A standard normal on the standardized moons costs about 2.8 nats.
     assert!(nll.is_finite() && nll < 3.0, "test NLL {nll}: {s}");
@@ -108,19 +97,9 @@ fn two_moons_train_with_batch_size_one() {
 /// A non-finite stop says which checkpoint is left, and does not claim one when none was written.
 #[test]
 fn a_non_finite_stop_tells_the_truth_about_checkpoints() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 300, 20);
-    let cfg = small_config(tmp.path(), &data, "");
+    let (tmp, cfg) = small_setup(300, 20);
     let fresh = tmp.path().join("fresh");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        fresh.to_str().unwrap(),
-        "--lr",
-        "1e30",
-    ]);
+    let out = train_cmd(&cfg, &["--out", fresh.to_str().unwrap(), "--lr", "1e30"]);
     assert_user_error(&out, "non-finite");
     let msg = stderr(&out);
     assert!(msg.contains("no checkpoint had been saved"), "{msg}");
@@ -129,28 +108,10 @@ fn a_non_finite_stop_tells_the_truth_about_checkpoints() {
 
     // After one good epoch, the message names the checkpoint that is left.
     let run = tmp.path().join("run");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--epochs",
-        "1",
-    ]);
-    assert_success(&out);
+    let r = run.to_str().unwrap();
+    train_ok(&cfg, &["--out", r, "--epochs", "1"]);
     let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--resume",
-        run.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--lr",
-        "1e30",
-    ]);
+    let out = train_cmd(&cfg, &["--resume", r, "--epochs", "3", "--lr", "1e30"]);
     assert_user_error(&out, "is intact");
     assert!(stderr(&out).contains(latest.trim()), "{}", stderr(&out));
 }
@@ -231,17 +192,17 @@ fn dcgan_on_odd_sized_images_says_so_plainly() {
             &pixels,
         );
     }
-    let out = trainer(&[
-        "train",
-        "--config",
+    let out = train_cmd(
         "configs/sngan-dcgan-mnist.toml",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--out",
-        tmp.path().join("run").to_str().unwrap(),
-    ]);
+        &[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--out",
+            tmp.path().join("run").to_str().unwrap(),
+        ],
+    );
     assert_user_error(&out, "18x26 images");
     let msg = stderr(&out);
     assert!(!msg.contains("Some(") && !msg.contains("(18, 26)"), "{msg}");
@@ -251,19 +212,7 @@ fn dcgan_on_odd_sized_images_says_so_plainly() {
 /// default), and a wrong kind is spelled as on the command line.
 #[test]
 fn sample_grids_fit_and_errors_use_the_cli_spelling() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 300, 40);
-    let cfg = small_config(tmp.path(), &data, "");
-    let run = tmp.path().join("run");
-    assert_success(&trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--epochs",
-        "1",
-    ]));
+    let (tmp, _, run) = small_trained_run(300, 40, &["--epochs", "1"]);
     let png = tmp.path().join("grid.png");
     let sample = |extra: &[&str]| {
         let mut args = vec![
@@ -291,17 +240,17 @@ fn sample_grids_fit_and_errors_use_the_cli_spelling() {
 
     // A model without an encoder.
     let flow_run = tmp.path().join("flow");
-    assert_success(&trainer(&[
-        "train",
-        "--config",
+    train_ok(
         "configs/realnvp-moons.toml",
-        "--epochs",
-        "1",
-        "--set",
-        "data.synthetic_size=300",
-        "--out",
-        flow_run.to_str().unwrap(),
-    ]));
+        &[
+            "--epochs",
+            "1",
+            "--set",
+            "data.synthetic_size=300",
+            "--out",
+            flow_run.to_str().unwrap(),
+        ],
+    );
     let out = trainer(&[
         "sample",
         "--checkpoint",
@@ -312,19 +261,14 @@ fn sample_grids_fit_and_errors_use_the_cli_spelling() {
         png.to_str().unwrap(),
     ]);
     assert_user_error(&out, "--kind reconstructions needs");
-    assert!(
-        !stderr(&out).contains("Reconstructions"),
-        "{}",
-        stderr(&out)
-    );
+    let msg = stderr(&out);
+    assert!(!msg.contains("Reconstructions"), "{msg}");
 }
 
 /// The `train` events of a run's metrics.jsonl as (step, epoch, lr).
 fn train_events(run: &Path) -> Vec<(u64, f64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    metrics_events(run)
+        .into_iter()
         .filter(|v| v["event"] == "train")
         .map(|v| {
             (
@@ -338,10 +282,7 @@ fn train_events(run: &Path) -> Vec<(u64, f64, f64)> {
 
 /// The `epoch` and `epoch_offset` metadata of the run's latest checkpoint.
 fn latest_position(run: &Path) -> (u64, String, String) {
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    let bytes = std::fs::read(run.join(latest.trim()).join("model.safetensors")).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let m = meta.metadata().clone().unwrap();
+    let m = checkpoint_metadata(&latest_model(run));
     (
         m["step"].parse().unwrap(),
         m["epoch"].clone(),
@@ -354,63 +295,59 @@ fn latest_position(run: &Path) -> (u64, String, String) {
 /// trained twice at epoch 1's learning rate, and the epoch in metrics.jsonl went backwards.
 #[test]
 fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 200, 20);
     // A learning rate that halves every epoch, so the epoch of every step shows in its lr.
-    let cfg = small_config(
-        tmp.path(),
-        &data,
-        "[optim]\nschedule = \"step\"\nstep_epochs = 1\ngamma = 0.5\n",
-    );
+    let optim = "[optim]\nschedule = \"step\"\nstep_epochs = 1\ngamma = 0.5\n";
+    let (tmp, cfg) = small_setup_with(200, 20, "", "", optim);
     let run = tmp.path().join("run");
-    let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let out = trainer(&args);
-        assert_success(&out);
-    };
     let r = run.to_str().unwrap();
     // One epoch at batch 50 (4 steps), then a second one at batch 20 (10 steps).
-    train(&["--epochs", "1", "--batch-size", "50", "--out", r]);
+    train_ok(&cfg, &["--epochs", "1", "--batch-size", "50", "--out", r]);
     assert_eq!(latest_position(&run), (4, "1".into(), "0".into()));
-    train(&["--epochs", "2", "--batch-size", "20", "--resume", r]);
+    train_ok(
+        &cfg,
+        &["--epochs", "2", "--batch-size", "20", "--resume", r],
+    );
     assert_eq!(latest_position(&run), (14, "2".into(), "0".into()));
     // A seed change on resume used to pass without a word.
-    let reseeded = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--seed",
-        "77",
-        "--resume",
-        r,
-        "--max-steps",
-        "1",
-    ]);
-    assert_success(&reseeded);
+    let reseeded = stderr(&train_ok(
+        &cfg,
+        &[
+            "--epochs",
+            "3",
+            "--seed",
+            "77",
+            "--resume",
+            r,
+            "--max-steps",
+            "1",
+        ],
+    ));
     assert!(
-        String::from_utf8_lossy(&reseeded.stderr).contains("resume overrides train.seed"),
-        "{}",
-        String::from_utf8_lossy(&reseeded.stderr)
+        reseeded.contains("resume overrides train.seed"),
+        "{reseeded}"
     );
     // Mid-epoch: 2 steps of 50 (100 rows), then the rest of the epoch at batch 30 (4 steps:
     // 30, 30, 30, 10), then a second epoch (7 steps).
     let run2 = tmp.path().join("run2");
     let r2 = run2.to_str().unwrap();
-    train(&[
-        "--epochs",
-        "2",
-        "--batch-size",
-        "50",
-        "--max-steps",
-        "2",
-        "--out",
-        r2,
-    ]);
+    train_ok(
+        &cfg,
+        &[
+            "--epochs",
+            "2",
+            "--batch-size",
+            "50",
+            "--max-steps",
+            "2",
+            "--out",
+            r2,
+        ],
+    );
     assert_eq!(latest_position(&run2), (2, "0".into(), "100".into()));
-    train(&["--epochs", "2", "--batch-size", "30", "--resume", r2]);
+    train_ok(
+        &cfg,
+        &["--epochs", "2", "--batch-size", "30", "--resume", r2],
+    );
     assert_eq!(latest_position(&run2), (2 + 4 + 7, "2".into(), "0".into()));
     let events = train_events(&run2);
     assert!(
@@ -422,22 +359,12 @@ fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
     let last = events.last().unwrap();
     assert_eq!((last.0, last.1), (13, 2.0));
     // Resuming the finished run says so (and how to extend it) instead of doing nothing silently.
-    let again = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--resume",
-        r2,
-    ]);
-    assert_success(&again);
+    let again = stderr(&train_ok(&cfg, &["--epochs", "2", "--resume", r2]));
     assert!(
-        String::from_utf8_lossy(&again.stderr).contains(
+        again.contains(
             "nothing to train: the checkpoint has 2 epochs trained and train.epochs is 2"
         ),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
+        "{again}"
     );
     assert_eq!(train_events(&run2), events);
     // Steps 1..=6 are epoch 1 (lr 0.001 x 1), steps 7..=13 epoch 2 (lr halved).
@@ -454,71 +381,33 @@ fn resume_with_another_batch_size_trains_exactly_the_epochs_asked() {
 /// 160000000000 bytes failed`, exit 134): now refused with exit 2 before anything is allocated.
 #[test]
 fn requests_larger_than_the_machine_are_refused_before_allocating() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 100, 20);
-    let cfg = small_config(tmp.path(), &data, "");
+    let (tmp, cfg) = small_setup(100, 20);
     let run = tmp.path().join("run");
     let r = run.to_str().unwrap();
-    let huge = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        r,
-        "--set",
-        "model.layers=[{hidden=[100000,100000], latent=20}]",
-    ]);
-    assert_user_error(&huge, "training this model");
-    let wide_k = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        r,
-        "--set",
-        "objective.k=100000000",
-    ]);
-    assert_user_error(&wide_k, "GiB");
-    let big_eval = trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        r,
-        "--set",
-        "eval.max_rows=100000000000",
-    ]);
-    assert_user_error(&big_eval, "eval.max_rows");
-    let many_points = trainer(&[
-        "train",
-        "--config",
-        "configs/realnvp-moons.toml",
-        "--out",
-        r,
-        "--set",
-        "data.synthetic_size=100000000000",
-    ]);
-    assert_user_error(&many_points, "data.synthetic_size");
-    let many_points = trainer(&[
-        "train",
-        "--config",
-        "configs/realnvp-moons.toml",
-        "--out",
-        r,
-        "--set",
-        "data.synthetic_size=100000000000",
-    ]);
-    assert_user_error(&many_points, "data.synthetic_size");
+    let cfg_s = cfg.to_str().unwrap();
+    for (config, set, needle) in [
+        (
+            cfg_s,
+            "model.layers=[{hidden=[100000,100000], latent=20}]",
+            "training this model",
+        ),
+        (cfg_s, "objective.k=100000000", "GiB"),
+        (cfg_s, "eval.max_rows=100000000000", "eval.max_rows"),
+        (
+            "configs/realnvp-moons.toml",
+            "data.synthetic_size=100000000000",
+            "data.synthetic_size",
+        ),
+        (
+            "configs/realnvp-moons.toml",
+            "data.synthetic_size=100000000000",
+            "data.synthetic_size",
+        ),
+    ] {
+        assert_user_error(&train_cmd(config, &["--out", r, "--set", set]), needle);
+    }
     assert!(!run.join("latest").exists());
-    assert_success(&trainer(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--out",
-        r,
-    ]));
+    train_ok(&cfg, &["--epochs", "1", "--out", r]);
     let png = tmp.path().join("x.png");
     let p = png.to_str().unwrap();
     for args in [
@@ -582,18 +471,17 @@ fn every_family_prints_its_final_figures_on_stdout() {
         ("configs/sngan-grid25.toml", "modes_covered: "),
     ] {
         let run = tmp.path().join(figure.trim_end_matches(": "));
-        let out = trainer(&[
-            "train",
-            "--config",
+        let out = train_ok(
             config,
-            "--epochs",
-            "1",
-            "--set",
-            "data.synthetic_size=1000",
-            "--out",
-            run.to_str().unwrap(),
-        ]);
-        assert_success(&out);
+            &[
+                "--epochs",
+                "1",
+                "--set",
+                "data.synthetic_size=1000",
+                "--out",
+                run.to_str().unwrap(),
+            ],
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains(figure), "{config}: {stdout}");
     }

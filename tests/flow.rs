@@ -4,9 +4,12 @@
 // Matrix code (Gaussian elimination, Jacobians) reads clearer with explicit indices.
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+use common::{central_differences, flat_f32, var_function};
+
 use candle_core::{DType, Device, Tensor, Var};
 use gentrain::config::{FlowConfig, OptimConfig};
-use gentrain::models::flow::{bits_per_dim, inverse_logit_transform, logit_transform};
+use gentrain::models::flow::{inverse_logit_transform, logit_transform};
 use gentrain::models::Flow;
 use gentrain::optim::Optimizer;
 use gentrain::rng::{normal_vec, stream_rng, Stream};
@@ -181,14 +184,10 @@ fn logit_map_jacobian_inverse_and_bits_per_dim() {
         let p = alpha + (1.0 - 2.0 * alpha) * v;
         (p / (1.0 - p)).ln()
     };
-    let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let xs = flat_f32(&x);
     let brute: f64 = xs
         .iter()
-        .map(|&v| {
-            let v = v as f64;
-            let e = 1e-6;
-            ((f(v + e) - f(v - e)) / (2.0 * e)).ln()
-        })
+        .map(|&v| central_differences(|p: &[f64]| f(p[0]), &[v as f64], &[0], 1e-6)[0].ln())
         .sum();
     let lj = log_jac.to_vec1::<f32>().unwrap()[0] as f64;
     assert!((lj - brute).abs() < 1e-3, "{lj} vs {brute}");
@@ -210,13 +209,13 @@ fn logit_map_jacobian_inverse_and_bits_per_dim() {
     )
     .unwrap();
     let lpy = flow.log_prob(&y).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-    let ys: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let ys = flat_f32(&y);
     let by_hand: f64 = ys
         .iter()
         .map(|&v| -0.5 * ((v as f64).powi(2) + (2.0 * std::f64::consts::PI).ln()))
         .sum();
     assert!((lpy - by_hand).abs() < 1e-4, "{lpy} vs {by_hand}");
-    let bpd = bits_per_dim(lpy + lj, 4);
+    let bpd = gentrain::objectives::bits_per_dim(-(lpy + lj), 4, true);
     let expected = -(by_hand + brute - 4.0 * 256f64.ln()) / (4.0 * std::f64::consts::LN_2);
     assert!((bpd - expected).abs() < 1e-3, "{bpd} vs {expected}");
 }
@@ -245,35 +244,15 @@ fn nll_gradient_matches_finite_differences() {
     let grads = loss.backward().unwrap();
     let mut checked = 0;
     for (name, var) in flow.store.iter() {
-        let g: Vec<f32> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = flat_f32(grads.get(var.as_tensor()).unwrap());
         // The entry with the largest gradient of each parameter tensor.
         let (i, gi) = g
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap();
-        let e = 2e-3f32;
-        let at = |delta: f32| {
-            let mut v = orig.clone();
-            v[i] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            nll(&flow)
-        };
-        let fd = (at(e) - at(-e)) / (2.0 * e as f64);
-        at(0.0);
+        let (x, f) = var_function(var, || nll(&flow));
+        let fd = central_differences(f, &x, &[i], 2e-3f32)[0];
         let err = (fd - *gi as f64).abs() / (gi.abs() as f64).max(1e-2);
         assert!(
             err < 2e-2,

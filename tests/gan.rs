@@ -4,6 +4,9 @@
 //! without spectral normalization); every loss on hand-computed values; spectral-norm buffers in
 //! checkpoints and exact resume; and a short SN-GAN run that must find the modes of the ring.
 
+mod common;
+use common::{flat_f32, kink_checked_differences, latest_checkpoint, tensors_f32, var_function};
+
 use candle_core::{Device, Tensor, Var};
 use gentrain::config::{GanArchitecture, GanConfig, GanLoss};
 use gentrain::models::Gan;
@@ -92,50 +95,29 @@ fn rows(seed: u64, n: usize, d: usize) -> Tensor {
     .unwrap()
 }
 
-/// A finite-difference derivative of `f` at 0 that the function's kinks cannot fake: central
-/// differences with steps 4e-3 and 1e-3 must agree within 2%, otherwise a LeakyReLU kink lies
-/// within the step and `None` says so (these networks are piecewise smooth).
-fn fd(f: impl Fn(f32) -> f64) -> Option<f64> {
-    let central = |eps: f32| (f(eps) - f(-eps)) / (2.0 * eps as f64);
-    let (coarse, fine) = (central(4e-3), central(1e-3));
-    ((coarse - fine).abs() <= 2e-2 * (1e-3 + coarse.abs().max(fine.abs()))).then_some(fine)
-}
-
-/// Compares `analytic` with [`fd`] of `f`: `Some(relative error)`, or `None` at a kink.
-fn fd_error(f: impl Fn(f32) -> f64, analytic: f64) -> Option<f64> {
-    fd(f).map(|n| (n - analytic).abs() / (1e-3 + n.abs().max(analytic.abs())))
-}
-
-/// [`fd_error`] of `value` with respect to entry `i` of `var` (restored afterwards).
-fn entry_fd_error(var: &Var, i: usize, value: impl Fn() -> f64, analytic: f64) -> Option<f64> {
-    let original: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    let set = |delta: f32| {
-        let mut v = original.clone();
-        v[i] += delta;
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    };
-    let err = fd_error(
-        |d| {
-            set(d);
-            let v = value();
-            set(0.0);
-            v
-        },
-        analytic,
-    );
-    set(0.0);
-    err
+/// Finite-difference derivatives of `f` (a function of the flat f32 vector `x`) at `indices`
+/// that the function's kinks cannot fake: central differences with steps 4e-3 and 1e-3 must
+/// agree within 2%, otherwise a LeakyReLU kink lies within the step and `None` says so (these
+/// networks are piecewise smooth); each compared with its entry of `analytic`:
+/// `Some(relative error)`, or `None` at a kink.
+fn fd_errors(
+    f: impl Fn(&[f32]) -> f64,
+    x: &[f32],
+    indices: &[usize],
+    analytic: impl Fn(usize) -> f64,
+) -> Vec<Option<f64>> {
+    kink_checked_differences(f, x, indices, 4e-3, 1e-3)
+        .into_iter()
+        .zip(indices)
+        .map(|(fd, &i)| {
+            let a = analytic(i);
+            fd.map(|n| (n - a).abs() / (1e-3 + n.abs().max(a.abs())))
+        })
+        .collect()
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as f64)
-        .collect()
+    flat_f32(t).into_iter().map(|v| v as f64).collect()
 }
 
 #[test]
@@ -174,18 +156,18 @@ fn input_gradient_matches_autograd_and_finite_differences() {
                 "sn {sn}: {a} vs autograd {b}"
             );
         }
-        // Finite differences in f32 (piecewise linear: exact away from kinks).
-        let xs: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        // Finite differences in f32 (piecewise linear: exact away from kinks) of row r's
+        // D(x) with respect to the image entries of row r.
+        let xs = flat_f32(&x);
         let (mut worst, mut kinks) = (0f64, 0usize);
         for r in 0..9 {
-            for c in 0..dim {
-                let bump = |s: f32| {
-                    let mut v = xs.clone();
-                    v[r][c] += s;
-                    let t = Tensor::new(v, &Device::Cpu).unwrap();
-                    to_f64(&g.discriminate(&t).unwrap())[r]
-                };
-                match fd_error(bump, ours[r * dim + c]) {
+            let row_d = |v: &[f32]| {
+                let t = Tensor::from_vec(v.to_vec(), (9, width), &Device::Cpu).unwrap();
+                to_f64(&g.discriminate(&t).unwrap())[r]
+            };
+            let entries: Vec<usize> = (0..dim).map(|c| r * width + c).collect();
+            for err in fd_errors(row_d, &xs, &entries, |i| ours[r * dim + i % width]) {
+                match err {
                     Some(e) => worst = worst.max(e),
                     None => kinks += 1,
                 }
@@ -216,7 +198,7 @@ fn gradient_penalty_parameter_gradient_matches_finite_differences() {
         )
         .unwrap();
         let penalty = |g: &Gan| -> (Tensor, f64) {
-            let (_, _, _, gp) = g.disc_loss(&x, &fake, &t).unwrap();
+            let gp = disc_loss(g, &x, &fake, &t).penalty;
             let gp = gp.unwrap();
             let v = gp.to_scalar::<f32>().unwrap() as f64;
             (gp, v)
@@ -239,8 +221,10 @@ fn gradient_penalty_parameter_gradient_matches_finite_differences() {
             };
             // A few entries of each parameter, finite differences in f32.
             let n = var.elem_count();
-            for &i in [0usize, n / 2, n - 1].iter() {
-                let err = entry_fd_error(var, i, || penalty(&g).1, analytic[i]);
+            let entries = [0usize, n / 2, n - 1];
+            let (x, f) = var_function(var, || penalty(&g).1);
+            let errors = fd_errors(f, &x, &entries, |i| analytic[i]);
+            for (&i, err) in entries.iter().zip(errors) {
                 match err {
                     Some(e) => assert!(
                         e < 5e-2,
@@ -299,7 +283,12 @@ fn losses_match_hand_computed_values() {
         ] {
             let g = gan(small(loss, false), 2, 8);
             constant_discriminator(&g, c);
-            let (d_loss, d_real, d_fake, gp) = g.disc_loss(&x, &fake, &t).unwrap();
+            let gentrain::objectives::gan::DiscriminatorLoss {
+                loss: d_loss,
+                d_real,
+                d_fake,
+                penalty: gp,
+            } = disc_loss(&g, &x, &fake, &t);
             let d_loss = d_loss.to_scalar::<f32>().unwrap() as f64;
             assert!(
                 (d_loss - want_d).abs() < 1e-4,
@@ -313,7 +302,10 @@ fn losses_match_hand_computed_values() {
             } else {
                 assert!(gp.is_none());
             }
-            let g_loss = g.gen_loss(&fake).unwrap().to_scalar::<f32>().unwrap() as f64;
+            let g_loss = gentrain::objectives::gan::generator_loss(&g, &fake)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
             assert!(
                 (g_loss - want_g).abs() < 1e-4,
                 "{loss:?} c {c}: G loss {g_loss} vs {want_g}"
@@ -323,7 +315,7 @@ fn losses_match_hand_computed_values() {
     // The non-saturating losses stay finite where a naive log(sigmoid) would not.
     let g = gan(small(GanLoss::NonSaturating, false), 2, 8);
     constant_discriminator(&g, 200.0);
-    let (d_loss, ..) = g.disc_loss(&x, &fake, &t).unwrap();
+    let d_loss = disc_loss(&g, &x, &fake, &t).loss;
     assert!((d_loss.to_scalar::<f32>().unwrap() - 200.0).abs() < 1e-3);
 }
 
@@ -364,9 +356,10 @@ fn dcgan_generator_gradient_matches_finite_differences() {
         for (name, var) in &params {
             let analytic: Vec<f64> = to_f64(grads.get(var.as_tensor()).unwrap());
             let n = var.elem_count();
-            for &i in [0usize, n / 3, n - 1].iter() {
-                let err =
-                    entry_fd_error(var, i, || loss(&g).to_scalar::<f64>().unwrap(), analytic[i]);
+            let entries = [0usize, n / 3, n - 1];
+            let (x, f) = var_function(var, || loss(&g).to_scalar::<f64>().unwrap());
+            let errors = fd_errors(f, &x, &entries, |i| analytic[i]);
+            for (&i, err) in entries.iter().zip(errors) {
                 // The generator is smooth except at ReLU kinks; a kink is rare here.
                 if let Some(e) = err {
                     assert!(
@@ -491,16 +484,9 @@ fn options(
     }
 }
 
+/// The f32 tensors of `file` in a run's latest checkpoint, flattened, by name.
 fn checkpoint_tensors(run: &std::path::Path, file: &str) -> Vec<(String, Vec<f32>)> {
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    let path = run.join(latest.trim()).join(file);
-    let mut out: Vec<(String, Vec<f32>)> = candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    tensors_f32(&latest_checkpoint(run).join(file))
 }
 
 #[test]
@@ -604,4 +590,14 @@ fn conditional_gan_uses_its_labels() {
         out[0], out[1],
         "the same noise with different labels must differ"
     );
+}
+
+/// The discriminator loss of `g` (see `gentrain::objectives::gan::discriminator_loss`).
+fn disc_loss(
+    g: &gentrain::models::Gan,
+    x: &candle_core::Tensor,
+    fake: &candle_core::Tensor,
+    t: &candle_core::Tensor,
+) -> gentrain::objectives::gan::DiscriminatorLoss {
+    gentrain::objectives::gan::discriminator_loss(g, x, fake, t).unwrap()
 }

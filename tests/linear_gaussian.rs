@@ -5,6 +5,9 @@
 //! A VAE with no hidden layers and a Gaussian decoder is exactly this model.
 #![allow(clippy::needless_range_loop)] // closed-form linear algebra reads best with indices
 
+mod common;
+use common::flat_f32;
+
 use candle_core::{Device, Tensor};
 use gentrain::config::{
     Activation, DecoderKind, KlEstimator, LayerConfig, ModelConfig, ModelFamily, ObjectiveConfig,
@@ -313,8 +316,7 @@ fn iwae_gradient_is_the_normalized_weight_average_of_log_weight_gradients() {
         let (Some(a), Some(b)) = (ga.get(var.as_tensor()), gb.get(var.as_tensor())) else {
             continue;
         };
-        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let (a, b) = (flat_f32(a), flat_f32(b));
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{name}: {x} vs {y}");
         }

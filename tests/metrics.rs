@@ -3,6 +3,9 @@
 //! and the Inception-Score analogue of the test images is high, a one-class set scores about 1
 //! with its histogram on that class, and the duplicate test finds copied images.
 
+mod common;
+use common::flat_f32;
+
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -28,8 +31,8 @@ fn mnist_metrics_on_known_cases() {
     let (fa, pa) = trained.features_and_probs(&x).unwrap();
     let (fb, _) = cached.features_and_probs(&x).unwrap();
     assert_eq!(
-        fa.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        fb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        flat_f32(&fa),
+        flat_f32(&fb),
         "the cached classifier differs from the trained one"
     );
     // Identical sets: FID 0. Two disjoint halves of the test set: small but positive.

@@ -3,6 +3,9 @@
 //! log-sum-exp between max and max + ln k, softmax weights summing to 1), and agreement with the
 //! plain-candle references.
 
+mod common;
+use common::flat_f32;
+
 use candle_core::{Device, Tensor, Var};
 use gentrain::ops::bernoulli::{bernoulli_log_likelihood, bernoulli_log_likelihood_slow};
 use gentrain::ops::gaussian::{
@@ -13,10 +16,6 @@ use proptest::prelude::*;
 
 fn tensor(v: Vec<f32>, rows: usize, cols: usize) -> Tensor {
     Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// (rows, cols, data) with values drawn from `range`.
@@ -39,13 +38,13 @@ proptest! {
         let (mu_t, lv_t) = (Var::from_tensor(&tensor(mu, r, c)).unwrap(), Var::from_tensor(&tensor(lv, r, c)).unwrap());
         let kl = gaussian_kl(&mu_t, &lv_t).unwrap();
         let slow = gaussian_kl_slow(&mu_t, &lv_t).unwrap();
-        for (a, b) in values(&kl).iter().zip(values(&slow)) {
+        for (a, b) in flat_f32(&kl).iter().zip(flat_f32(&slow)) {
             prop_assert!(a.is_finite() && *a >= 0.0);
             prop_assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
         }
         let g = kl.sum_all().unwrap().backward().unwrap();
-        prop_assert!(values(g.get(lv_t.as_tensor()).unwrap()).iter().all(|v| v.is_finite()));
-        prop_assert!(values(g.get(mu_t.as_tensor()).unwrap()).iter().all(|v| v.is_finite()));
+        prop_assert!(flat_f32(g.get(lv_t.as_tensor()).unwrap()).iter().all(|v| v.is_finite()));
+        prop_assert!(flat_f32(g.get(mu_t.as_tensor()).unwrap()).iter().all(|v| v.is_finite()));
     }
 
     #[test]
@@ -54,12 +53,12 @@ proptest! {
         let lv = Var::from_tensor(&tensor(lv, r, c)).unwrap();
         let eps = Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu).unwrap();
         let z = reparameterize(&mu, &lv, &eps).unwrap();
-        prop_assert!(values(&z).iter().all(|v| v.is_finite()));
+        prop_assert!(flat_f32(&z).iter().all(|v| v.is_finite()));
         let ld = gaussian_log_density(&z, &mu, &lv).unwrap();
-        prop_assert!(values(&ld).iter().all(|v| v.is_finite()));
+        prop_assert!(flat_f32(&ld).iter().all(|v| v.is_finite()));
         let g = ld.sum_all().unwrap().backward().unwrap();
         for v in [&mu, &lv] {
-            prop_assert!(values(g.get(v.as_tensor()).unwrap()).iter().all(|x| x.is_finite()));
+            prop_assert!(flat_f32(g.get(v.as_tensor()).unwrap()).iter().all(|x| x.is_finite()));
         }
     }
 
@@ -70,12 +69,12 @@ proptest! {
         let x = tensor(x, r, c);
         let ll = bernoulli_log_likelihood(&l, &x).unwrap();
         let slow = bernoulli_log_likelihood_slow(&l, &x).unwrap();
-        for (a, b) in values(&ll).iter().zip(values(&slow)) {
+        for (a, b) in flat_f32(&ll).iter().zip(flat_f32(&slow)) {
             prop_assert!(a.is_finite() && *a <= 0.0);
             prop_assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
         }
         let g = ll.sum_all().unwrap().backward().unwrap();
-        prop_assert!(values(g.get(l.as_tensor()).unwrap()).iter().all(|v| v.is_finite() && v.abs() <= 1.0));
+        prop_assert!(flat_f32(g.get(l.as_tensor()).unwrap()).iter().all(|v| v.is_finite() && v.abs() <= 1.0));
     }
 
     #[test]
@@ -89,8 +88,8 @@ proptest! {
         let t = Var::from_tensor(&tensor(a.clone(), r, k)).unwrap();
         let lse = logsumexp(&t).unwrap();
         let g = lse.sum_all().unwrap().backward().unwrap();
-        let grad = values(g.get(t.as_tensor()).unwrap());
-        for (i, v) in values(&lse).iter().enumerate() {
+        let grad = flat_f32(g.get(t.as_tensor()).unwrap());
+        for (i, v) in flat_f32(&lse).iter().enumerate() {
             let row = &a[i * k..(i + 1) * k];
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             prop_assert!(v.is_finite());

@@ -4,64 +4,15 @@
 mod common;
 use common::*;
 
-fn model_file(run: &std::path::Path) -> std::path::PathBuf {
-    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
-    run.join(latest.trim()).join("model.safetensors")
-}
-
 #[test]
 fn two_epochs_equal_one_plus_resume_plus_one() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 500, 100);
-    let cfg = small_config(tmp.path(), &data, "");
-    let cfg = cfg.to_str().unwrap();
-    let straight = tmp.path().join("straight");
+    let (tmp, cfg, straight) = small_trained_run(500, 100, &["--json"]);
     let split = tmp.path().join("split");
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        straight.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--epochs",
-        "1",
-        "--out",
-        split.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--epochs",
-        "2",
-        "--resume",
-        split.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let a = model_file(&straight);
-    let b = model_file(&split);
+    let s = split.to_str().unwrap();
+    train_ok(&cfg, &["--epochs", "1", "--out", s, "--json"]);
+    train_ok(&cfg, &["--epochs", "2", "--resume", s, "--json"]);
+    let a = latest_model(&straight);
+    let b = latest_model(&split);
     assert_eq!(
         a.parent().unwrap().file_name(),
         b.parent().unwrap().file_name()
@@ -76,54 +27,15 @@ fn two_epochs_equal_one_plus_resume_plus_one() {
 
 #[test]
 fn resume_from_mid_epoch_checkpoint_is_exact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 300, 60);
-    let cfg = small_config(tmp.path(), &data, "");
-    let cfg = cfg.to_str().unwrap();
-    let straight = tmp.path().join("straight");
+    let (tmp, cfg, straight) = small_trained_run(300, 60, &["--json"]);
     let split = tmp.path().join("split");
-    assert!(trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        straight.to_str().unwrap(),
-        "--json"
-    ])
-    .status
-    .success());
+    let s = split.to_str().unwrap();
     // Stop after 4 of the 6 steps of the first epoch; `--max-steps` writes a checkpoint there.
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        split.to_str().unwrap(),
-        "--max-steps",
-        "4",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_ok(&cfg, &["--out", s, "--max-steps", "4", "--json"]);
     assert!(split.join("ckpt-00000004").is_dir());
-    let out = trainer(&[
-        "train",
-        "--config",
-        cfg,
-        "--resume",
-        split.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_ok(&cfg, &["--resume", s, "--json"]);
     assert_eq!(
-        tensors(&model_file(&straight)),
-        tensors(&model_file(&split))
+        tensors(&latest_model(&straight)),
+        tensors(&latest_model(&split))
     );
 }

@@ -48,10 +48,9 @@ fn conditional_vae_uses_its_labels() {
 
 #[test]
 fn conditional_vae_trains_and_draws_a_grid_per_class() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 200, 50);
-    let cfg = small_config_with(tmp.path(), &data, "classes = 10", "", "");
+    let (tmp, cfg) = small_setup_with(200, 50, "classes = 10", "", "");
     let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
     let summary = train_json(&cfg, &run);
     let nll = summary["final_eval"]["nll"].as_f64().unwrap();
     assert!(nll.is_finite() && nll > 50.0, "nll {nll}");
@@ -63,50 +62,39 @@ fn conditional_vae_trains_and_draws_a_grid_per_class() {
         (2 * (7 * 30 + 2), 2 * (10 * 30 + 2))
     );
     // eval and sample read the conditional checkpoint back.
-    let ev = trainer(&[
+    assert_success(&trainer(&[
         "eval",
         "--checkpoint",
-        run.to_str().unwrap(),
+        r,
         "--k",
         "5",
         "--limit",
         "20",
         "--json",
-    ]);
-    assert_success(&ev);
+    ]));
     let grid = tmp.path().join("grid.png");
-    let s = trainer(&[
+    let g = grid.to_str().unwrap();
+    assert_success(&trainer(&[
         "sample",
         "--checkpoint",
-        run.to_str().unwrap(),
+        r,
         "--out",
-        grid.to_str().unwrap(),
+        g,
         "--n",
         "20",
-    ]);
-    assert_success(&s);
+    ]));
     assert_eq!(image::open(&grid).unwrap().height(), 2 * (10 * 30 + 2));
     // Resuming as an unconditional model names the field.
-    let plain = small_config_with(tmp.path(), &data, "", "", "");
-    let r = trainer(&[
-        "train",
-        "--config",
-        plain.to_str().unwrap(),
-        "--resume",
-        run.to_str().unwrap(),
-        "--epochs",
-        "3",
-    ]);
-    assert_user_error(&r, "model.classes");
+    let plain = small_config(tmp.path(), &tmp.path().join("data"), "");
+    let out = train_cmd(&plain, &["--resume", r, "--epochs", "3"]);
+    assert_user_error(&out, "model.classes");
 }
 
 #[test]
 fn gaussian_decoder_on_dequantized_pixels_reports_pixel_scale_bits_per_dim() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_mnist(&tmp.path().join("data"), 200, 50);
-    let cfg = small_config_with(
-        tmp.path(),
-        &data,
+    let (tmp, cfg) = small_setup_with(
+        200,
+        50,
         "decoder = \"gaussian\"",
         "binarize = \"dequantize\"",
         "",
@@ -127,19 +115,11 @@ fn gaussian_decoder_on_dequantized_pixels_reports_pixel_scale_bits_per_dim() {
     // A Bernoulli decoder on dequantized data is refused.
     let bad = small_config_with(
         tmp.path(),
-        &data,
+        &tmp.path().join("data"),
         "decoder = \"bernoulli\"",
         "binarize = \"dequantize\"",
         "",
     );
-    assert_user_error(
-        &trainer(&[
-            "train",
-            "--config",
-            bad.to_str().unwrap(),
-            "--out",
-            tmp.path().join("bad").to_str().unwrap(),
-        ]),
-        "continuous data",
-    );
+    let out = train_cmd(&bad, &["--out", tmp.path().join("bad").to_str().unwrap()]);
+    assert_user_error(&out, "continuous data");
 }

@@ -366,13 +366,6 @@ pub fn inverse_logit_transform(y: &Tensor, alpha: f64) -> Result<Tensor> {
     Ok(((s - alpha)? / (1.0 - 2.0 * alpha))?.clamp(0f32, 1f32)?)
 }
 
-/// Bits per dimension on the 8-bit pixel scale of a dequantized image whose density on
-/// `[0, 1)^D` is `log_px` nats: `-(log_px - D ln 256) / (D ln 2)`.
-pub fn bits_per_dim(log_px: f64, dim: usize) -> f64 {
-    let d = dim as f64;
-    -(log_px - d * 256f64.ln()) / (d * std::f64::consts::LN_2)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

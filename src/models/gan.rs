@@ -4,7 +4,7 @@
 //!   and a sigmoid for images in `[0, 1]`;
 //! - discriminator `D(x)`: LeakyReLU(0.2) hidden layers and a linear scalar output, optionally
 //!   with spectral normalization on every layer (Miyato et al. 2018, [`crate::ops::spectral_norm`]);
-//! - losses ([`GanLoss`]): non-saturating (D: `softplus(-D(x)) + softplus(D(G(z)))`,
+//! - losses ([`GanLoss`], computed in `objectives::gan`): non-saturating (D: `softplus(-D(x)) + softplus(D(G(z)))`,
 //!   G: `softplus(-D(G(z)))`, Goodfellow et al. section 3), hinge (D: `relu(1 - D(x)) +
 //!   relu(1 + D(G(z)))`, G: `-D(G(z))`, Lim & Ye 2017 / Miyato et al. 2018) and WGAN-GP
 //!   (D: `D(G(z)) - D(x) + lambda (||grad_x D(x_hat)|| - 1)^2` at random interpolates
@@ -299,7 +299,7 @@ impl Gan {
     }
 
     /// The weights the discriminator uses: `W / sigma(W)` under spectral norm, else `W`.
-    fn effective_weights(&self) -> Result<Vec<Tensor>> {
+    pub fn effective_weights(&self) -> Result<Vec<Tensor>> {
         self.disc
             .iter()
             .map(|l| match &l.uv {
@@ -359,7 +359,7 @@ impl Gan {
     }
 
     /// [`Gan::discriminate`] with the effective weights already computed.
-    fn discriminate_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<Tensor> {
+    pub fn discriminate_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<Tensor> {
         let (x, y) = self.split(xy)?;
         Ok(self.run_discriminator(&x, y.as_ref(), ws)?.0)
     }
@@ -372,7 +372,7 @@ impl Gan {
     }
 
     /// [`Gan::input_gradient`] with the effective weights already computed.
-    fn input_gradient_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<(Tensor, Tensor)> {
+    pub fn input_gradient_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<(Tensor, Tensor)> {
         let (x, y) = self.split(xy)?;
         let (d, slopes) = self.run_discriminator(&x, y.as_ref(), ws)?;
         let last = ws.len() - 1;
@@ -414,57 +414,8 @@ impl Gan {
         }
         Ok(())
     }
-
-    /// Discriminator loss on real rows `x` and generated rows `fake` (already detached from the
-    /// generator; for a conditional GAN both carry the same one-hot labels, which the gradient
-    /// penalty's interpolation then leaves unchanged), with the interpolation weights
-    /// `t: (B, 1)` in `[0, 1]` of the gradient penalty; returns `(loss, mean D(x), mean D(fake),
-    /// penalty)`.
-    pub fn disc_loss(
-        &self,
-        x: &Tensor,
-        fake: &Tensor,
-        t: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
-        // W / sigma(W) once for the real rows, the fakes and the penalty.
-        let ws = self.effective_weights()?;
-        let d_real = self.discriminate_with(x, &ws)?;
-        let d_fake = self.discriminate_with(fake, &ws)?;
-        let mut penalty = None;
-        let loss = match self.cfg.loss {
-            GanLoss::NonSaturating => {
-                (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?
-            }
-            GanLoss::Hinge => {
-                ((1.0 - &d_real)?.relu()?.mean_all()? + (&d_fake + 1.0)?.relu()?.mean_all()?)?
-            }
-            GanLoss::WganGp => {
-                let b = x.dim(0)?;
-                let t = t.broadcast_as((b, x.dim(1)?))?;
-                let x_hat = ((x * &t)? + (fake * (1.0 - &t)?)?)?.detach();
-                let (_, g) = self.input_gradient_with(&x_hat, &ws)?;
-                let norm = (g.sqr()?.sum(D::Minus1)? + 1e-12)?.sqrt()?;
-                let gp = (norm - 1.0)?.sqr()?.mean_all()?;
-                let loss =
-                    ((d_fake.mean_all()? - d_real.mean_all()?)? + (&gp * self.cfg.gp_weight)?)?;
-                penalty = Some(gp);
-                loss
-            }
-        };
-        Ok((loss, d_real.mean_all()?, d_fake.mean_all()?, penalty))
-    }
-
-    /// Generator loss on generated rows `fake` (differentiable through the generator).
-    pub fn gen_loss(&self, fake: &Tensor) -> Result<Tensor> {
-        let d = self.discriminate(fake)?;
-        Ok(match self.cfg.loss {
-            GanLoss::NonSaturating => softplus(&d.neg()?)?.mean_all()?,
-            GanLoss::Hinge | GanLoss::WganGp => d.mean_all()?.neg()?,
-        })
-    }
 }
 
-/// `ln(1 + e^x)`, stable for large `|x|`.
 /// The generator's and the discriminator's parameter stores, in that order.
 type Stores<'a> = (&'a mut ParamStore, &'a mut ParamStore);
 
@@ -579,10 +530,6 @@ fn dcgan_players(
         up2,
     };
     Ok((generator, disc))
-}
-
-fn softplus(x: &Tensor) -> Result<Tensor> {
-    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
 fn unit(v: Vec<f32>, device: &Device) -> Result<Tensor> {

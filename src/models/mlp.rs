@@ -88,6 +88,25 @@ impl Trunk {
 /// bad batch from turning the parameters into NaN. A trained model's heads stay far inside.
 pub const LOGVAR_LIMIT: f64 = 30.0;
 
+/// A linear output head `{prefix}.{name}`: `d_in -> d_out`, no activation.
+fn linear_head(
+    store: &mut ParamStore,
+    prefix: &str,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<Dense> {
+    Dense::new(
+        store,
+        &format!("{prefix}.{name}"),
+        d_in,
+        d_out,
+        Activation::Identity,
+        rng,
+    )
+}
+
 /// An MLP with diagonal-Gaussian output heads `mu` and `logvar`.
 #[derive(Debug, Clone)]
 pub struct GaussianHead {
@@ -107,22 +126,8 @@ impl GaussianHead {
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let trunk = Trunk::new(store, prefix, d_in, hidden, act, rng)?;
-        let mu = Dense::new(
-            store,
-            &format!("{prefix}.mu"),
-            trunk.out_dim,
-            d_out,
-            Activation::Identity,
-            rng,
-        )?;
-        let logvar = Dense::new(
-            store,
-            &format!("{prefix}.logvar"),
-            trunk.out_dim,
-            d_out,
-            Activation::Identity,
-            rng,
-        )?;
+        let mu = linear_head(store, prefix, "mu", trunk.out_dim, d_out, rng)?;
+        let logvar = linear_head(store, prefix, "logvar", trunk.out_dim, d_out, rng)?;
         Ok(GaussianHead { trunk, mu, logvar })
     }
 
@@ -155,14 +160,7 @@ impl BernoulliHead {
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let trunk = Trunk::new(store, prefix, d_in, hidden, act, rng)?;
-        let out = Dense::new(
-            store,
-            &format!("{prefix}.out"),
-            trunk.out_dim,
-            d_out,
-            Activation::Identity,
-            rng,
-        )?;
+        let out = linear_head(store, prefix, "out", trunk.out_dim, d_out, rng)?;
         Ok(BernoulliHead { trunk, out })
     }
 

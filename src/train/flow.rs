@@ -75,8 +75,8 @@ impl FlowTrainee {
     /// bits/dim for dequantized images, the NLL itself for 2-D points.
     fn figure(&self, nll: &Tensor) -> Result<(&'static str, Tensor)> {
         if self.flow.uses_logit() {
-            let d = self.flow.dim as f64;
-            let bpd = ((nll + d * 256f64.ln())? / (d * std::f64::consts::LN_2))?;
+            let (shift, divisor) = crate::objectives::bits_per_dim_scale(self.flow.dim, true);
+            let bpd = ((nll + shift)? / divisor)?;
             Ok(("bits_per_dim", bpd))
         } else {
             Ok(("nll", nll.clone()))

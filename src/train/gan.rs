@@ -135,7 +135,12 @@ impl Trainee for GanTrainee {
             None
         } else {
             let fake = with_labels(self.gan.generate(&with_labels(z)?)?.detach())?;
-            let (d_loss, d_real, d_fake, gp) = self.gan.disc_loss(&x, &fake, &t)?;
+            let crate::objectives::gan::DiscriminatorLoss {
+                loss: d_loss,
+                d_real,
+                d_fake,
+                penalty: gp,
+            } = crate::objectives::gan::discriminator_loss(&self.gan, &x, &fake, &t)?;
             let mut extra = vec![d_real, d_fake];
             extra.extend(gp);
             Some((d_loss, extra))
@@ -170,10 +175,8 @@ impl Trainee for GanTrainee {
             let g_local = if b == 0 {
                 None
             } else {
-                Some(
-                    self.gan
-                        .gen_loss(&with_labels(self.gan.generate(&with_labels(z)?)?)?)?,
-                )
+                let fake = with_labels(self.gan.generate(&with_labels(z)?)?)?;
+                Some(crate::objectives::gan::generator_loss(&self.gan, &fake)?)
             };
             let gen_vars = self.gan.gen_store.vars();
             let (g_loss, _, grads) = super::averaged_backward(

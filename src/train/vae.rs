@@ -29,7 +29,7 @@ pub struct VaeTrainee {
 impl VaeTrainee {
     /// A fresh model for `cfg`.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
-        let model = session::build_model(cfg, data.dim(), device)?;
+        let model = session::build_vae(cfg, data.dim(), device)?;
         let opt = Optimizer::new(&cfg.optim, &model.store)?;
         Ok(VaeTrainee { model, opt })
     }
