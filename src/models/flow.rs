@@ -24,7 +24,7 @@
 //! `y = logit(alpha + (1 - 2 alpha) x)`, whose log-Jacobian per dimension is
 //! `ln(1 - 2 alpha) - ln p - ln(1 - p)`, `p = alpha + (1 - 2 alpha) x`. Then
 //! `log p_x(x) = log p_y(y) + sum_j log|dy_j/dx_j|`, and on the 8-bit pixel scale (bins of width
-//! 1 in `[0, 256)^D`) `bits/dim = -(log p_x(x) - D ln 256) / (D ln 2)` ([`bits_per_dim`]).
+//! 1 in `[0, 256)^D`) `bits/dim = -(log p_x(x) - D ln 256) / (D ln 2)` (`objectives::bits_per_dim`).
 
 use candle_core::{DType, Device, Tensor, D};
 use rand_chacha::ChaCha8Rng;
