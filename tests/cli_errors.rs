@@ -551,7 +551,18 @@ fn evaluating_or_sampling_on_transposed_images_is_refused() {
     let png = png.to_str().unwrap();
     let run = run.to_str().unwrap();
     let tall = tall.to_str().unwrap();
+    let idx = tmp.path().join("x.idx");
+    let idx = idx.to_str().unwrap();
     for args in [
+        vec![
+            "export-data",
+            "--checkpoint",
+            run,
+            "--data-dir",
+            tall,
+            "--out",
+            idx,
+        ],
         vec!["eval", "--checkpoint", run, "--data-dir", tall, "--k", "2"],
         vec![
             "sample",

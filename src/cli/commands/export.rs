@@ -11,7 +11,8 @@ use crate::data::idx::encode_idx;
 /// `--out` as uncompressed IDX and names the file.
 ///
 /// # Errors
-/// A config that does not resolve, data with no IDX form (2-D points, dequantized pixels:
+/// A config that does not resolve, data of another shape than `--checkpoint`'s model, data with
+/// no IDX form (2-D points, dequantized pixels:
 /// nothing is written), unreadable data, or a file that cannot be written.
 pub(crate) fn run(a: &ExportArgs) -> Result<()> {
     let cfg = export_config(a)?;
@@ -19,6 +20,11 @@ pub(crate) fn run(a: &ExportArgs) -> Result<()> {
         bail!("export-data: {reason}");
     }
     let data = crate::session::load_datasets(&cfg)?;
+    if let Some(path) = &a.checkpoint {
+        // The images a checkpoint's evaluation would refuse are not its evaluation images.
+        let ck = crate::session::load_checkpoint(path, &candle_core::Device::Cpu)?;
+        ck.check_data(&data)?;
+    }
     let bytes = data
         .test
         .bytes()
