@@ -8,11 +8,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O failure on a named path.
-    #[error("{path}: {source}")]
+    ///
+    /// The message already holds the I/O error, so it is not also returned as the `source()`
+    /// (a context chain printed with `{:#}` would repeat it).
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A malformed IDX data file.
     #[error("{path}: invalid IDX file: {reason}")]
@@ -41,7 +43,15 @@ pub enum Error {
     ChecksFailed { failed: usize, total: usize },
     /// An error from the tensor library.
     #[error("tensor: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Wraps a tensor-library error; its text is the message (not also a `source()`, which a
+    /// context chain would print twice).
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 /// Result alias of the library.
@@ -52,7 +62,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

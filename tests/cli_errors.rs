@@ -584,3 +584,15 @@ fn evaluating_or_sampling_on_transposed_images_is_refused() {
     );
     assert_user_error(&resumed, needle);
 }
+
+#[test]
+fn an_io_error_is_told_once() {
+    // The I/O error's text was both in the message and its source, so the context chain printed
+    // it twice ("... (os error 2): No such file or directory (os error 2)").
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-run");
+    let out = trainer(&["plot", missing.to_str().unwrap()]);
+    assert_user_error(&out, "metrics.jsonl: No such file or directory");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+}
