@@ -210,11 +210,8 @@ impl DataSource {
             return Ok(x);
         }
         let labels = self.labels.as_ref().expect("checked by with_one_hot");
-        let mut y = vec![0f32; idx.len() * self.one_hot];
-        for (row, &i) in idx.iter().enumerate() {
-            y[row * self.one_hot + labels[i as usize] as usize] = 1.0;
-        }
-        let y = Tensor::from_vec(y, (idx.len(), self.one_hot), device)?;
+        let rows: Vec<u32> = idx.iter().map(|&i| labels[i as usize] as u32).collect();
+        let y = super::one_hot(&rows, self.one_hot, device)?;
         Ok(Tensor::cat(&[&x, &y], 1)?)
     }
 
@@ -307,16 +304,21 @@ impl DataSource {
 mod tests {
     use super::*;
 
+    /// An unlabelled image set of `n` images of `rows x cols` pixels.
+    fn image_set(pixels: Vec<u8>, n: usize, rows: usize, cols: usize) -> ImageSet {
+        ImageSet {
+            pixels,
+            labels: None,
+            n,
+            rows,
+            cols,
+        }
+    }
+
     #[test]
     fn a_row_index_out_of_range_is_a_data_error_on_every_path() {
         // It used to panic on the CPU (a slice out of range) and read past the pixels on a GPU.
-        let set = ImageSet {
-            pixels: vec![7; 3 * 4],
-            labels: None,
-            n: 3,
-            rows: 2,
-            cols: 2,
-        };
+        let set = image_set(vec![7; 3 * 4], 3, 2, 2);
         for mode in [
             Binarization::Dynamic,
             Binarization::Fixed,
@@ -338,13 +340,7 @@ mod tests {
     fn counter_draws_on_the_cpu_are_the_gpu_kernels_reference() {
         // Dynamic binarization with the counter generator on the CPU gives exactly the bits of
         // ops::random::binarize_rows (what cuda/random.cu computes), keyed like training.
-        let set = ImageSet {
-            pixels: (0..=255u8).cycle().take(5 * 30).collect(),
-            labels: None,
-            n: 5,
-            rows: 5,
-            cols: 6,
-        };
+        let set = image_set((0..=255u8).cycle().take(5 * 30).collect(), 5, 5, 6);
         let src = DataSource::from_images(&set, Binarization::Dynamic, 11);
         let got = src
             .batch_drawn(&[4, 1, 1], 9, &Device::Cpu, Draws::Counter)
@@ -378,13 +374,7 @@ mod tests {
 
     #[test]
     fn dynamic_batches_depend_on_step_only() {
-        let set = ImageSet {
-            pixels: vec![128; 40],
-            labels: None,
-            n: 10,
-            rows: 2,
-            cols: 2,
-        };
+        let set = image_set(vec![128; 40], 10, 2, 2);
         let src = DataSource::from_images(&set, Binarization::Dynamic, 7);
         let a = src
             .batch(&[1, 2, 3], 5, &Device::Cpu)
@@ -414,13 +404,7 @@ mod tests {
     #[test]
     fn dequantized_values_stay_inside_their_pixel_bin() {
         let pixels: Vec<u8> = (0..=255u8).collect();
-        let set = ImageSet {
-            pixels: pixels.clone(),
-            labels: None,
-            n: 16,
-            rows: 4,
-            cols: 4,
-        };
+        let set = image_set(pixels.clone(), 16, 4, 4);
         let src = DataSource::from_images(&set, Binarization::Dequantize, 3);
         let idx: Vec<u32> = (0..16).collect();
         let x = src.batch(&idx, 9, &Device::Cpu).unwrap();
