@@ -62,11 +62,19 @@ impl Optimizer {
         self.step += 1;
         let t = self.step as i32;
         let c = &self.cfg;
+        let clip = if c.clip_grad_norm > 0.0 {
+            clip_factor(&self.params, grads, c.clip_grad_norm)?
+        } else {
+            None
+        };
         for ((_, var), state) in self.params.iter().zip(&self.state) {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.contiguous()?;
+            let g = match &clip {
+                Some(f) => g.broadcast_mul(f)?,
+                None => g.contiguous()?,
+            };
             match c.kind {
                 OptimizerKind::Adam => {
                     let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
@@ -223,6 +231,41 @@ pub fn learning_rate(cfg: &OptimConfig, epoch: usize) -> f64 {
             cfg.lr * 10f64.powf(-(i as f64) / 7.0)
         }
     }
+}
+
+/// Learning rate of optimizer step `step` (0-based, global) in `epoch`: the schedule's
+/// [`learning_rate`] times the linear warm-up factor `min(1, (step + 1) / warmup_steps)`.
+pub fn learning_rate_at(cfg: &OptimConfig, epoch: usize, step: u64) -> f64 {
+    let lr = learning_rate(cfg, epoch);
+    if cfg.warmup_steps == 0 {
+        return lr;
+    }
+    lr * ((step + 1) as f64 / cfg.warmup_steps as f64).min(1.0)
+}
+
+/// The factor `min(1, max_norm / (norm + 1e-6))` that clips the gradients of `store` in
+/// `grads` to the global L2 norm `max_norm` (`torch.nn.utils.clip_grad_norm_`), as a scalar
+/// tensor on the parameters' device (no read on the host); the norm is accumulated in f32.
+pub fn clip_factor(
+    store_vars: &[(String, Var)],
+    grads: &GradStore,
+    max_norm: f64,
+) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for (_, var) in store_vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let s = g.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + s)?,
+                None => s,
+            });
+        }
+    }
+    let Some(total) = total else {
+        return Ok(None);
+    };
+    let factor = (total.sqrt()? + 1e-6)?.recip()?.affine(max_norm, 0.0)?;
+    Ok(Some(factor.clamp(0f32, 1f32)?))
 }
 
 /// Total epochs of the IWAE schedule (sum of 3^i, i = 0..7).

@@ -37,6 +37,8 @@ pub enum Stream {
     /// Sample-quality metrics: the feature classifier's initialization and shuffling, and the
     /// subsets the metrics compare.
     Metrics = 13,
+    /// The diffusion family's time steps `t` (training and the bound's Monte-Carlo estimate).
+    Timestep = 14,
 }
 
 /// Which generator draws a training step's per-row randomness: the dynamic binarization bits

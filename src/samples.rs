@@ -175,6 +175,44 @@ pub fn write_model_samples(
     write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row, 2)
 }
 
+/// A diffusion model's denoising trajectories with sampler `s`: `n` rows of 10 images, the
+/// states at 10 evenly spaced points of the reverse process from `x_T` (left) to the sample
+/// (right), in data space (clamped to `[0, 1]`).
+pub fn write_trajectory(
+    model: &crate::models::Diffusion,
+    s: &crate::models::diffusion::SamplerSettings,
+    path: &Path,
+    n: usize,
+    seed: u64,
+    shape: (usize, usize),
+) -> Result<()> {
+    let mut rng = stream_rng(seed, Stream::Sample, 0);
+    let mut states = Vec::new();
+    model.sample_with(n, s, &mut rng, Some(&mut states))?;
+    let last = states.len() - 1;
+    let cols = 10.min(states.len());
+    let picks: Vec<usize> = (0..cols)
+        .map(|i| {
+            if cols == 1 {
+                last
+            } else {
+                i * last / (cols - 1)
+            }
+        })
+        .collect();
+    let mut images = Vec::with_capacity(n * cols);
+    let frames = picks
+        .iter()
+        .map(|&i| rows_of(&model.to_data_space(&states[i])?))
+        .collect::<Result<Vec<_>>>()?;
+    for r in 0..n {
+        for f in &frames {
+            images.push(f[r].clone());
+        }
+    }
+    write_grid(path, &images, shape.0, shape.1, cols, 2)
+}
+
 /// Log-scaled counts of 2-D points on a `size x size` grid over `extent^2` (row 0 at the top),
 /// normalized to [0, 1].
 pub fn point_map(points: &[Vec<f32>], size: usize, extent: (f32, f32)) -> Vec<f32> {

@@ -11,7 +11,7 @@ use crate::config::{Config, ModelFamily};
 use crate::data::images::Split;
 use crate::data::{DataSource, ImageSet};
 use crate::error::{Error, Result};
-use crate::models::{Flow, Gan, Vae};
+use crate::models::{Diffusion, Flow, Gan, Vae};
 use crate::rng::{stream_rng, Stream, TEST_BINARIZATION_SEED};
 
 /// Training, validation and test rows of a run.
@@ -156,6 +156,7 @@ pub enum Model {
     Vae(Vae),
     Flow(Flow),
     Gan(Gan),
+    Diffusion(Diffusion),
 }
 
 impl Model {
@@ -165,6 +166,7 @@ impl Model {
             Model::Vae(m) => &m.store,
             Model::Flow(m) => &m.store,
             Model::Gan(m) => &m.gen_store,
+            Model::Diffusion(m) => &m.store,
         }
     }
 
@@ -189,6 +191,7 @@ impl Model {
             }
             Model::Flow(f) => f.sample_data(n, rng),
             Model::Gan(g) => g.sample(n, rng),
+            Model::Diffusion(d) => d.sample(n, rng),
         }
     }
 
@@ -198,6 +201,7 @@ impl Model {
             Model::Vae(m) => m.classes,
             Model::Flow(_) => 0,
             Model::Gan(m) => m.classes,
+            Model::Diffusion(_) => 0,
         }
     }
 
@@ -207,6 +211,7 @@ impl Model {
             Model::Vae(m) => m.input_dim,
             Model::Flow(m) => m.dim,
             Model::Gan(m) => m.dim,
+            Model::Diffusion(m) => m.dim,
         }
     }
 }
@@ -229,6 +234,23 @@ pub fn build_gan(cfg: &Config, dim: usize, shape: (usize, usize), device: &Devic
         dim,
         (shape.0 > 1).then_some(shape),
         cfg.model.classes,
+        device,
+        &mut stream_rng(cfg.train.seed, Stream::Init, 0),
+    )
+}
+
+/// A fresh diffusion model for `cfg` on rows of `dim` values of data of `shape` (images when
+/// `shape.0 > 1`).
+pub fn build_diffusion(
+    cfg: &Config,
+    dim: usize,
+    shape: (usize, usize),
+    device: &Device,
+) -> Result<Diffusion> {
+    Diffusion::new(
+        &cfg.model.diffusion,
+        dim,
+        (shape.0 > 1).then_some(shape),
         device,
         &mut stream_rng(cfg.train.seed, Stream::Init, 0),
     )
@@ -292,7 +314,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     let name = file.meta("model_family")?;
     let family: ModelFamily = name.parse().map_err(|_| {
         file.error(format!(
-            "model family `{name}`: this build reads `vae`, `flow` and `gan` checkpoints"
+            "model family `{name}`: this build reads `vae`, `flow`, `gan` and `diffusion` checkpoints"
         ))
     })?;
     let config: Config = serde_json::from_str(file.meta("config")?)
@@ -347,8 +369,19 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             Model::Gan(gan)
         }
         ModelFamily::Vae => Model::Vae(build_vae(&config, input_dim, device)?),
+        ModelFamily::Diffusion => {
+            let m = build_diffusion(&config, input_dim, image_shape, device)?;
+            m.store.load_from(lookup).map_err(|e| file.error(e))?;
+            // The EMA weights are there when the checkpoint's config kept an average.
+            if let Some(ema) = &m.ema {
+                let prefix = crate::models::diffusion::EMA_PREFIX;
+                ema.load_from(|name, dims| file.tensor(&format!("{prefix}{name}"), dims, device))
+                    .map_err(|e| file.error(e))?;
+            }
+            Model::Diffusion(m)
+        }
     };
-    if !matches!(model, Model::Gan(_)) {
+    if !matches!(model, Model::Gan(_) | Model::Diffusion(_)) {
         model.store().load_from(lookup).map_err(|e| file.error(e))?;
     }
     Ok(LoadedCheckpoint {

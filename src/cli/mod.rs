@@ -157,6 +157,37 @@ pub struct EvalArgs {
     /// 10000 for images, 2500 for 2-D points.
     #[arg(long)]
     pub samples: Option<usize>,
+    /// Diffusion models: steps drawn per row for the bound's Monte-Carlo estimate of its
+    /// T - 1 KL terms (the prior and reconstruction terms are always exact); 0 sums all T
+    /// terms exactly (T network passes per row).
+    #[arg(long, default_value_t = 16)]
+    pub t_draws: usize,
+    #[command(flatten)]
+    pub sampler: SamplerFlags,
+}
+
+/// Diffusion models: the sampler of `eval`'s sample metrics and of `sample` (default: the
+/// checkpoint's `model.diffusion.sampler`, `sample_steps` and `ddim_eta`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SamplerFlags {
+    /// `ddpm` (ancestral, all T steps) or `ddim`.
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerChoice>,
+    /// Steps of the DDIM sampler.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// DDIM's eta (0: deterministic).
+    #[arg(long)]
+    pub eta: Option<f64>,
+}
+
+/// The samplers of a diffusion model.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SamplerChoice {
+    /// Ancestral sampling through all T steps.
+    Ddpm,
+    /// DDIM on `--steps` evenly spaced steps.
+    Ddim,
 }
 
 /// Flags of `trainer sample`.
@@ -182,6 +213,8 @@ pub struct SampleArgs {
     /// Directory with IDX image files (for reconstructions and interpolations).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampler: SamplerFlags,
 }
 
 /// Kinds of image grids.
@@ -193,6 +226,9 @@ pub enum SampleKind {
     Reconstructions,
     /// Decoded straight lines between posterior means of test images (n rows of 10).
     Interpolation,
+    /// A diffusion model's denoising trajectories: n rows, each of 10 states from pure noise
+    /// (left) to the sample (right).
+    Trajectory,
 }
 
 impl SampleKind {
@@ -202,6 +238,7 @@ impl SampleKind {
             SampleKind::Prior => "prior",
             SampleKind::Reconstructions => "reconstructions",
             SampleKind::Interpolation => "interpolation",
+            SampleKind::Trajectory => "trajectory",
         }
     }
 }

@@ -212,3 +212,48 @@ pub(crate) fn parallel_spec(a: &TrainArgs, cfg: &Config) -> Result<Option<Parall
         timeout: std::time::Duration::from_secs(a.rendezvous_timeout.max(1)),
     }))
 }
+
+/// Applies `--sampler`, `--steps` and `--eta` to a diffusion checkpoint's model (and its
+/// config, which the reports print).
+///
+/// # Errors
+/// The flags on a model of another family, or values the config would refuse (steps outside
+/// 1..=T, a negative eta).
+pub(crate) fn apply_sampler_flags(
+    ck: &mut crate::session::LoadedCheckpoint,
+    f: &crate::cli::SamplerFlags,
+) -> anyhow::Result<()> {
+    let given = f.sampler.is_some() || f.steps.is_some() || f.eta.is_some();
+    let crate::session::Model::Diffusion(m) = &mut ck.model else {
+        if given {
+            anyhow::bail!(
+                "--sampler, --steps and --eta apply to diffusion models; this checkpoint is a {}",
+                ck.config.model.family.as_str()
+            );
+        }
+        return Ok(());
+    };
+    let d = &mut ck.config.model.diffusion;
+    if let Some(s) = f.sampler {
+        d.sampler = match s {
+            crate::cli::SamplerChoice::Ddpm => crate::config::SamplerKind::Ddpm,
+            crate::cli::SamplerChoice::Ddim => crate::config::SamplerKind::Ddim,
+        };
+    }
+    if let Some(s) = f.steps {
+        d.sample_steps = s;
+    }
+    if let Some(e) = f.eta {
+        d.ddim_eta = e;
+    }
+    d.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.to_string()
+                .replace("model.diffusion.sample_steps", "--steps")
+                .replace("model.diffusion.ddim_eta", "--eta")
+        )
+    })?;
+    m.cfg = d.clone();
+    Ok(())
+}

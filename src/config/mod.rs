@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod data;
+mod diffusion;
 mod eval;
 mod model;
 mod objective;
@@ -28,6 +29,10 @@ mod optim;
 mod train;
 
 pub use data::{Binarization, DataConfig, Synthetic};
+pub use diffusion::{
+    DenoiserKind, DiffusionConfig, NoiseSchedule, ReverseVariance, SamplerKind,
+    TUNABLE_DIFFUSION_FIELDS,
+};
 pub use eval::EvalConfig;
 pub use model::{
     Activation, DecoderKind, FlowConfig, GanArchitecture, GanConfig, GanLoss, LayerConfig,
@@ -182,6 +187,7 @@ impl Config {
                     );
                 }
             }
+            ModelFamily::Diffusion => self.validate_diffusion()?,
             ModelFamily::Gan => {
                 self.model.gan.validate()?;
                 if self.data.synthetic().is_none() && self.data.binarize != Binarization::None {
@@ -214,6 +220,12 @@ impl Config {
                 "optim.eps must be > 0, optim.weight_decay >= 0, optim.momentum in [0, 1)".into(),
             );
         }
+        if !(o.clip_grad_norm >= 0.0 && o.clip_grad_norm.is_finite()) {
+            return err(format!(
+                "optim.clip_grad_norm = {}: must be >= 0 (0: off)",
+                o.clip_grad_norm
+            ));
+        }
         if o.schedule == ScheduleKind::Linear && o.step_epochs == 0 {
             return err("optim.step_epochs must be >= 1 for the linear schedule".into());
         }
@@ -242,6 +254,32 @@ impl Config {
             );
         }
         parse_device_spec(&self.train.device)?;
+        Ok(())
+    }
+
+    /// The checks of the `diffusion` family: the section's own, then the data it can model
+    /// (8-bit images as they are, for the discretized decoder of the bound, or 2-D points) and
+    /// the denoiser that suits it.
+    fn validate_diffusion(&self) -> Result<()> {
+        let d = &self.model.diffusion;
+        d.validate()?;
+        let synthetic = self.data.synthetic().is_some();
+        if !synthetic && self.data.binarize != Binarization::None {
+            return Err(Error::Config(
+                "a diffusion model learns 8-bit images as they are (its bound ends in a discretized decoder over the 256 levels): set data.binarize = \"none\"".into(),
+            ));
+        }
+        if synthetic && d.denoiser == DenoiserKind::Unet {
+            return Err(Error::Config(
+                "model.diffusion.denoiser = \"unet\" needs images; use \"mlp\" for 2-D points"
+                    .into(),
+            ));
+        }
+        if self.model.classes > 0 {
+            return Err(Error::Config(
+                "model.classes (conditioning) is implemented for the vae and gan families".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -372,12 +410,19 @@ const TUNABLE_MODEL_FIELDS: &[&str] = &[
     "model.gan.sn_iterations",
 ];
 
+/// Whether `path` is a model field that may change on resume.
+fn is_tunable_model_field(path: &str) -> bool {
+    TUNABLE_MODEL_FIELDS.contains(&path) || TUNABLE_DIFFUSION_FIELDS.contains(&path)
+}
+
 /// Whether a change of the field at `path` makes a checkpoint unusable: every field under
 /// `model.` (they fix the parameters and their meaning) except those of `TUNABLE_MODEL_FIELDS`
-/// (the GAN's `loss`, `n_critic`, `gp_weight` and `sn_iterations`), and `data.dataset`. Decided by path, not by a list of structural fields, so a field added to a
+/// (the GAN's `loss`, `n_critic`, `gp_weight` and `sn_iterations`) and of
+/// `TUNABLE_DIFFUSION_FIELDS` (the diffusion model's sampler, EMA and loss weight), and
+/// `data.dataset`. Decided by path, not by a list of structural fields, so a field added to a
 /// model config is structural without anyone remembering to list it.
 pub fn is_structural(path: &str) -> bool {
-    (path.starts_with("model.") && !TUNABLE_MODEL_FIELDS.contains(&path)) || path == "data.dataset"
+    (path.starts_with("model.") && !is_tunable_model_field(path)) || path == "data.dataset"
 }
 
 #[cfg(test)]
@@ -479,6 +524,7 @@ mod tests {
             (ModelFamily::Vae, "vae", "dynamic"),
             (ModelFamily::Flow, "flow", "dequantize"),
             (ModelFamily::Gan, "gan", "none"),
+            (ModelFamily::Diffusion, "diffusion", "none"),
         ] {
             assert_eq!(
                 (family.as_str(), family.to_string()),
@@ -520,31 +566,31 @@ mod tests {
 
     #[test]
     fn an_unknown_family_is_refused_naming_the_accepted_ones() {
-        let accepted = "expected \"vae\", \"flow\" or \"gan\"";
-        let e = "diffusion".parse::<ModelFamily>().unwrap_err().to_string();
-        assert_eq!(e, format!("model.family = \"diffusion\": {accepted}"));
+        let accepted = "expected \"vae\", \"flow\", \"gan\" or \"diffusion\"";
+        let e = "score".parse::<ModelFamily>().unwrap_err().to_string();
+        assert_eq!(e, format!("model.family = \"score\": {accepted}"));
         // The spelling is exact: no other case is accepted.
         assert!("VAE".parse::<ModelFamily>().is_err());
-        let e = Config::from_toml("[model]\nfamily = \"diffusion\"\n", Path::new("x.toml"))
+        let e = Config::from_toml("[model]\nfamily = \"score\"\n", Path::new("x.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("diffusion") && e.contains(accepted), "{e}");
+        assert!(e.contains("score") && e.contains(accepted), "{e}");
         assert!(!e.contains('\n'), "{e}");
         let mut json = serde_json::to_value(Config::default()).unwrap();
-        json["model"]["family"] = serde_json::json!("diffusion");
+        json["model"]["family"] = serde_json::json!("score");
         let e = serde_json::from_value::<Config>(json)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("diffusion") && e.contains(accepted), "{e}");
+        assert!(e.contains("score") && e.contains(accepted), "{e}");
         let o = Overrides {
-            set: vec!["model.family=diffusion".into()],
+            set: vec!["model.family=score".into()],
             ..Default::default()
         };
         let e = Config::default()
             .with_overrides(&o)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("diffusion") && e.contains(accepted), "{e}");
+        assert!(e.contains("score") && e.contains(accepted), "{e}");
         assert!(!e.contains('\n'), "{e}");
     }
 

@@ -10,9 +10,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::diffusion::DiffusionConfig;
 use crate::error::{Error, Result};
 
-/// The model family of `model.family`, spelled `vae`, `flow` or `gan` in config files, in
+/// The model family of `model.family`, spelled `vae`, `flow`, `gan` or `diffusion` in config files, in
 /// `--set model.family=...`, in checkpoint metadata (`model_family`) and in the config JSON that
 /// checkpoints carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -26,18 +27,27 @@ pub enum ModelFamily {
     Flow,
     /// Generative adversarial network ([`GanConfig`]).
     Gan,
+    /// Denoising diffusion model ([`DiffusionConfig`]).
+    Diffusion,
 }
 
 impl ModelFamily {
     /// Every family, in the order error messages list them.
-    pub const ALL: [ModelFamily; 3] = [ModelFamily::Vae, ModelFamily::Flow, ModelFamily::Gan];
+    pub const ALL: [ModelFamily; 4] = [
+        ModelFamily::Vae,
+        ModelFamily::Flow,
+        ModelFamily::Gan,
+        ModelFamily::Diffusion,
+    ];
 
-    /// The spelling of the family in configs and checkpoints: `vae`, `flow` or `gan`.
+    /// The spelling of the family in configs and checkpoints: `vae`, `flow`, `gan` or
+    /// `diffusion`.
     pub fn as_str(self) -> &'static str {
         match self {
             ModelFamily::Vae => "vae",
             ModelFamily::Flow => "flow",
             ModelFamily::Gan => "gan",
+            ModelFamily::Diffusion => "diffusion",
         }
     }
 }
@@ -68,7 +78,7 @@ impl TryFrom<String> for ModelFamily {
     }
 }
 
-/// A `model.family` that is not `vae`, `flow` or `gan` (the name as given). Its message is one
+/// A `model.family` that is not `vae`, `flow`, `gan` or `diffusion` (the name as given). Its message is one
 /// line naming the accepted values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownModelFamily(pub String);
@@ -77,7 +87,7 @@ impl fmt::Display for UnknownModelFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "model.family = {:?}: expected \"vae\", \"flow\" or \"gan\"",
+            "model.family = {:?}: expected \"vae\", \"flow\", \"gan\" or \"diffusion\"",
             self.0
         )
     }
@@ -96,7 +106,8 @@ impl From<UnknownModelFamily> for Error {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Model family: `vae` (the VAE and the IWAE: same model, different bound), `flow`
-    /// (RealNVP, [`Self::flow`]) or `gan` ([`Self::gan`]). Default: `vae`.
+    /// (RealNVP, [`Self::flow`]), `gan` ([`Self::gan`]) or `diffusion` ([`Self::diffusion`]).
+    /// Default: `vae`.
     pub family: ModelFamily,
     /// Nonlinearity after every hidden layer of the VAE's encoders and decoders: `identity`,
     /// `relu`, `tanh` or `softplus`. The flow's coupling networks and the GAN's players use
@@ -118,6 +129,9 @@ pub struct ModelConfig {
     /// The GAN's architecture and losses (`[model.gan]`, used when `family = "gan"`). Default:
     /// see [`GanConfig`].
     pub gan: GanConfig,
+    /// The diffusion model's process, denoiser and sampler (`[model.diffusion]`, used when
+    /// `family = "diffusion"`). Default: see [`DiffusionConfig`].
+    pub diffusion: DiffusionConfig,
 }
 
 /// One stochastic layer of a VAE (`[[model.layers]]`): the deterministic hidden widths below it
@@ -174,6 +188,7 @@ impl Default for ModelConfig {
             classes: 0,
             flow: Default::default(),
             gan: Default::default(),
+            diffusion: Default::default(),
         }
     }
 }
@@ -187,6 +202,7 @@ impl ModelConfig {
             ModelFamily::Vae => self.vae_parameter_count(input_dim),
             ModelFamily::Flow => self.flow.parameter_count(input_dim),
             ModelFamily::Gan => self.gan.parameter_count(input_dim, self.classes),
+            ModelFamily::Diffusion => self.diffusion.parameter_count(input_dim),
         }
     }
 

@@ -55,6 +55,14 @@ pub struct OptimConfig {
     pub step_epochs: usize,
     /// Factor of each decay of the `step` schedule. Default: 0.5.
     pub gamma: f64,
+    /// Linear learning-rate warm-up over the first `warmup_steps` optimizer steps: step `s`
+    /// (0-based) runs at `min(1, (s + 1) / warmup_steps)` times the schedule's rate (0: off).
+    /// Default: 0.
+    pub warmup_steps: u64,
+    /// Gradient clipping by global norm (`torch.nn.utils.clip_grad_norm_`): when the L2 norm
+    /// of all of an optimizer's gradients exceeds this, they are scaled by `max / (norm +
+    /// 1e-6)` (0: off). Default: 0.
+    pub clip_grad_norm: f64,
 }
 
 impl Default for OptimConfig {
@@ -70,6 +78,8 @@ impl Default for OptimConfig {
             schedule: ScheduleKind::Constant,
             step_epochs: 10,
             gamma: 0.5,
+            warmup_steps: 0,
+            clip_grad_norm: 0.0,
         }
     }
 }

@@ -60,6 +60,48 @@ impl ParamStore {
         Ok(t)
     }
 
+    /// Parameters created so far (the position the next one gets).
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// True when there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// The parameters' tensors in creation order (they share the variables' storage, so they
+    /// see every update, and autograd tracks them).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect()
+    }
+
+    /// Detached tensors of the current values in creation order (no autograd graph is built on
+    /// them: for sampling and evaluation).
+    pub fn detached_tensors(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, v)| v.as_tensor().detach())
+            .collect()
+    }
+
+    /// A store of new variables with the same names, holding copies of the current values
+    /// (an exponential moving average starts as such a copy).
+    pub fn deep_copy(&self) -> Result<ParamStore> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ParamStore {
+            params,
+            device: self.device.clone(),
+        })
+    }
+
     /// Parameters in creation order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.params.iter().map(|(n, v)| (n.as_str(), v))

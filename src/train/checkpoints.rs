@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+use super::diffusion::DiffusionTrainee;
 use super::flow::FlowTrainee;
 use super::gan::GanTrainee;
 use super::progress::Progress;
@@ -128,6 +129,7 @@ pub(super) fn start(
         let fresh: Box<dyn Trainee> = match family {
             ModelFamily::Flow => Box::new(FlowTrainee::fresh(cfg, data, device)?),
             ModelFamily::Gan => Box::new(GanTrainee::fresh(cfg, data, device)?),
+            ModelFamily::Diffusion => Box::new(DiffusionTrainee::fresh(cfg, data, device)?),
             ModelFamily::Vae => Box::new(VaeTrainee::fresh(cfg, data, device)?),
         };
         return Ok((fresh, Progress::start()));
@@ -139,6 +141,7 @@ pub(super) fn start(
     let restored: Box<dyn Trainee> = match family {
         ModelFamily::Flow => Box::new(FlowTrainee::restore(cfg, ck, device)?),
         ModelFamily::Gan => Box::new(GanTrainee::restore(cfg, ck, device)?),
+        ModelFamily::Diffusion => Box::new(DiffusionTrainee::restore(cfg, ck, device)?),
         ModelFamily::Vae => Box::new(VaeTrainee::restore(cfg, ck, device)?),
     };
     Ok((restored, progress))

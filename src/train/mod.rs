@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::eval;
 
 pub mod checkpoints;
+pub mod diffusion;
 pub mod flow;
 pub mod gan;
 pub mod progress;
@@ -25,6 +26,7 @@ pub use trainee::{
     averaged_backward, rows_of, EpochEval, FinalEval, StepContext, StepOutput, Trainee,
 };
 
+pub use diffusion::DiffusionTrainee;
 pub use flow::FlowTrainee;
 pub use gan::GanTrainee;
 pub use vae::{train_step, VaeStepOutput, VaeTrainee};

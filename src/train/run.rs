@@ -14,7 +14,7 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::distributed::DataParallel;
 use crate::error::{Error, Result};
-use crate::optim::learning_rate;
+use crate::optim::learning_rate_at;
 use crate::report::MetricsWriter;
 use crate::rng::epoch_permutation;
 use crate::session::{self, Datasets};
@@ -269,7 +269,7 @@ impl<'a> Run<'a> {
         }
         let order = &self.perm.as_ref().expect("set above").1;
         let idx = &order[self.progress.batch_range(bs, n)];
-        let lr = learning_rate(&self.cfg.optim, epoch as usize);
+        let lr = learning_rate_at(&self.cfg.optim, epoch as usize, step);
         let ctx = StepContext {
             cfg: self.cfg,
             step,

@@ -22,7 +22,8 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    let ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+    let mut ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+    crate::cli::resolve::apply_sampler_flags(&mut ck, &a.sampler)?;
     let images = match a.kind {
         SampleKind::Interpolation => n.saturating_mul(10),
         _ => n,
@@ -37,8 +38,18 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
         bail!("this model was trained on 2-D points, not images");
     }
     match (&ck.model, a.kind) {
+        (Model::Vae(_), SampleKind::Trajectory) => {
+            bail!("--kind trajectory needs a diffusion model; this checkpoint is a vae")
+        }
         (Model::Vae(model), _) => write_vae_grid(a, &ck, model, n)?,
-        (Model::Gan(_), SampleKind::Prior) => {
+        (Model::Diffusion(m), SampleKind::Trajectory) => {
+            if shape.0 == 1 {
+                bail!("--kind trajectory draws images; this model was trained on 2-D points");
+            }
+            let s = m.sampler_settings();
+            crate::samples::write_trajectory(m, &s, &a.out, n, a.seed, shape)?;
+        }
+        (Model::Gan(_) | Model::Diffusion(_), SampleKind::Prior) => {
             let mut cfg = ck.config.clone();
             cfg.train.seed = a.seed;
             crate::samples::write_model_samples(&ck.model, &cfg, &a.out, n, 0, shape)?;
@@ -52,8 +63,8 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
                 .unwrap_or((-6.0, 6.0));
             crate::samples::write_flow_samples(f, &a.out, n, a.seed, 0, shape, extent)?;
         }
-        (Model::Gan(_) | Model::Flow(_), kind) => bail!(
-            "--kind {} needs a model with an encoder (a VAE); this checkpoint is a {}",
+        (Model::Gan(_) | Model::Flow(_) | Model::Diffusion(_), kind) => bail!(
+            "--kind {} needs a model with an encoder (a VAE), or trajectory a diffusion model; this checkpoint is a {}",
             kind.name(),
             ck.config.model.family.as_str()
         ),
@@ -68,6 +79,7 @@ fn write_vae_grid(a: &SampleArgs, ck: &LoadedCheckpoint, model: &Vae, n: usize) 
     let shape = ck.image_shape;
     match a.kind {
         SampleKind::Prior => crate::samples::write_samples(model, &a.out, n, a.seed, 0, shape)?,
+        SampleKind::Trajectory => unreachable!("refused by the caller"),
         SampleKind::Reconstructions | SampleKind::Interpolation => {
             let cfg = with_data_dir(ck.config.clone(), a.data_dir.as_deref());
             let data = crate::session::load_datasets(&cfg)?;
