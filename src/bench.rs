@@ -10,15 +10,16 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::optim::{learning_rate, Optimizer};
+use crate::optim::learning_rate_at;
 use crate::rng::epoch_permutation;
 use crate::session;
-use crate::train::train_step;
 
 /// Throughput figures of one benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub framework: &'static str,
+    /// The model family timed (`vae`, `flow`, `gan` or `diffusion`).
+    pub family: &'static str,
     pub mode: &'static str,
     pub device: String,
     pub threads: usize,
@@ -29,7 +30,11 @@ pub struct BenchReport {
     pub ms_per_step: f64,
 }
 
-/// Runs `warmup` untimed and `steps` timed training steps.
+/// Runs `warmup` untimed and `steps` timed training steps of the configured family, through
+/// the same `Trainee::step` that `trainer train` runs (every player of a GAN, `n_critic`,
+/// spectral norm and penalties; a diffusion model's loss and EMA update; a VAE at any k and
+/// depth). The timed steps end with a device synchronization; every step's loss is read on the
+/// host, as training reads it.
 pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
     if steps == 0 {
         return Err(Error::Config("--steps must be at least 1".into()));
@@ -38,12 +43,10 @@ pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
     crate::device::set_tf32(cfg.train.tf32);
     let data = session::load_datasets(cfg)?;
     crate::memory::check_training(cfg, data.dim(), data.train.len())?;
-    let model = session::build_vae(cfg, data.dim(), &device)?;
-    let mut opt = Optimizer::new(&cfg.optim, &model.store)?;
+    let mut trainee = crate::train::fresh_trainee(cfg, &data, &device)?;
     let n = data.train.len();
     let bs = cfg.train.batch_size.min(n);
     let per_epoch = n / bs;
-    let lr = learning_rate(&cfg.optim, 0);
     let mut perm = epoch_permutation(cfg.train.seed, 0, n);
     let mut t0 = Instant::now();
     for s in 0..warmup + steps {
@@ -56,24 +59,21 @@ pub fn bench(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchReport> {
             perm = epoch_permutation(cfg.train.seed, (s / per_epoch.max(1)) as u64, n);
         }
         let idx = &perm[within * bs..(within + 1) * bs];
-        train_step(
-            &model,
-            &mut opt,
+        let ctx = crate::train::StepContext {
             cfg,
-            &data.train,
-            idx,
-            s as u64,
-            cfg.objective.beta,
-            lr,
-            &device,
-            None,
-            crate::rng::Draws::for_device(&device),
-        )?;
+            step: s as u64,
+            epoch_progress: 0.0,
+            lr: learning_rate_at(&cfg.optim, 0, s as u64),
+            device: &device,
+            parallel: None,
+        };
+        trainee.step(&ctx, &data.train, idx)?;
     }
     device.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
     Ok(BenchReport {
         framework: "gentrain",
+        family: cfg.model.family.as_str(),
         mode: if device.is_cpu() { "cpu" } else { "cuda" },
         device: cfg.train.device.clone(),
         threads: rayon::current_num_threads(),

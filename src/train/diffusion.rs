@@ -77,7 +77,7 @@ impl DiffusionTrainee {
         ema: Option<f64>,
         ctx: &StepContext,
     ) -> Result<StepOutput> {
-        let mut values = vec![("loss", loss.detach()), ("l_simple", simple.detach())];
+        let mut values = vec![("l_simple", simple.detach())];
         if let Some(v) = vlb {
             values.push(("l_vlb", v.detach()));
         }

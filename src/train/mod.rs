@@ -78,6 +78,16 @@ pub struct TrainSummary {
 /// # Errors
 /// Bad data, config or checkpoint, a device or group failure, or a non-finite loss under
 /// `train.on_nonfinite = "stop"` (the last checkpoint is kept).
+/// A fresh model of `cfg`'s family with its optimizer(s), as a training run starts it (what
+/// `trainer bench` times).
+pub fn fresh_trainee(
+    cfg: &Config,
+    data: &crate::session::Datasets,
+    device: &candle_core::Device,
+) -> Result<Box<dyn Trainee>> {
+    Ok(checkpoints::start(cfg, None, data, device)?.0)
+}
+
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut run = run::Run::start(cfg, opts)?;
     let t_train = std::time::Instant::now();
