@@ -10,6 +10,7 @@ pub mod adam;
 pub mod bernoulli;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod diffusion;
 pub mod fastmath;
 pub mod gaussian;
 pub mod linear;
