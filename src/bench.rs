@@ -98,8 +98,9 @@ pub struct KernelReport {
     pub fraction_of_copy: f64,
 }
 
-/// The inputs every benchmarked kernel reads: `rows x 784` f32 tensors on one device, and a
-/// 2048-row spectral-norm weight of about as many values.
+/// The inputs every benchmarked kernel reads: `rows x 784` f32 tensors on one device, a
+/// 2048-row spectral-norm weight of about as many values, and one diffusion time index per row
+/// with the 1000-step table of `q_sample`.
 pub struct KernelInputs {
     /// Rows of 784 values.
     pub rows: usize,
@@ -115,6 +116,24 @@ pub struct KernelInputs {
     state: Tensor,
     grad: Tensor,
     param: Tensor,
+    /// `(rows,)` u32 time indices below 1000.
+    t: Tensor,
+    /// `(1000, 2)` `[sqrt(abar_t), sqrt(1 - abar_t)]` of the linear beta schedule.
+    table: Tensor,
+}
+
+/// Steps of the benchmarks' diffusion schedule.
+const DIFFUSION_STEPS: usize = 1000;
+
+/// `abar_t` of the linear beta schedule from 1e-4 to 0.02 (Ho et al. 2020), in f64.
+fn diffusion_abars() -> Vec<f64> {
+    let mut abar = 1.0;
+    (0..DIFFUSION_STEPS)
+        .map(|i| {
+            abar *= 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / (DIFFUSION_STEPS - 1) as f64);
+            abar
+        })
+        .collect()
 }
 
 /// Values per row of the benchmark inputs (an MNIST image).
@@ -151,6 +170,21 @@ impl KernelInputs {
             state: Tensor::zeros(2 * rows * ROW + 1, DType::F32, device)?,
             grad: b.flatten_all()?,
             param: c.flatten_all()?.copy()?,
+            t: Tensor::from_vec(
+                (0..rows)
+                    .map(|i| (i * 7919 % DIFFUSION_STEPS) as u32)
+                    .collect::<Vec<_>>(),
+                rows,
+                device,
+            )?,
+            table: Tensor::from_vec(
+                diffusion_abars()
+                    .iter()
+                    .flat_map(|a| [a.sqrt() as f32, (1.0 - a).sqrt() as f32])
+                    .collect::<Vec<_>>(),
+                (DIFFUSION_STEPS, 2),
+                device,
+            )?,
             a,
             b,
             c,
@@ -170,7 +204,7 @@ pub type KernelCall<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;
 /// `(name, bytes each call must read and write, the call)`, a plain device copy first as the
 /// bandwidth reference.
 pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_>)> {
-    use crate::ops::{adam, bernoulli, gaussian, linear, logsumexp, spectral_norm};
+    use crate::ops::{adam, bernoulli, diffusion, gaussian, linear, logsumexp, spectral_norm};
     let (n, rows, f) = (x.elements(), x.rows, 4usize);
     let sn_cols = x.sn_w.dim(1).unwrap_or(1);
     let sn_bytes = (2 * 2048 * sn_cols + 3 * 2048 + 2 * sn_cols) * f;
@@ -187,6 +221,20 @@ pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_
         bias_correction2: 0.001,
     };
     let (a, b, c, bits, g_rows) = (&x.a, &x.b, &x.c, &x.bits, &x.g_rows);
+    // A DDIM step (eta = 0.5, clipped) from abar 0.5 to 0.6: every term of the update runs.
+    let (abar, prev) = (0.5f64, 0.6f64);
+    let sigma = 0.5 * ((1.0 - prev) / (1.0 - abar)).sqrt() * (1.0 - abar / prev).sqrt();
+    let ddim = diffusion::SamplerCoefficients {
+        sqrt_recip_abar: (1.0 / abar).sqrt() as f32,
+        sqrt_recipm1_abar: (1.0 / abar - 1.0).sqrt() as f32,
+        clip: Some((-1.0, 1.0)),
+        sqrt_abar: abar.sqrt() as f32,
+        sqrt_one_minus_abar: (1.0 - abar).sqrt() as f32,
+        c_x0: prev.sqrt() as f32,
+        c_xt: 0.0,
+        c_eps: (1.0 - prev - sigma * sigma).sqrt() as f32,
+        sigma: sigma as f32,
+    };
     vec![
         ("copy", 2 * n * f, Box::new(move || a.copy().map(drop))),
         (
@@ -264,6 +312,21 @@ pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_
             4 * n * f,
             Box::new(move || x.param.inplace_op2(&x.state, &apply)),
         ),
+        (
+            // x_t = q_sample(x0, eps, t) (reads 2n and the indices, writes n), then its loss
+            // against eps (reads 2n, writes one value per row).
+            "q_sample+simple_loss",
+            (5 * n + 2 * rows) * f,
+            Box::new(move || {
+                let x_t = diffusion::q_sample(a, b, &x.t, &x.table)?;
+                diffusion::simple_loss(&x_t, b).map(drop)
+            }),
+        ),
+        (
+            "sampler_step",
+            4 * n * f,
+            Box::new(move || diffusion::sampler_step(a, b, c, &ddim).map(drop)),
+        ),
     ]
 }
 
@@ -304,4 +367,22 @@ pub fn bench_kernels(device: &Device, n: usize, repeats: usize) -> Result<Vec<Ke
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_case_runs_on_the_cpu() {
+        let r = bench_kernels(&Device::Cpu, 4 * ROW, 1).unwrap();
+        let names: Vec<&str> = r.iter().map(|k| k.kernel).collect();
+        for name in ["copy", "q_sample+simple_loss", "sampler_step"] {
+            assert!(names.contains(&name), "no {name} in {names:?}");
+        }
+        assert!(
+            r.iter().all(|k| k.microseconds_per_call.is_finite()),
+            "{r:?}"
+        );
+    }
 }

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::ops::{bernoulli, gaussian, linear, logsumexp, spectral_norm};
+use crate::ops::{bernoulli, diffusion, gaussian, linear, logsumexp, spectral_norm};
 use crate::rng::Draws;
 
 /// Shapes (rows, columns) every row and elementwise kernel is checked on.
@@ -613,6 +613,192 @@ pub fn check_random(dev: &Device) -> Vec<CheckReport> {
     out
 }
 
+/// `abar_t` of the linear beta schedule from 1e-4 to 0.02 over `steps` (Ho et al. 2020, section
+/// 4), in f64: `(betas, abars)`.
+fn linear_schedule(steps: usize) -> (Vec<f64>, Vec<f64>) {
+    let betas: Vec<f64> = (0..steps)
+        .map(|i| 1e-4 + (0.02 - 1e-4) * i as f64 / (steps - 1).max(1) as f64)
+        .collect();
+    let mut abar = 1.0;
+    let abars = betas
+        .iter()
+        .map(|b| {
+            abar *= 1.0 - b;
+            abar
+        })
+        .collect();
+    (betas, abars)
+}
+
+/// The `(T, 2)` rows `[sqrt(abar_t), sqrt(1 - abar_t)]` of [`diffusion::q_sample`], flat.
+fn q_sample_table(abars: &[f64]) -> Vec<f32> {
+    abars
+        .iter()
+        .flat_map(|a| [a.sqrt() as f32, (1.0 - a).sqrt() as f32])
+        .collect()
+}
+
+/// The DDPM ancestral step at index `t` (Ho et al. eq. 6-7) and the DDIM step from `t` to
+/// `prev` with `eta` (Song et al. eq. 12, 16).
+fn sampler_coefficients(
+    (betas, abars): (&[f64], &[f64]),
+    t: usize,
+    ddim: Option<(usize, f64)>,
+    clip: Option<(f32, f32)>,
+) -> diffusion::SamplerCoefficients {
+    let abar = abars[t];
+    let prev = if t == 0 { 1.0 } else { abars[t - 1] };
+    let (c_x0, c_xt, c_eps, sigma) = match ddim {
+        None => {
+            let beta = betas[t];
+            (
+                beta * prev.sqrt() / (1.0 - abar),
+                (1.0 - prev) * (1.0 - beta).sqrt() / (1.0 - abar),
+                0.0,
+                (beta * (1.0 - prev) / (1.0 - abar)).sqrt(),
+            )
+        }
+        Some((p, eta)) => {
+            let ap = abars[p];
+            let sigma = eta * ((1.0 - ap) / (1.0 - abar)).sqrt() * (1.0 - abar / ap).sqrt();
+            (ap.sqrt(), 0.0, (1.0 - ap - sigma * sigma).sqrt(), sigma)
+        }
+    };
+    diffusion::SamplerCoefficients {
+        sqrt_recip_abar: (1.0 / abar).sqrt() as f32,
+        sqrt_recipm1_abar: (1.0 / abar - 1.0).sqrt() as f32,
+        clip,
+        sqrt_abar: abar.sqrt() as f32,
+        sqrt_one_minus_abar: (1.0 - abar).sqrt() as f32,
+        c_x0: c_x0 as f32,
+        c_xt: c_xt as f32,
+        c_eps: c_eps as f32,
+        sigma: sigma as f32,
+    }
+}
+
+/// The diffusion ops: `q_sample` (forward, and gradients in `x0` and `eps`), `simple_loss`
+/// (forward and gradients) and `sampler_step` (DDPM, clipped DDPM, DDIM with eta 0 and clipped
+/// DDIM with eta 1; forward only, it has no backward) on every shape, then once more with NaN,
+/// infinities and large values in every input; then `q_sample` with time indices outside the
+/// table (the host check bypassed), which must give NaN rows and NaN gradient rows on both sides.
+pub fn check_diffusion(dev: &Device) -> Vec<CheckReport> {
+    const STEPS: usize = 1000;
+    let (betas, abars) = linear_schedule(STEPS);
+    let table = q_sample_table(&abars);
+    let sched = (betas.as_slice(), abars.as_slice());
+    let clip = Some((-1.0, 1.0));
+    let samplers = [
+        ("ddpm t=500", sampler_coefficients(sched, 500, None, None)),
+        (
+            "ddpm t=999 clip",
+            sampler_coefficients(sched, 999, None, clip),
+        ),
+        (
+            "ddim eta=0 999->949",
+            sampler_coefficients(sched, 999, Some((949, 0.0)), None),
+        ),
+        (
+            "ddim eta=1 300->250 clip",
+            sampler_coefficients(sched, 300, Some((250, 1.0)), clip),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (i, &(r, c)) in SHAPES.iter().enumerate() {
+        let s = 200 + 10 * i as u64;
+        let n = r * c;
+        let shape = vec![r, c];
+        let t: Vec<u32> = random(s, r, 0.0, STEPS as f32)
+            .into_iter()
+            .map(|v| (v as u32).min(STEPS as u32 - 1))
+            .collect();
+        let mut v: Vec<Vec<f32>> = (1..=5).map(|k| random(s + k, n, -3.0, 3.0)).collect();
+        let mut suffix = "";
+        for special in [false, true] {
+            if special {
+                // Only the largest shape: the aim is the semantics, not the coverage of shapes.
+                if (r, c) != (129, 784) {
+                    break;
+                }
+                for (k, x) in v.iter_mut().enumerate() {
+                    sprinkle(x, s + 6 + k as u64, SPECIALS);
+                }
+                suffix = " non-finite";
+            }
+            let [x0, eps, pred, x_t, noise] =
+                [0, 1, 2, 3, 4].map(|k| (v[k].clone(), shape.clone()));
+            let (t, table) = (&t, &table);
+            out.push(check(
+                dev,
+                format!("q_sample {r}x{c}{suffix}"),
+                &[x0, eps.clone()],
+                1e-5,
+                &|ts| {
+                    let t = Tensor::from_slice(t, r, ts[0].device())?;
+                    let tab = Tensor::from_slice(table, (STEPS, 2), ts[0].device())?;
+                    diffusion::q_sample(ts[0], ts[1], &t, &tab)
+                },
+            ));
+            out.push(check(
+                dev,
+                format!("simple_loss {r}x{c}{suffix}"),
+                &[pred.clone(), eps],
+                1e-5,
+                &|ts| diffusion::simple_loss(ts[0], ts[1]),
+            ));
+            for (name, coefs) in &samplers {
+                let name = format!("sampler_step {name} {r}x{c}{suffix}");
+                let inputs = [&x_t.0, &pred.0, &noise.0];
+                out.push(report(name.clone(), 1e-5, || {
+                    let mut res = Vec::new();
+                    for d in [&Device::Cpu, dev] {
+                        let [a, b, z] = inputs.map(|v| Tensor::from_slice(v, (r, c), d));
+                        res.push(diffusion::sampler_step(&a?, &b?, &z?, coefs)?);
+                    }
+                    compare(&res[1], &res[0], 1e-5, &name)
+                }));
+            }
+        }
+    }
+    let (r, c) = (64, 300);
+    let t: Vec<u32> = (0..r as u32)
+        .map(|i| match i % 8 {
+            1 => STEPS as u32,
+            5 => u32::MAX,
+            _ => i * 13 % STEPS as u32,
+        })
+        .collect();
+    let inputs = [
+        (random(300, r * c, -3.0, 3.0), vec![r, c]),
+        (random(301, r * c, -3.0, 3.0), vec![r, c]),
+    ];
+    let name = format!("q_sample {r}x{c} time indices out of range");
+    let op = |ts: &[&Tensor]| {
+        let tt = Tensor::from_slice(&t, r, ts[0].device())?;
+        let tab = Tensor::from_slice(&table, (STEPS, 2), ts[0].device())?;
+        diffusion::q_sample_unchecked(ts[0], ts[1], &tt, &tab)
+    };
+    out.push(report(name.clone(), 1e-5, || {
+        // The reference itself: NaN rows exactly where the index is out of range.
+        let ts = inputs
+            .iter()
+            .map(|(v, s)| Tensor::from_slice(v, s.as_slice(), &Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let y = host(&op(&[&ts[0], &ts[1]])?)?;
+        for (row, &ti) in y.chunks(c).zip(&t) {
+            let bad = ti as usize >= STEPS;
+            if row.iter().any(|v| v.is_nan() != bad) {
+                return Err(mismatch(format!(
+                    "{name}: the CPU row of time index {ti} is not {}",
+                    if bad { "all NaN" } else { "free of NaN" }
+                )));
+            }
+        }
+        compare_op(dev, &name, &inputs, 1e-5, &op)
+    }));
+    out
+}
+
 /// A group of checks: every check of one op family on the device under test.
 pub type CheckGroup = fn(&Device) -> Vec<CheckReport>;
 
@@ -626,6 +812,7 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("linear", check_linear),
     ("adam", check_adam),
     ("random", check_random),
+    ("diffusion", check_diffusion),
     ("train_step", check_train_step),
 ];
 
@@ -698,6 +885,10 @@ mod tests {
             "non-finite",
             "train step",
             "adam",
+            "q_sample",
+            "simple_loss",
+            "sampler_step",
+            "out of range",
         ] {
             assert!(r.iter().any(|c| c.check.contains(name)), "no {name} check");
         }

@@ -59,6 +59,10 @@ gpu_test!(spectral_norm_power_iteration_matches_cpu, "spectral_norm");
 gpu_test!(linear_gemm_and_epilogue_match_cpu, "linear");
 gpu_test!(adam_kernels_match_cpu, "adam");
 gpu_test!(random_draws_match_cpu, "random");
+gpu_test!(
+    diffusion_kernels_match_cpu_including_out_of_range_time_indices,
+    "diffusion"
+);
 gpu_test!(a_training_step_matches_cpu, "train_step");
 
 #[test]
@@ -72,6 +76,7 @@ fn every_check_group_has_a_test_here() {
         "linear",
         "adam",
         "random",
+        "diffusion",
         "train_step",
     ];
     let groups: Vec<&str> = kernel_check::GROUPS.iter().map(|(g, _)| *g).collect();
