@@ -444,3 +444,104 @@ fn ddim_with_the_optimal_predictor_reproduces_the_published_moments() {
         "{m} {v}"
     );
 }
+
+#[test]
+fn parameter_counts_match_the_built_networks() {
+    use gentrain::config::DenoiserKind;
+    let unet = |mult: Vec<usize>, blocks: usize, attention: bool, variance: ReverseVariance| {
+        DiffusionConfig {
+            denoiser: DenoiserKind::Unet,
+            channels: 16,
+            channel_mult: mult,
+            res_blocks: blocks,
+            attention,
+            groups: 4,
+            variance,
+            ..Default::default()
+        }
+    };
+    let cases = [
+        (DiffusionConfig::default(), 2, None),
+        (
+            DiffusionConfig {
+                input_embedding: 16,
+                hidden: vec![32, 8],
+                ..Default::default()
+            },
+            2,
+            None,
+        ),
+        (
+            DiffusionConfig {
+                variance: ReverseVariance::Learned,
+                ..Default::default()
+            },
+            784,
+            Some((28, 28)),
+        ),
+        (
+            unet(vec![1, 2, 2], 1, false, ReverseVariance::FixedLarge),
+            784,
+            Some((28, 28)),
+        ),
+        (
+            unet(vec![1, 2], 2, true, ReverseVariance::Learned),
+            144,
+            Some((12, 12)),
+        ),
+        (
+            unet(vec![2], 1, true, ReverseVariance::FixedSmall),
+            35,
+            Some((5, 7)),
+        ),
+    ];
+    for (cfg, dim, image) in cases {
+        let m = Diffusion::new(
+            &cfg,
+            dim,
+            image,
+            &Device::Cpu,
+            &mut stream_rng(0, Stream::Init, 0),
+        )
+        .unwrap();
+        assert_eq!(cfg.parameter_count(dim), Some(m.store.numel()), "{cfg:?}");
+        // The output has D m values per row, and a fresh U-Net predicts eps = 0 (zero-initialized
+        // output convolution).
+        let x = Tensor::ones((3, dim), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let out = m.forward(&m.store.tensors(), &x, &[0, 500, 999]).unwrap();
+        assert_eq!(out.dims(), &[3, dim * cfg.output_multiplier()]);
+        if image.is_some() && cfg.denoiser == DenoiserKind::Unet {
+            let max = out
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(max, 0.0);
+        }
+        // The EMA starts as a copy with the same names.
+        let ema = m.named_ema();
+        assert_eq!(ema.len(), m.store.named_tensors().len());
+        assert!(ema.iter().all(|(n, _)| n.starts_with("ema.")));
+    }
+}
+
+#[test]
+fn images_the_unet_cannot_halve_are_refused() {
+    let cfg = DiffusionConfig {
+        denoiser: gentrain::config::DenoiserKind::Unet,
+        channel_mult: vec![1, 2, 2, 2],
+        ..Default::default()
+    };
+    let e = Diffusion::new(
+        &cfg,
+        784,
+        Some((28, 28)),
+        &Device::Cpu,
+        &mut stream_rng(0, Stream::Init, 0),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("28x28") && e.contains("divisible by 8"), "{e}");
+}

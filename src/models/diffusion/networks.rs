@@ -7,7 +7,8 @@
 //!
 //! - Time embedding: the Transformer's sinusoidal embedding of the 0-based step index as the
 //!   DDPM code computes it (`[sin(t f_i), cos(t f_i)]`, `f_i = 10000^(-i / (half - 1))`).
-//! - MLP (`net.0`, `net.2`, ...): `[x_t, emb(t)] -> (Linear, SiLU)* -> Linear`.
+//! - MLP (`net.0`, `net.2`, ...): `[x_t, emb(x_t), emb(t)] -> (Linear, SiLU)* -> Linear`, where
+//!   `emb(x_t)` (optional) embeds each value `x_j` sinusoidally at `input_scale x_j`.
 //! - U-Net (Ho et al. 2020, appendix B, after Ronneberger et al. 2015, small): `time_mlp`
 //!   (Linear, SiLU, Linear to `4 channels`), `conv_in` (3x3), per level `res_blocks` residual
 //!   blocks (GroupNorm, SiLU, 3x3 conv, plus the projected time embedding, GroupNorm, SiLU, 3x3
@@ -15,7 +16,7 @@
 //!   (not after the last level); a middle of two blocks with optional self-attention (GroupNorm,
 //!   1x1 `qkv`, softmax over positions, 1x1 `proj` zero-initialized, residual); the decoder
 //!   mirrors the levels, concatenating each level's skip before its first block and
-//!   up-sampling (nearest, then a 3x3 conv) between levels; `norm_out`, SiLU and a
+//!   up-sampling (nearest, then a 3x3 conv to the next level's channels) between levels; `norm_out`, SiLU and a
 //!   zero-initialized 3x3 `conv_out` (so training starts from `eps_theta = 0`).
 //!
 //! Initialization: PyTorch's default for `nn.Linear` and `nn.Conv2d` (`U(+-1/sqrt(fan_in))`
@@ -32,23 +33,40 @@ use crate::models::ParamStore;
 /// GroupNorm's epsilon (PyTorch's default).
 const GROUP_NORM_EPS: f64 = 1e-5;
 
-/// Sinusoidal embeddings of the step indices `t`: (B, dim), computed in f64 on the host.
-pub fn time_embedding(t: &[u32], dim: usize, device: &Device) -> Result<Tensor> {
-    let half = dim / 2;
+/// The frequencies `f_i = 10000^(-i / (half - 1))`, `i < half`, of a sinusoidal embedding of
+/// width `2 half`.
+fn frequencies(half: usize) -> Vec<f64> {
     let scale = if half > 1 {
         (10000f64).ln() / (half - 1) as f64
     } else {
         0.0
     };
+    (0..half).map(|i| (-(i as f64) * scale).exp()).collect()
+}
+
+/// Sinusoidal embeddings of the step indices `t`: (B, dim), `[sin(t f_i), cos(t f_i)]`,
+/// computed in f64 on the host.
+pub fn time_embedding(t: &[u32], dim: usize, device: &Device) -> Result<Tensor> {
+    let f = frequencies(dim / 2);
     let mut v = Vec::with_capacity(t.len() * dim);
     for &ti in t {
-        let row: Vec<f64> = (0..half)
-            .map(|i| ti as f64 * (-(i as f64) * scale).exp())
-            .collect();
-        v.extend(row.iter().map(|a| a.sin() as f32));
-        v.extend(row.iter().map(|a| a.cos() as f32));
+        v.extend(f.iter().map(|fi| (ti as f64 * fi).sin() as f32));
+        v.extend(f.iter().map(|fi| (ti as f64 * fi).cos() as f32));
     }
     Ok(Tensor::from_vec(v, (t.len(), dim), device)?)
+}
+
+/// Sinusoidal embeddings of every value of x (B, D): (B, D width), value `j`'s block
+/// `[sin(scale x_j f_i), cos(scale x_j f_i)]`, as tensor operations.
+pub fn value_embedding(x: &Tensor, width: usize, scale: f64) -> Result<Tensor> {
+    let (b, d) = x.dims2()?;
+    let f: Vec<f32> = frequencies(width / 2)
+        .iter()
+        .map(|fi| (fi * scale) as f32)
+        .collect();
+    let f = Tensor::from_vec(f, (1, 1, width / 2), x.device())?;
+    let a = x.unsqueeze(2)?.broadcast_mul(&f)?; // (B, D, half)
+    Ok(Tensor::cat(&[a.sin()?, a.cos()?], 2)?.reshape((b, d * width))?)
 }
 
 /// Registers a parameter drawn from `U(-bound, bound)` (or constant `value` when `bound` is
@@ -368,14 +386,19 @@ impl Unet {
                 )?);
                 c = cl;
             }
+            // Up-sampling halves the channels on the way to the level above (its
+            // convolution runs at the higher resolution, so it is the decoder's costliest).
             let resample = if l > 0 {
-                Some(Affine::new(
+                let to = chans[l - 1];
+                let conv = Affine::new(
                     store,
                     &format!("up.{l}.upsample"),
-                    &[c, c, 3, 3],
+                    &[to, c, 3, 3],
                     false,
                     rng,
-                )?)
+                )?;
+                c = to;
+                Some(conv)
             } else {
                 None
             };
@@ -437,6 +460,8 @@ impl Unet {
 pub struct MlpDenoiser {
     layers: Vec<Affine>,
     embedding: usize,
+    /// `(width, scale)` of the input values' embedding (width 0: none).
+    inputs: (usize, f64),
 }
 
 impl MlpDenoiser {
@@ -448,7 +473,7 @@ impl MlpDenoiser {
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let mut layers = Vec::new();
-        let mut d = dim + cfg.time_embedding;
+        let mut d = dim * (1 + cfg.input_embedding) + cfg.time_embedding;
         for (i, &h) in cfg.hidden.iter().chain(std::iter::once(&out)).enumerate() {
             layers.push(Affine::new(
                 store,
@@ -462,12 +487,18 @@ impl MlpDenoiser {
         Ok(MlpDenoiser {
             layers,
             embedding: cfg.time_embedding,
+            inputs: (cfg.input_embedding, cfg.input_scale),
         })
     }
 
     fn forward(&self, w: &[Tensor], x: &Tensor, t: &[u32]) -> Result<Tensor> {
         let temb = time_embedding(t, self.embedding, x.device())?;
-        let mut h = Tensor::cat(&[x, &temb], 1)?;
+        let mut h = if self.inputs.0 > 0 {
+            let xe = value_embedding(x, self.inputs.0, self.inputs.1)?;
+            Tensor::cat(&[x, &xe, &temb], 1)?
+        } else {
+            Tensor::cat(&[x, &temb], 1)?
+        };
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
             h = l.linear(w, &h)?;
