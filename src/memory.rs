@@ -62,13 +62,39 @@ pub fn widest_layer(cfg: &Config, input_dim: usize) -> usize {
         .iter()
         .flat_map(|l| l.hidden.iter().chain([&l.latent]));
     let gan = m.gan.gen_hidden.iter().chain(&m.gan.disc_hidden);
-    layers
+    let widest = layers
         .chain(gan)
         .chain(&m.flow.hidden)
         .copied()
         .chain([input_dim, m.gan.latent])
         .max()
-        .unwrap_or(input_dim)
+        .unwrap_or(input_dim);
+    if m.family == crate::config::ModelFamily::Diffusion {
+        return widest.max(diffusion_activations(&m.diffusion, input_dim));
+    }
+    widest
+}
+
+/// Values per row a diffusion denoiser keeps for its backward pass: the MLP's widest layer with
+/// its inputs, or about 24 feature maps of the U-Net's widest level at full resolution (every
+/// block keeps its normalized, activated and convolved maps).
+fn diffusion_activations(d: &crate::config::DiffusionConfig, input_dim: usize) -> usize {
+    match d.denoiser {
+        crate::config::DenoiserKind::Mlp => d
+            .hidden
+            .iter()
+            .copied()
+            .chain([input_dim.saturating_mul(d.input_embedding + 1) + d.time_embedding])
+            .max()
+            .unwrap_or(input_dim),
+        crate::config::DenoiserKind::Unet => {
+            let widest = d.channel_mult.iter().copied().max().unwrap_or(1);
+            d.channels
+                .saturating_mul(widest)
+                .saturating_mul(input_dim)
+                .saturating_mul(24 * d.res_blocks.max(1))
+        }
+    }
 }
 
 /// The least memory training `cfg` on rows of `input_dim` values needs: the parameters with
