@@ -319,7 +319,7 @@ pub fn diffusion_bound(
     let clip = model.image.is_some() && model.cfg.clip_denoised;
     let (mut total, mut prior_sum, mut rec_sum, mut diff_sum) =
         (Vec::with_capacity(n), 0.0, 0.0, 0.0);
-    let chunk = 250;
+    let chunk = crate::config::DIFFUSION_EVAL_ROWS;
     let mut start = 0;
     while start < n {
         let b = chunk.min(n - start);

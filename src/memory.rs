@@ -70,15 +70,14 @@ pub fn widest_layer(cfg: &Config, input_dim: usize) -> usize {
         .max()
         .unwrap_or(input_dim);
     if m.family == crate::config::ModelFamily::Diffusion {
-        return widest.max(diffusion_activations(&m.diffusion, input_dim));
+        return widest.max(diffusion_widest(&m.diffusion, input_dim));
     }
     widest
 }
 
-/// Values per row a diffusion denoiser keeps for its backward pass: the MLP's widest layer with
-/// its inputs, or about 24 feature maps of the U-Net's widest level at full resolution (every
-/// block keeps its normalized, activated and convolved maps).
-fn diffusion_activations(d: &crate::config::DiffusionConfig, input_dim: usize) -> usize {
+/// A diffusion denoiser's widest activation per row: the MLP's widest layer or its input, or
+/// one feature map of the U-Net's widest level at full resolution.
+fn diffusion_widest(d: &crate::config::DiffusionConfig, input_dim: usize) -> usize {
     match d.denoiser {
         crate::config::DenoiserKind::Mlp => d
             .hidden
@@ -89,11 +88,32 @@ fn diffusion_activations(d: &crate::config::DiffusionConfig, input_dim: usize) -
             .unwrap_or(input_dim),
         crate::config::DenoiserKind::Unet => {
             let widest = d.channel_mult.iter().copied().max().unwrap_or(1);
-            d.channels
-                .saturating_mul(widest)
-                .saturating_mul(input_dim)
-                .saturating_mul(24 * d.res_blocks.max(1))
+            d.channels.saturating_mul(widest).saturating_mul(input_dim)
         }
+    }
+}
+
+/// Copies of the widest activation a training step keeps per row: a forward and a backward
+/// copy, or for a U-Net about 24 maps per residual block level (every block keeps its
+/// normalized, activated and convolved maps for the backward pass).
+fn activation_copies(cfg: &Config) -> usize {
+    let d = &cfg.model.diffusion;
+    if cfg.model.family == crate::config::ModelFamily::Diffusion
+        && d.denoiser == crate::config::DenoiserKind::Unet
+    {
+        24 * d.res_blocks.max(1)
+    } else {
+        2
+    }
+}
+
+/// Rows an evaluation pass holds at once: `eval.max_rows`, or for a diffusion model the chunk
+/// of its bound's evaluation.
+pub fn eval_rows(cfg: &Config) -> usize {
+    if cfg.model.family == crate::config::ModelFamily::Diffusion {
+        crate::config::DIFFUSION_EVAL_ROWS
+    } else {
+        cfg.eval.max_rows
     }
 }
 
@@ -103,7 +123,7 @@ fn diffusion_activations(d: &crate::config::DiffusionConfig, input_dim: usize) -
 pub fn training_bytes(cfg: &Config, input_dim: usize, batch: usize) -> Option<u128> {
     let params = cfg.model.parameter_count(input_dim)?;
     let rows = batch.checked_mul(cfg.objective.k.max(1))?;
-    let activations = f32_bytes(&[rows, widest_layer(cfg, input_dim), 2])?;
+    let activations = f32_bytes(&[rows, widest_layer(cfg, input_dim), activation_copies(cfg)])?;
     f32_bytes(&[params, 4])?.checked_add(activations)
 }
 
@@ -122,9 +142,10 @@ pub fn check_training(cfg: &Config, input_dim: usize, train_rows: usize) -> Resu
         ),
         training_bytes(cfg, input_dim, bs),
     )?;
+    let rows = eval_rows(cfg);
     check(
-        &format!("eval.max_rows = {}", cfg.eval.max_rows),
-        f32_bytes(&[cfg.eval.max_rows, widest_layer(cfg, input_dim), 4]),
+        &format!("evaluating {rows} rows at once"),
+        f32_bytes(&[rows, widest_layer(cfg, input_dim), 4]),
     )
 }
 

@@ -23,6 +23,9 @@ pub const TUNABLE_DIFFUSION_FIELDS: &[&str] = &[
     "model.diffusion.clip_denoised",
 ];
 
+/// Rows of the test set a diffusion model's bound is evaluated on at once.
+pub const DIFFUSION_EVAL_ROWS: usize = 250;
+
 /// The forward process's variance schedule `beta_1..beta_T` (`model.diffusion.schedule`),
 /// always computed in f64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -30,7 +30,7 @@ mod train;
 
 pub use data::{Binarization, DataConfig, Synthetic};
 pub use diffusion::{
-    DenoiserKind, DiffusionConfig, NoiseSchedule, ReverseVariance, SamplerKind,
+    DenoiserKind, DiffusionConfig, NoiseSchedule, DIFFUSION_EVAL_ROWS, ReverseVariance, SamplerKind,
     TUNABLE_DIFFUSION_FIELDS,
 };
 pub use eval::EvalConfig;

@@ -138,7 +138,15 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
     ck.check_data(&data)?;
     crate::memory::check(
         &format!("--max-rows {}", s.max_rows),
-        crate::memory::f32_bytes(&[s.max_rows, crate::memory::widest_layer(&cfg, data.dim()), 4]),
+        crate::memory::f32_bytes(&[
+            if cfg.model.family == crate::config::ModelFamily::Diffusion {
+                crate::config::DIFFUSION_EVAL_ROWS
+            } else {
+                s.max_rows
+            },
+            crate::memory::widest_layer(&cfg, data.dim()),
+            4,
+        ]),
     )?;
     let mut report = Report::new(&ck, &cfg);
     likelihood(&mut report, &ck.model, &data, &s)?;
