@@ -22,6 +22,7 @@ struct Case {
     p: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 const fn case(
     b: usize,
     c: usize,
@@ -167,6 +168,17 @@ fn forward_matches_candle_and_the_definition() {
             assert!(e < 1e-4, "{cs:?}: {e} against the definition");
         }
     }
+}
+
+#[test]
+fn columns_of_32_mib_and_more_give_the_same_result() {
+    // 288 x 36 x 28 x 28 columns: 32.5 MB, allocated with huge-page advice.
+    let cs = case(36, 32, 28, 28, 8, 3, 1, 1);
+    let (x, w, b) = cs.inputs(900);
+    let y = conv2d(&x, &w, Some(&b), cs.s, cs.p).unwrap();
+    let reference = conv2d_slow(&x, &w, Some(&b), cs.s, cs.p).unwrap();
+    let e = rel_err(&flat_f32(&y), &flat_f32(&reference));
+    assert!(e < 1e-4, "{e}");
 }
 
 #[test]

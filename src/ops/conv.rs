@@ -239,7 +239,7 @@ impl Geometry {
     fn im2col(&self, x: &[f32]) -> Vec<f32> {
         let g = *self;
         let (n, plane) = (g.cols(), g.ho * g.wo);
-        let mut cols = vec![0f32; g.rows() * n];
+        let mut cols = zeros(g.rows() * n);
         for_rows(&mut cols, n, |r, row| {
             let (c, i, j) = (r / (g.kh * g.kw), r / g.kw % g.kh, r % g.kw);
             let (y_lo, y_hi) = g.valid(i, g.h, g.ho);
@@ -441,9 +441,58 @@ impl CustomOp1 for Swap {
     }
 }
 
+/// Buffers of this many bytes or more are mapped fresh from the kernel on every allocation (by
+/// glibc's allocator, whose `mmap` threshold stops growing at 32 MiB) and first touched page by
+/// page; [`zeros`] asks for transparent huge pages for them.
+const HUGE_PAGE_MIN_BYTES: usize = 32 << 20;
+
+/// `len` zeros. A large buffer is advised `MADV_HUGEPAGE` before it is written, so that the
+/// kernel backs it with 2 MiB pages (where transparent huge pages are `madvise` or `always`):
+/// 512 times fewer page faults. For the 115 MB of columns of a 3x3 convolution of
+/// `(128, 32, 28, 28)` the faults took about 40 of the 95 ms of the forward pass.
+fn zeros(len: usize) -> Vec<f32> {
+    if len * std::mem::size_of::<f32>() < HUGE_PAGE_MIN_BYTES {
+        return vec![0f32; len];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 1 << 21;
+        let start = v.as_mut_ptr() as usize;
+        let (lo, hi) = (
+            start.div_ceil(HUGE) * HUGE,
+            (start + len * std::mem::size_of::<f32>()) / HUGE * HUGE,
+        );
+        if hi > lo {
+            // SAFETY: `lo..hi` lies inside the allocation of `v`, none of which has been read or
+            // written yet; the advice changes only how its pages are backed, never their contents
+            // (and a refusal leaves ordinary pages).
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.resize(len, 0.0);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_buffers_are_zeros_too() {
+        for len in [
+            0,
+            5,
+            HUGE_PAGE_MIN_BYTES / 4 - 1,
+            HUGE_PAGE_MIN_BYTES / 4 + 12345,
+        ] {
+            let v = zeros(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|x| *x == 0.0));
+        }
+    }
 
     #[test]
     fn valid_ranges_cover_exactly_the_inside_positions() {
