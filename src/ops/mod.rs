@@ -8,6 +8,7 @@
 
 pub mod adam;
 pub mod bernoulli;
+pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod diffusion;
