@@ -23,18 +23,33 @@
 //! On devices other than the CPU, [`conv2d`] is [`conv2d_slow`] (candle's `conv2d` plus the
 //! bias), which there runs candle's GPU convolution. Shapes are checked the same way everywhere.
 //!
-//! Measured (2 rayon threads, batch 128, forward + backward of all three gradients):
+//! Measured with `RAYON_NUM_THREADS=2` on the 2-core development machine (shared with other
+//! builds, so +-20%), batch 128, in ms: the forward pass, and the forward pass plus the backward
+//! of `sum(conv2d(x, w, b) * r)` to all of `x`, `w` and `b` (the best of 8 interleaved runs):
 //!
-//! | x               | w             | s, p | candle: forward, + backward | this op    |
-//! |-----------------|---------------|------|-----------------------------|------------|
-//! TIMING_TABLE
+//! | x                 | w                | s, p | candle's conv2d | this op  |
+//! |-------------------|------------------|------|-----------------|----------|
+//! | (128, 32, 28, 28) | (32, 32, 3, 3)   | 1, 1 | 152 / 476       | 53 / 283 |
+//! | (128, 32, 28, 28) | (64, 32, 3, 3)   | 2, 1 | 26 / 215        | 16 / 96  |
+//! | (128, 64, 14, 14) | (64, 64, 3, 3)   | 1, 1 | 45 / 228        | 26 / 152 |
+//! | (128, 128, 14, 14)| (64, 128, 3, 3)  | 1, 1 | 89 / 417        | 56 / 288 |
+//! | (128, 1, 28, 28)  | (32, 1, 3, 3)    | 1, 1 | 7 / 86          | 2 / 43   |
+//! | (128, 64, 7, 7)   | (64, 64, 3, 3)   | 1, 1 | 12 / 76         | 5 / 40   |
+//! | (128, 64, 14, 14) | (32, 64, 1, 1)   | 1, 0 | 4 / 55          | 2 / 28   |
+//!
+//! Where the rest of the time goes, for the first row: the GEMMs take about 130 ms; the
+//! remainder is memory traffic on buffers the size of `cols` (115 MB): the columns, `dcols`, and
+//! candle's backward adding `dcols` onto a zeroed gradient, each in fresh pages that the kernel
+//! faults in one by one. The columns are therefore advised onto transparent huge pages
+//! (`HUGE_PAGE_MIN_BYTES`); that took the forward pass from 95 to 54 ms there. `dcols` and its
+//! accumulation are allocated by candle's matmul and backprop, out of reach of this module.
 //!
 //! Layout choices, measured the same way: columns `(N, K)` with `cols . w^T` (NHWC-style) gave
-//! GEMMs of about the same speed but a slower gather im2col, a scattering col2im and a full
-//! transpose of the output; forward + backward they were 7-36% slower than `(K, N)` on the shapes below. A 1x1 convolution
-//! with stride 1 run as one GEMM per image on a view of `x` (no columns) was as fast forward
-//! but about twice as slow forward + backward (its weight gradient is `B` small GEMMs and a sum), so
-//! every kernel goes through the columns.
+//! GEMMs of about the same speed but a gathering im2col, a scattering col2im and a full transpose
+//! of the output; forward + backward they were 7-36% slower than `(K, N)` on the shapes above. A
+//! 1x1 convolution with stride 1 run as one GEMM per image on a view of `x` (no columns) was as
+//! fast forward but about twice as slow forward + backward (its weight gradient is `B` small
+//! GEMMs and a sum), so every kernel goes through the columns.
 //!
 //! The price is memory: the graph keeps `cols` (`K N` floats, 9x the input for a 3x3 stride-1
 //! convolution) until the backward has run, where candle's own op keeps only `x`; the backward
