@@ -30,8 +30,8 @@ mod train;
 
 pub use data::{Binarization, DataConfig, Synthetic};
 pub use diffusion::{
-    DenoiserKind, DiffusionConfig, NoiseSchedule, DIFFUSION_EVAL_ROWS, ReverseVariance, SamplerKind,
-    TUNABLE_DIFFUSION_FIELDS,
+    DenoiserKind, DiffusionConfig, NoiseSchedule, ReverseVariance, SamplerKind,
+    DIFFUSION_EVAL_ROWS, TUNABLE_DIFFUSION_FIELDS,
 };
 pub use eval::EvalConfig;
 pub use model::{
