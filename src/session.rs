@@ -156,7 +156,7 @@ pub enum Model {
     Vae(Vae),
     Flow(Flow),
     Gan(Gan),
-    Diffusion(Diffusion),
+    Diffusion(Box<Diffusion>),
 }
 
 impl Model {
@@ -378,7 +378,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
                 ema.load_from(|name, dims| file.tensor(&format!("{prefix}{name}"), dims, device))
                     .map_err(|e| file.error(e))?;
             }
-            Model::Diffusion(m)
+            Model::Diffusion(Box::new(m))
         }
     };
     if !matches!(model, Model::Gan(_) | Model::Diffusion(_)) {

@@ -195,7 +195,7 @@ impl DiffusionConfig {
                 self.beta_start, self.beta_end
             ));
         }
-        if !(self.cosine_s > 0.0 && self.cosine_s.is_finite()) || !unit(self.max_beta) {
+        if !(self.cosine_s > 0.0 && self.cosine_s.is_finite() && unit(self.max_beta)) {
             return bad(format!(
                 "cosine_s = {} must be > 0 and max_beta = {} in (0, 1)",
                 self.cosine_s, self.max_beta

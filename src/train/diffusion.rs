@@ -41,9 +41,10 @@ impl DiffusionTrainee {
     /// checked). A checkpoint saved without an EMA starts one from its weights when the config
     /// now asks for one.
     pub fn restore(cfg: &Config, ck: session::LoadedCheckpoint, device: &Device) -> Result<Self> {
-        let Model::Diffusion(mut model) = ck.model else {
+        let Model::Diffusion(model) = ck.model else {
             return Err(Error::checkpoint(&ck.dir, "not a diffusion checkpoint"));
         };
+        let mut model = *model;
         model.cfg = cfg.model.diffusion.clone();
         if cfg.model.diffusion.ema_decay == 0.0 {
             model.ema = None;
@@ -171,8 +172,11 @@ impl Trainee for DiffusionTrainee {
     }
 
     fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {
-        let mut figures =
-            crate::metrics::quick_sample_figures(&Model::Diffusion(self.model.clone()), cfg, data)?;
+        let mut figures = crate::metrics::quick_sample_figures(
+            &Model::Diffusion(Box::new(self.model.clone())),
+            cfg,
+            data,
+        )?;
         let r = crate::eval::diffusion_bound(
             &self.model,
             &data.test,
@@ -198,7 +202,7 @@ impl Trainee for DiffusionTrainee {
 
     fn write_samples(&self, cfg: &Config, data: &Datasets, path: &Path, epoch: u64) -> Result<()> {
         crate::samples::write_model_samples(
-            &Model::Diffusion(self.model.clone()),
+            &Model::Diffusion(Box::new(self.model.clone())),
             cfg,
             path,
             64,
@@ -218,8 +222,11 @@ impl Trainee for DiffusionTrainee {
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {
-        let mut figures =
-            crate::metrics::quick_sample_figures(&Model::Diffusion(self.model.clone()), cfg, data)?;
+        let mut figures = crate::metrics::quick_sample_figures(
+            &Model::Diffusion(Box::new(self.model.clone())),
+            cfg,
+            data,
+        )?;
         let r = crate::eval::diffusion_bound(
             &self.model,
             &data.test,

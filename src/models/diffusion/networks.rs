@@ -514,7 +514,7 @@ impl MlpDenoiser {
 #[derive(Debug, Clone)]
 pub enum Denoiser {
     Mlp(MlpDenoiser),
-    Unet(Unet),
+    Unet(Box<Unet>),
 }
 
 impl Denoiser {
@@ -545,7 +545,7 @@ impl Denoiser {
                     Error::Config("model.diffusion.denoiser = \"unet\" needs images".into())
                 })?;
                 cfg.check_image_shape(shape)?;
-                Ok(Denoiser::Unet(Unet::new(store, cfg, m, rng)?))
+                Ok(Denoiser::Unet(Box::new(Unet::new(store, cfg, m, rng)?)))
             }
         }
     }

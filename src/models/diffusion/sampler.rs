@@ -4,11 +4,11 @@
 //! - Ancestral: `x_{t-1} = coef1_t x0_hat + coef2_t x_t + sigma_t z` with `x0_hat = (x_t -
 //!   sqrt(1 - abar_t) eps) / sqrt(abar_t)` (clipped to the data range for images), `sigma_t^2`
 //!   fixed (`beta_t` or `beta~_t`) or learned, and no noise at the last step (`t = 0`).
-//! - DDIM on an evenly spaced sub-sequence `tau` of the steps: `x_prev = sqrt(abar_prev) x0_hat
-//!   + sqrt(1 - abar_prev - sigma^2) eps' + sigma z`, `sigma = eta sqrt((1 - abar_prev) / (1 -
-//!   abar)) sqrt(1 - abar / abar_prev)`, with `eps'` recomputed from the clipped `x0_hat` (as
-//!   improved-diffusion's `ddim_sample`) and `abar_prev = 1` after the last step, so the final
-//!   update returns `x0_hat` itself.
+//! - DDIM on an evenly spaced sub-sequence `tau` of the steps: `x_prev = sqrt(abar_prev)
+//!   x0_hat + sqrt(1 - abar_prev - sigma^2) eps' + sigma z` with `sigma = eta sqrt((1 -
+//!   abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)`, `eps'` recomputed from the clipped
+//!   `x0_hat` (as improved-diffusion's `ddim_sample`) and `abar_prev = 1` after the last step, so
+//!   the final update returns `x0_hat` itself.
 //!
 //! Both samplers take the network as a closure `(x_t, t) -> output`, so the tests can drive
 //! them with the exact optimal predictor of Gaussian data.
