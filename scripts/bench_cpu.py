@@ -126,51 +126,25 @@ def git_commit() -> str | None:
         return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trainer", default="target/release/trainer",
-                    help="gentrain binary, relative to the repo root (default %(default)s)")
-    ap.add_argument("--config", default="configs/vae-examples.toml")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=30, help="PyTorch warm-up steps")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--python", default=None,
-                    help="Python with torch (default .venv-torch/bin/python if present)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per command")
-    ap.add_argument("--out-dir", default="bench/results")
-    args = ap.parse_args()
+# Extra workloads (``--workloads``), each timed gentrain vs PyTorch eager on the same config:
+# name -> (title, config).
+WORKLOADS = {
+    "ddpm-mnist": ("DDPM U-Net on MNIST (configs/ddpm-mnist.toml), batch 128",
+                   "configs/ddpm-mnist.toml"),
+}
+DEFAULT_WORKLOADS = "vae"
 
-    trainer = (REPO_ROOT / args.trainer) if not Path(args.trainer).is_absolute() else Path(
-        args.trainer)
-    if not (trainer.is_file() and os.access(trainer, os.X_OK)):
-        sys.exit(f"error: gentrain binary {trainer} not found (or not executable).\n"
-                 "Build it first:  cargo build --release   (then rerun this script)")
-    config = REPO_ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config)
-    if not config.is_file():
-        sys.exit(f"error: config {config} not found")
-    venv_py = REPO_ROOT / ".venv-torch" / "bin" / "python"
-    python = args.python or (str(venv_py) if venv_py.exists() else sys.executable)
-    torch_vae = str(REPO_ROOT / "scripts" / "torch_vae.py")
 
-    common = ["--config", str(config), "--threads", str(args.threads), "--steps", str(args.steps)]
-    variants = {
-        ("gentrain", "cpu"): [str(trainer), "bench", *common, "--json"],
-        ("pytorch", "eager"): [python, torch_vae, "bench", *common, "--warmup",
-                               str(args.warmup), "--json"],
-    }
-    if not args.no_compile:
-        variants[("pytorch", "compile")] = variants[("pytorch", "eager")] + ["--compile"]
+def measure(variants: dict, repeats: int, timeout: float) -> tuple[dict, dict]:
+    """Runs every variant once per round (order rotated); returns (runs, errors) per key."""
     keys = list(variants)
-
     runs: dict[tuple, list[dict]] = {k: [] for k in keys}
     errors: dict[tuple, list[str]] = {k: [] for k in keys}
-    for r in range(args.repeats):
-        print(f"--- round {r + 1}/{args.repeats}", flush=True)
+    for r in range(repeats):
+        print(f"--- round {r + 1}/{repeats}", flush=True)
         order = keys[r % len(keys):] + keys[:r % len(keys)]
         for key in order:
-            rec, err = run(variants[key], args.timeout)
+            rec, err = run(variants[key], timeout)
             if rec is not None:
                 runs[key].append(rec)
             else:
@@ -178,8 +152,12 @@ def main() -> None:
                 errors[key].append(err)
                 if key[0] == "gentrain":
                     sys.exit(f"error: the gentrain bench command failed: {err}")
+    return runs, errors
 
-    base = runs[("pytorch", "eager")]
+
+def summarize(keys: list, runs: dict) -> list[dict]:
+    """One row per (framework, mode): median samples/s and the ratio to PyTorch eager."""
+    base = runs.get(("pytorch", "eager"), [])
     base_med = statistics.median(x["samples_per_s"] for x in base) if base else None
     rows = []
     for key in keys:
@@ -194,54 +172,178 @@ def main() -> None:
                      "ratio_vs_pytorch_eager": med / base_med if base_med else None,
                      "samples_per_s": vals, "batch": runs[key][0].get("batch"),
                      "threads": runs[key][0].get("threads"), "records": runs[key]})
+    return rows
 
-    torch_version = next((x.get("torch_version") for x in base), None)
-    machine = machine_info()
-    now = dt.datetime.now(dt.timezone.utc)
+
+def markdown_table(rows: list[dict]) -> list[str]:
     table = ["| framework | mode | samples/s (median) | ratio vs PyTorch eager | runs |",
              "| --- | --- | ---: | ---: | --- |"]
     for row in rows:
         ratio = (f"{row['ratio_vs_pytorch_eager']:.2f}x"
                  if row["ratio_vs_pytorch_eager"] is not None else "n/a")
+        # One decimal below 100 samples/s (the diffusion rows), none above (as before).
+        fmt = (lambda v: f"{v:.1f}") if row["median_samples_per_s"] < 100 else (
+            lambda v: f"{v:.0f}")
         table.append(f"| {row['framework']} | {row['mode']} | "
-                     f"{row['median_samples_per_s']:.0f} | {ratio} | "
-                     + ", ".join(f"{v:.0f}" for v in row["samples_per_s"]) + " |")
-    print()
-    print("\n".join(table))
+                     f"{fmt(row['median_samples_per_s'])} | {ratio} | "
+                     + ", ".join(fmt(v) for v in row["samples_per_s"]) + " |")
+    return table
 
-    failed = {f"{k[0]}/{k[1]}": v for k, v in errors.items() if v}
+
+def rel_config(config: Path) -> str:
+    return str(config.relative_to(REPO_ROOT)) if config.is_relative_to(REPO_ROOT) else str(config)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trainer", default="target/release/trainer",
+                    help="gentrain binary, relative to the repo root (default %(default)s)")
+    ap.add_argument("--config", default="configs/vae-examples.toml")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30, help="PyTorch warm-up steps")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--python", default=None,
+                    help="Python with torch (default .venv-torch/bin/python if present)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per command")
+    ap.add_argument("--out-dir", default="bench/results")
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
+                    help="comma-separated: vae (--config, the default) and/or "
+                         + ", ".join(WORKLOADS) + " (opt-in: a training step of the DDPM "
+                         "U-Net takes about a second on 2 cores); default %(default)s")
+    ap.add_argument("--diffusion-steps", type=int, default=20,
+                    help="timed steps of the diffusion workloads, both sides (default %(default)s)")
+    ap.add_argument("--diffusion-warmup", type=int, default=3,
+                    help="warm-up steps of the diffusion workloads, both sides "
+                         "(default %(default)s)")
+    args = ap.parse_args()
+
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in names if w != "vae" and w not in WORKLOADS]
+    if unknown or not names:
+        sys.exit(f"error: unknown workload(s) {unknown or names}; known: vae, "
+                 + ", ".join(WORKLOADS))
+    trainer = (REPO_ROOT / args.trainer) if not Path(args.trainer).is_absolute() else Path(
+        args.trainer)
+    if not (trainer.is_file() and os.access(trainer, os.X_OK)):
+        sys.exit(f"error: gentrain binary {trainer} not found (or not executable).\n"
+                 "Build it first:  cargo build --release   (then rerun this script)")
+    config = REPO_ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config)
+    if "vae" in names and not config.is_file():
+        sys.exit(f"error: config {config} not found")
+    venv_py = REPO_ROOT / ".venv-torch" / "bin" / "python"
+    python = args.python or (str(venv_py) if venv_py.exists() else sys.executable)
+    torch_vae = str(REPO_ROOT / "scripts" / "torch_vae.py")
+    diffusion_ref = str(REPO_ROOT / "scripts" / "diffusion_reference.py")
+
+    # The VAE workload (the script's original and default run: output unchanged).
+    rows, variants, failed, torch_version = [], {}, {}, None
+    if "vae" in names:
+        common = ["--config", str(config), "--threads", str(args.threads), "--steps",
+                  str(args.steps)]
+        variants = {
+            ("gentrain", "cpu"): [str(trainer), "bench", *common, "--json"],
+            ("pytorch", "eager"): [python, torch_vae, "bench", *common, "--warmup",
+                                   str(args.warmup), "--json"],
+        }
+        if not args.no_compile:
+            variants[("pytorch", "compile")] = variants[("pytorch", "eager")] + ["--compile"]
+        runs, errors = measure(variants, args.repeats, args.timeout)
+        rows = summarize(list(variants), runs)
+        torch_version = next((x.get("torch_version") for x in runs[("pytorch", "eager")]), None)
+        failed = {f"{k[0]}/{k[1]}": v for k, v in errors.items() if v}
+
+    # Extra workloads: gentrain's `trainer bench` against the PyTorch reference's training step.
+    extra = []
+    for name in names:
+        if name == "vae":
+            continue
+        title, cfg_rel = WORKLOADS[name]
+        wcfg = REPO_ROOT / cfg_rel
+        if not wcfg.is_file():
+            sys.exit(f"error: config {wcfg} not found (workload {name})")
+        print(f"=== workload {name}: {title}", flush=True)
+        st, wu = str(args.diffusion_steps), str(args.diffusion_warmup)
+        wvariants = {
+            ("gentrain", "cpu"): [str(trainer), "bench", "--config", str(wcfg), "--threads",
+                                  str(args.threads), "--steps", st, "--warmup", wu, "--json"],
+            ("pytorch", "eager"): [python, diffusion_ref, "--bench-train", st, "--config",
+                                   str(wcfg), "--threads", str(args.threads), "--warmup", wu,
+                                   "--json"],
+        }
+        wruns, werrors = measure(wvariants, args.repeats, args.timeout)
+        torch_version = torch_version or next(
+            (x.get("torch_version") for x in wruns[("pytorch", "eager")]), None)
+        extra.append({
+            "name": name, "title": title, "config": rel_config(wcfg),
+            "config_sha256": sha256(wcfg), "steps": args.diffusion_steps,
+            "warmup": args.diffusion_warmup, "repeats": args.repeats,
+            "commands": {f"{k[0]}/{k[1]}": shlex.join(v) for k, v in wvariants.items()},
+            "results": summarize(list(wvariants), wruns),
+            "errors": {f"{k[0]}/{k[1]}": v for k, v in werrors.items() if v},
+        })
+
+    machine = machine_info()
+    now = dt.datetime.now(dt.timezone.utc)
+    table = markdown_table(rows)
+    if rows:
+        print()
+        print("\n".join(table))
+    for w in extra:
+        print(f"\n{w['title']}\n")
+        print("\n".join(markdown_table(w["results"])))
+
     result = {
         "date_utc": now.isoformat(timespec="seconds"),
         "machine": machine,
         "torch_version": torch_version,
         "python": python,
         "gentrain_commit": git_commit(),
-        "config": str(config.relative_to(REPO_ROOT)) if config.is_relative_to(REPO_ROOT)
-        else str(config),
-        "config_sha256": sha256(config),
+        "config": rel_config(config) if "vae" in names else None,
+        "config_sha256": sha256(config) if "vae" in names else None,
         "threads": args.threads, "steps": args.steps, "warmup_pytorch": args.warmup,
         "repeats": args.repeats,
         "commands": {f"{k[0]}/{k[1]}": shlex.join(v) for k, v in variants.items()},
         "results": rows,
         "errors": failed,
     }
+    if extra:
+        result["workloads"] = extra
     out_dir = REPO_ROOT / args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"cpu-{now.date().isoformat()}"
+    # The default run keeps its file name; other selections get theirs (no overwrite).
+    suffix = "" if names == ["vae"] else "-" + "+".join(names)
+    stem = out_dir / f"cpu-{now.date().isoformat()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
     md = [f"# CPU training throughput, {now.date().isoformat()} (UTC)", "",
           f"- machine: {machine['cpu_model']}, {machine['cores']} cores"
-          f" (threads per core: {machine['threads_per_core']}), kernel {machine['kernel']}",
-          f"- torch {torch_version}, threads {args.threads}, {args.steps} timed steps"
-          f" (PyTorch: {args.warmup} warm-up steps), median of {args.repeats} alternating rounds",
-          f"- config `{result['config']}` (sha256 {str(result['config_sha256'])[:12]}),"
-          f" gentrain commit {result['gentrain_commit'] or 'n/a'}",
-          "", *table, "", "Commands:", ""]
-    md += [f"- {name}: `{cmd}`" for name, cmd in result["commands"].items()]
-    if failed:
-        md += ["", "Failures:", ""]
-        md += [f"- {name}: {errs[0][:300]}" for name, errs in failed.items()]
+          f" (threads per core: {machine['threads_per_core']}), kernel {machine['kernel']}"]
+    if "vae" in names:
+        md += [f"- torch {torch_version}, threads {args.threads}, {args.steps} timed steps"
+               f" (PyTorch: {args.warmup} warm-up steps), median of {args.repeats} alternating"
+               " rounds",
+               f"- config `{result['config']}` (sha256 {str(result['config_sha256'])[:12]}),"
+               f" gentrain commit {result['gentrain_commit'] or 'n/a'}",
+               "", *table, "", "Commands:", ""]
+        md += [f"- {name}: `{cmd}`" for name, cmd in result["commands"].items()]
+        if failed:
+            md += ["", "Failures:", ""]
+            md += [f"- {name}: {errs[0][:300]}" for name, errs in failed.items()]
+    else:
+        md += [f"- torch {torch_version}, threads {args.threads},"
+               f" gentrain commit {result['gentrain_commit'] or 'n/a'}"]
+    for w in extra:
+        md += ["", f"## {w['title']}", "",
+               f"- {w['steps']} timed steps after {w['warmup']} warm-up steps on both sides,"
+               f" median of {w['repeats']} alternating rounds; config `{w['config']}`"
+               f" (sha256 {str(w['config_sha256'])[:12]})",
+               "", *markdown_table(w["results"]), "", "Commands:", ""]
+        md += [f"- {name}: `{cmd}`" for name, cmd in w["commands"].items()]
+        if w["errors"]:
+            md += ["", "Failures:", ""]
+            md += [f"- {name}: {errs[0][:300]}" for name, errs in w["errors"].items()]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 

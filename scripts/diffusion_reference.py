@@ -488,7 +488,7 @@ def bound(model, dc, sch, x0_all: np.ndarray, t_draws: int, seed: int, chunk: in
     total = prior + rec + kl
     nll, se = mean_and_stderr(total)
     d = x0_all.shape[1]
-    return {
+    return {"_rows": {"total": total, "reconstruction": rec, "diffusion": kl}, **{
         "framework": "pytorch", "nll": nll, "nll_stderr": se,
         "bits_per_dim": nll / (d * math.log(2.0)), "n": len(total),
         "estimator": "exact" if t_draws == 0 else "monte-carlo", "t_draws": t_draws,
@@ -496,7 +496,25 @@ def bound(model, dc, sch, x0_all: np.ndarray, t_draws: int, seed: int, chunk: in
         "reconstruction_stderr": mean_and_stderr(rec)[1],
         "diffusion": float(kl.mean()), "diffusion_stderr": mean_and_stderr(kl)[1],
         "clip_denoised": clip, "seed": seed, "seconds": time.perf_counter() - t_start,
-    }
+    }}
+
+
+def mc_errors(a: dict, b: dict) -> dict:
+    """Monte-Carlo-only standard errors of the means from two runs on the same images.
+
+    The per-image estimates of two runs with independent draws differ only by the draws, so
+    var(a_i - b_i) = 2 v_i with v_i the draw variance of image i, and the standard error of one
+    run's mean due to the draws alone is sd(a_i - b_i) / sqrt(2 n). Two implementations of the
+    same model on the same images differ by sqrt(2) times that (plus nothing from the spread
+    over images, which both share): the sharp test of `--compare --mc-check`.
+    """
+    out = {}
+    for k in ("total", "reconstruction", "diffusion"):
+        d = a["_rows"][k] - b["_rows"][k]
+        out[f"{'nll' if k == 'total' else k}_mc_stderr"] = float(
+            d.std(ddof=1) / math.sqrt(2 * len(d)))
+    out["second_run_nll"] = float(b["nll"])
+    return out
 
 
 def run_trainer_eval(trainer: str, ckpt: Path, limit: int, t_draws: int, threads: int,
@@ -548,6 +566,19 @@ def compare(ours: dict, theirs: dict) -> dict:
         if f"{k}_stderr" in ours and k in theirs:
             res[f"{k}_diff"] = ours[k] - theirs[k]
     res["agree"] = bool(res["within_3_sigma"] and res["prior_agrees"])
+    mc = ours.get("mc")
+    if mc:  # sharp test: the draws' error alone (both sides evaluate the same images)
+        for k, key in (("nll", "nll_mc_stderr"), ("reconstruction", "reconstruction_mc_stderr"),
+                       ("diffusion", "diffusion_mc_stderr")):
+            if k not in theirs:
+                continue
+            s = math.sqrt(2.0) * mc[key]
+            dk = ours[k] - theirs[k]
+            res[f"{k}_z_mc"] = dk / s if s > 0 else (0.0 if dk == 0 else float("inf"))
+        res["within_3_mc_sigma"] = all(abs(res[f"{k}_z_mc"]) <= 3.0
+                                       for k in ("nll", "reconstruction", "diffusion")
+                                       if f"{k}_z_mc" in res)
+        res["agree"] = bool(res["agree"] and res["within_3_mc_sigma"])
     return res
 
 
@@ -653,6 +684,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--compare", action="store_true",
                     help="also run `trainer eval` and check agreement (exit 1 if not)")
+    ap.add_argument("--mc-check", action="store_true",
+                    help="run the bound twice (independent draws) to measure its Monte-Carlo "
+                         "error alone; with --compare, also require agreement within 3 of it")
     ap.add_argument("--trainer", default=DEFAULT_TRAINER, help="gentrain binary for --compare")
     ap.add_argument("--bench-train", type=int, metavar="STEPS", default=None,
                     help="time STEPS training steps instead of computing the bound")
@@ -703,6 +737,12 @@ def main() -> None:
     sch = make_schedule(dc)
     clip = bool(dc["clip_denoised"])
     r = bound(model, dc, sch, x0, args.t_draws, args.seed, args.chunk, clip)
+    if args.mc_check:
+        if n < 2:
+            die("--mc-check needs at least 2 images")
+        r["mc"] = mc_errors(r, bound(model, dc, sch, x0, args.t_draws, args.seed + 1_000_003,
+                                     args.chunk, clip))
+    del r["_rows"]
     r.update(checkpoint=str(f), weights=which, step=int(meta.get("step", 0)),
              timesteps=sch["T"], variance=dc["variance"], denoiser=dc["denoiser"],
              params=sum(p.numel() for p in model.parameters()))

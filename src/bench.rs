@@ -204,7 +204,7 @@ pub type KernelCall<'a> = Box<dyn Fn() -> candle_core::Result<()> + 'a>;
 /// `(name, bytes each call must read and write, the call)`, a plain device copy first as the
 /// bandwidth reference.
 pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_>)> {
-    use crate::ops::{adam, bernoulli, diffusion, gaussian, linear, logsumexp, spectral_norm};
+    use crate::ops::{adam, bernoulli, gaussian, linear, logsumexp, spectral_norm};
     let (n, rows, f) = (x.elements(), x.rows, 4usize);
     let sn_cols = x.sn_w.dim(1).unwrap_or(1);
     let sn_bytes = (2 * 2048 * sn_cols + 3 * 2048 + 2 * sn_cols) * f;
@@ -221,21 +221,7 @@ pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_
         bias_correction2: 0.001,
     };
     let (a, b, c, bits, g_rows) = (&x.a, &x.b, &x.c, &x.bits, &x.g_rows);
-    // A DDIM step (eta = 0.5, clipped) from abar 0.5 to 0.6: every term of the update runs.
-    let (abar, prev) = (0.5f64, 0.6f64);
-    let sigma = 0.5 * ((1.0 - prev) / (1.0 - abar)).sqrt() * (1.0 - abar / prev).sqrt();
-    let ddim = diffusion::SamplerCoefficients {
-        sqrt_recip_abar: (1.0 / abar).sqrt() as f32,
-        sqrt_recipm1_abar: (1.0 / abar - 1.0).sqrt() as f32,
-        clip: Some((-1.0, 1.0)),
-        sqrt_abar: abar.sqrt() as f32,
-        sqrt_one_minus_abar: (1.0 - abar).sqrt() as f32,
-        c_x0: prev.sqrt() as f32,
-        c_xt: 0.0,
-        c_eps: (1.0 - prev - sigma * sigma).sqrt() as f32,
-        sigma: sigma as f32,
-    };
-    vec![
+    let mut cases: Vec<(&'static str, usize, KernelCall<'_>)> = vec![
         ("copy", 2 * n * f, Box::new(move || a.copy().map(drop))),
         (
             "reparameterize",
@@ -312,6 +298,32 @@ pub fn kernel_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_
             4 * n * f,
             Box::new(move || x.param.inplace_op2(&x.state, &apply)),
         ),
+    ];
+    cases.extend(diffusion_cases(x));
+    cases
+}
+
+/// The diffusion family's rows of [`kernel_cases`]: the forward process with its loss, and one
+/// sampler update.
+fn diffusion_cases(x: &KernelInputs) -> Vec<(&'static str, usize, KernelCall<'_>)> {
+    use crate::ops::diffusion;
+    let (n, rows, f) = (x.elements(), x.rows, 4usize);
+    let (a, b, c) = (&x.a, &x.b, &x.c);
+    // A DDIM step (eta = 0.5, clipped) from abar 0.5 to 0.6: every term of the update runs.
+    let (abar, prev) = (0.5f64, 0.6f64);
+    let sigma = 0.5 * ((1.0 - prev) / (1.0 - abar)).sqrt() * (1.0 - abar / prev).sqrt();
+    let ddim = diffusion::SamplerCoefficients {
+        sqrt_recip_abar: (1.0 / abar).sqrt() as f32,
+        sqrt_recipm1_abar: (1.0 / abar - 1.0).sqrt() as f32,
+        clip: Some((-1.0, 1.0)),
+        sqrt_abar: abar.sqrt() as f32,
+        sqrt_one_minus_abar: (1.0 - abar).sqrt() as f32,
+        c_x0: prev.sqrt() as f32,
+        c_xt: 0.0,
+        c_eps: (1.0 - prev - sigma * sigma).sqrt() as f32,
+        sigma: sigma as f32,
+    };
+    vec![
         (
             // x_t = q_sample(x0, eps, t) (reads 2n and the indices, writes n), then its loss
             // against eps (reads 2n, writes one value per row).

@@ -760,6 +760,14 @@ pub fn check_diffusion(dev: &Device) -> Vec<CheckReport> {
             }
         }
     }
+    out.push(check_q_sample_out_of_range(dev, &table));
+    out
+}
+
+/// `q_sample` with time indices at and beyond T: NaN rows exactly there, on the CPU (checked
+/// first, as the reference) and on the device.
+fn check_q_sample_out_of_range(dev: &Device, table: &[f32]) -> CheckReport {
+    const STEPS: usize = 1000;
     let (r, c) = (64, 300);
     let t: Vec<u32> = (0..r as u32)
         .map(|i| match i % 8 {
@@ -775,10 +783,10 @@ pub fn check_diffusion(dev: &Device) -> Vec<CheckReport> {
     let name = format!("q_sample {r}x{c} time indices out of range");
     let op = |ts: &[&Tensor]| {
         let tt = Tensor::from_slice(&t, r, ts[0].device())?;
-        let tab = Tensor::from_slice(&table, (STEPS, 2), ts[0].device())?;
+        let tab = Tensor::from_slice(table, (STEPS, 2), ts[0].device())?;
         diffusion::q_sample_unchecked(ts[0], ts[1], &tt, &tab)
     };
-    out.push(report(name.clone(), 1e-5, || {
+    report(name.clone(), 1e-5, || {
         // The reference itself: NaN rows exactly where the index is out of range.
         let ts = inputs
             .iter()
@@ -795,8 +803,7 @@ pub fn check_diffusion(dev: &Device) -> Vec<CheckReport> {
             }
         }
         compare_op(dev, &name, &inputs, 1e-5, &op)
-    }));
-    out
+    })
 }
 
 /// A group of checks: every check of one op family on the device under test.

@@ -312,6 +312,78 @@ pub struct Unet {
     embedding: usize,
 }
 
+/// What building a U-Net needs at every level: the store, the block settings and the
+/// generator.
+struct Builder<'a> {
+    store: &'a mut ParamStore,
+    rng: &'a mut ChaCha8Rng,
+    /// Width of the time MLP's output.
+    emb: usize,
+    groups: usize,
+    res_blocks: usize,
+}
+
+impl Builder<'_> {
+    fn block(&mut self, name: &str, a: usize, b: usize) -> Result<ResBlock> {
+        ResBlock::new(self.store, name, a, b, self.emb, self.groups, self.rng)
+    }
+
+    fn conv(&mut self, name: &str, shape: &[usize], zero: bool) -> Result<Affine> {
+        Affine::new(self.store, name, shape, zero, self.rng)
+    }
+
+    /// The encoder from `c` channels: its levels, the channels of each level's skip and the
+    /// channels it ends with.
+    fn down(&mut self, chans: &[usize], mut c: usize) -> Result<(Vec<Level>, Vec<usize>, usize)> {
+        let (mut levels, mut skips) = (Vec::new(), Vec::new());
+        for (l, &cl) in chans.iter().enumerate() {
+            let mut blocks = Vec::new();
+            for i in 0..self.res_blocks {
+                blocks.push(self.block(&format!("down.{l}.blocks.{i}"), c, cl)?);
+                c = cl;
+            }
+            skips.push(c);
+            let resample = if l + 1 < chans.len() {
+                Some(self.conv(&format!("down.{l}.downsample"), &[c, c, 3, 3], false)?)
+            } else {
+                None
+            };
+            levels.push(Level { blocks, resample });
+        }
+        Ok((levels, skips, c))
+    }
+
+    /// The decoder from `c` channels, lowest level first, with the encoder's `skips`; returns
+    /// its levels and the channels it ends with. Up-sampling changes the channels to the level
+    /// above's (its convolution runs at the higher resolution, the decoder's costliest).
+    fn up(
+        &mut self,
+        chans: &[usize],
+        skips: &[usize],
+        mut c: usize,
+    ) -> Result<(Vec<Level>, usize)> {
+        let mut levels = Vec::new();
+        for (l, &cl) in chans.iter().enumerate().rev() {
+            let mut blocks = Vec::new();
+            for i in 0..self.res_blocks {
+                let a = if i == 0 { c + skips[l] } else { c };
+                blocks.push(self.block(&format!("up.{l}.blocks.{i}"), a, cl)?);
+                c = cl;
+            }
+            let resample = if l > 0 {
+                let to = chans[l - 1];
+                let conv = self.conv(&format!("up.{l}.upsample"), &[to, c, 3, 3], false)?;
+                c = to;
+                Some(conv)
+            } else {
+                None
+            };
+            levels.push(Level { blocks, resample });
+        }
+        Ok((levels, c))
+    }
+}
+
 impl Unet {
     /// Creates every parameter for one-channel images with `out` output channels.
     fn new(
@@ -321,97 +393,41 @@ impl Unet {
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let (e, ch, g) = (cfg.time_embedding, cfg.channels, cfg.groups);
-        let emb = 4 * ch;
+        let mut b = Builder {
+            store,
+            rng,
+            emb: 4 * ch,
+            groups: g,
+            res_blocks: cfg.res_blocks,
+        };
+        let emb = b.emb;
         let time_mlp = (
-            Affine::new(store, "time_mlp.0", &[emb, e], false, rng)?,
-            Affine::new(store, "time_mlp.2", &[emb, emb], false, rng)?,
+            b.conv("time_mlp.0", &[emb, e], false)?,
+            b.conv("time_mlp.2", &[emb, emb], false)?,
         );
-        let conv_in = Affine::new(store, "conv_in", &[ch, 1, 3, 3], false, rng)?;
+        let conv_in = b.conv("conv_in", &[ch, 1, 3, 3], false)?;
         let chans: Vec<usize> = cfg.channel_mult.iter().map(|m| ch * m).collect();
-        let mut c = ch;
-        let mut skips = Vec::new();
-        let mut down = Vec::new();
-        for (l, &cl) in chans.iter().enumerate() {
-            let mut blocks = Vec::new();
-            for i in 0..cfg.res_blocks {
-                blocks.push(ResBlock::new(
-                    store,
-                    &format!("down.{l}.blocks.{i}"),
-                    c,
-                    cl,
-                    emb,
-                    g,
-                    rng,
-                )?);
-                c = cl;
-            }
-            skips.push(c);
-            let resample = if l + 1 < chans.len() {
-                Some(Affine::new(
-                    store,
-                    &format!("down.{l}.downsample"),
-                    &[c, c, 3, 3],
-                    false,
-                    rng,
-                )?)
-            } else {
-                None
-            };
-            down.push(Level { blocks, resample });
-        }
-        let mid1 = ResBlock::new(store, "mid.block1", c, c, emb, g, rng)?;
+        let (down, skips, c) = b.down(&chans, ch)?;
+        let mid1 = b.block("mid.block1", c, c)?;
         let attention = if cfg.attention {
             Some(Attention {
-                norm: GroupNorm::new(store, "mid.attn.norm", g, c, rng)?,
-                qkv: Affine::new(store, "mid.attn.qkv", &[3 * c, c, 1, 1], false, rng)?,
-                proj: Affine::new(store, "mid.attn.proj", &[c, c, 1, 1], true, rng)?,
+                norm: GroupNorm::new(b.store, "mid.attn.norm", g, c, b.rng)?,
+                qkv: b.conv("mid.attn.qkv", &[3 * c, c, 1, 1], false)?,
+                proj: b.conv("mid.attn.proj", &[c, c, 1, 1], true)?,
             })
         } else {
             None
         };
-        let mid2 = ResBlock::new(store, "mid.block2", c, c, emb, g, rng)?;
-        let mut up = Vec::new();
-        for (l, &cl) in chans.iter().enumerate().rev() {
-            let mut blocks = Vec::new();
-            for i in 0..cfg.res_blocks {
-                let a = if i == 0 { c + skips[l] } else { c };
-                blocks.push(ResBlock::new(
-                    store,
-                    &format!("up.{l}.blocks.{i}"),
-                    a,
-                    cl,
-                    emb,
-                    g,
-                    rng,
-                )?);
-                c = cl;
-            }
-            // Up-sampling halves the channels on the way to the level above (its
-            // convolution runs at the higher resolution, so it is the decoder's costliest).
-            let resample = if l > 0 {
-                let to = chans[l - 1];
-                let conv = Affine::new(
-                    store,
-                    &format!("up.{l}.upsample"),
-                    &[to, c, 3, 3],
-                    false,
-                    rng,
-                )?;
-                c = to;
-                Some(conv)
-            } else {
-                None
-            };
-            up.push(Level { blocks, resample });
-        }
+        let mid2 = b.block("mid.block2", c, c)?;
+        let (up, c) = b.up(&chans, &skips, c)?;
         Ok(Unet {
             time_mlp,
             conv_in,
             down,
             mid: (mid1, attention, mid2),
             up,
-            norm_out: GroupNorm::new(store, "norm_out", g, c, rng)?,
-            conv_out: Affine::new(store, "conv_out", &[out, c, 3, 3], true, rng)?,
+            norm_out: GroupNorm::new(b.store, "norm_out", g, c, b.rng)?,
+            conv_out: b.conv("conv_out", &[out, c, 3, 3], true)?,
             embedding: e,
         })
     }
