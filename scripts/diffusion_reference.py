@@ -36,6 +36,12 @@ code. It does three things:
    ``--compare`` also runs ``trainer eval`` on the same checkpoint and images and checks that the
    two figures agree within a combined 3 sigma (the draws differ, so agreement is statistical);
    the prior term, which has no draw, must agree to float precision. Exit status 1 when not.
+   The two standard errors include the spread of the bound over images, which both sides share
+   (same images), so that test is loose. ``--mc-check`` runs the bound a second time with
+   independent draws: the per-image differences of the two runs measure the Monte-Carlo error
+   alone (``mc``), and with ``--compare`` the total and each of L_0 and the KL sum must then
+   also agree within 3 of sqrt(2) times that error (``*_z_mc``), a test tighter by the ratio of
+   the bound's spread over images to its Monte-Carlo error.
 
 3. ``--bench-train STEPS`` times training steps of the same denoiser (simple loss, Adam, the
    config's batch size and gradient clipping, the EMA update when the config has one) on random
@@ -45,7 +51,7 @@ code. It does three things:
 Examples:
 
     .venv-torch/bin/python scripts/diffusion_reference.py --checkpoint runs/ddpm-mnist-X \\
-        --limit 200 --t-draws 8 --compare
+        --limit 200 --t-draws 8 --compare --mc-check
     .venv-torch/bin/python scripts/diffusion_reference.py --bench-train 20 \\
         --config configs/ddpm-mnist.toml --json
 
@@ -79,7 +85,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRAINER = "/tmp/trainer-ref"
+# `--compare`'s gentrain binary: a copy in /tmp when there is one (so a rebuild in progress does
+# not change the binary under a long check), else the release build of this checkout.
+DEFAULT_TRAINER = ("/tmp/trainer-ref" if os.access("/tmp/trainer-ref", os.X_OK)
+                   else str(REPO_ROOT / "target" / "release" / "trainer"))
 
 # [model.diffusion] defaults (docs: configs and docs/checkpoints.md); used to fill keys a TOML
 # file leaves out. A checkpoint's `config` metadata is fully resolved and needs none of them.

@@ -387,7 +387,7 @@ fn latest_values(run: &std::path::Path) -> Vec<Vec<f32>> {
 }
 
 #[test]
-fn flows_and_gans_train_data_parallel_like_one_process() {
+fn flows_gans_and_diffusion_models_train_data_parallel_like_one_process() {
     use common::assert_success;
     let dir = tempfile::tempdir().unwrap();
     // 98 rows in global batches of 48: the third batch has 2 rows, so one of 3 ranks gets none.
@@ -405,8 +405,13 @@ fn flows_and_gans_train_data_parallel_like_one_process() {
         "--threads",
         "1",
     ];
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 5] = [
         ("configs/realnvp-moons.toml", &[]),
+        ("configs/ddpm-grid25.toml", &[]),
+        (
+            "configs/ddpm-grid25.toml",
+            &["--set", "model.diffusion.variance=\"learned\""],
+        ),
         ("configs/sngan-grid25.toml", &[]),
         (
             "configs/sngan-grid25.toml",
