@@ -277,7 +277,7 @@ pub struct DiffusionBoundReport {
     pub n: usize,
     /// `exact` (all T terms per row) or `monte-carlo` (see `t_draws`).
     pub estimator: &'static str,
-    /// Steps drawn per row for the `T - 1` KL terms (0: all of them, exactly).
+    /// Steps drawn per row for the `T - 1` KL terms, one per stratum (0: all of them, exactly).
     pub t_draws: usize,
     /// Mean prior term `L_T` in nats per row.
     pub prior: f64,
@@ -289,15 +289,36 @@ pub struct DiffusionBoundReport {
     pub seconds: f64,
 }
 
+/// At most `k` strata of `0..n`, as `(start, length)`, spaced geometrically (boundaries at
+/// `round(n^(i/k))`), so the first steps, whose terms are the largest and vary the most, get
+/// strata of their own; `k >= n` gives every step its own stratum.
+fn strata(n: usize, k: usize) -> Vec<(usize, usize)> {
+    if k >= n {
+        return (0..n).map(|i| (i, 1)).collect();
+    }
+    let mut bounds = vec![0usize];
+    for i in 1..=k {
+        let b = ((n as f64).powf(i as f64 / k as f64).round() as usize).clamp(1, n);
+        if b > *bounds.last().expect("starts with 0") {
+            bounds.push(b);
+        }
+    }
+    bounds.windows(2).map(|w| (w[0], w[1] - w[0])).collect()
+}
+
 /// The diffusion model's variational bound on the first `limit` rows (0: all) of `data`, from
 /// the evaluation (EMA) weights, every term as `objectives::diffusion` defines it:
 ///
 /// - `t_draws = 0`: the exact sum over all T terms per row, each KL term with one draw of
 ///   `x_t ~ q(x_t | x_0)` (as the reference `calc_bpd_loop`): T network passes per row;
 /// - `t_draws = K > 0`: an unbiased estimate that computes the prior term exactly and the
-///   reconstruction term `L_0` with one draw, and estimates the `T - 1` KL terms as `(T - 1)`
-///   times their mean over `K` steps drawn uniformly from `1..T` per row: `K + 1` passes per
-///   row. Stratifying out `L_0` (the largest term on images) keeps its variance low.
+///   reconstruction term `L_0` with one draw, and estimates the sum of the `T - 1` KL terms by
+///   stratified sampling: the steps `1..T` cut into at most `K` geometrically spaced strata
+///   (the first steps alone, the last ones in long strata), one step drawn uniformly in each
+///   per row, its term weighted by its stratum's length: at most `K + 1` passes per row. The
+///   KL terms are largest and most variable near `t = 1`; uniform draws over `t` would be
+///   unbiased but so skewed that small `K` underestimates in practice (measured on the
+///   grid-25 model: 4 uniform draws gave 5.0 nats for an exact 6.6).
 ///
 /// The draws come from streams keyed by `seed`, so the figure is reproducible.
 pub fn diffusion_bound(
@@ -351,10 +372,12 @@ pub fn diffusion_bound(
             }
         } else if steps > 1 {
             let mut trng = stream_rng(seed, Stream::Timestep, start as u64);
-            for _ in 0..t_draws {
-                let t: Vec<u32> = (0..b).map(|_| trng.random_range(1..steps as u32)).collect();
+            for (lo, len) in strata(steps - 1, t_draws) {
+                let t: Vec<u32> = (0..b)
+                    .map(|_| 1 + (lo + trng.random_range(0..len)) as u32)
+                    .collect();
                 for (k, v) in kl.iter_mut().zip(term(t)?) {
-                    *k += v * (steps - 1) as f64 / t_draws as f64;
+                    *k += v * len as f64;
                 }
             }
         }
@@ -390,6 +413,34 @@ pub fn diffusion_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strata_partition_the_steps_with_the_first_ones_alone() {
+        for (n, k) in [
+            (999, 16),
+            (999, 4),
+            (999, 1),
+            (49, 8),
+            (10, 10),
+            (10, 50),
+            (1, 3),
+        ] {
+            let s = strata(n, k);
+            assert!(s.len() <= k.max(1) || k >= n, "{n} {k}: {s:?}");
+            let mut next = 0;
+            for &(a, len) in &s {
+                assert_eq!(a, next, "{n} {k}: {s:?}");
+                assert!(len >= 1);
+                next = a + len;
+            }
+            assert_eq!(next, n, "{n} {k}: {s:?}");
+            // Lengths never shrink: the short strata are the first steps.
+            assert!(s.windows(2).all(|w| w[0].1 <= w[1].1 + 1), "{n} {k}: {s:?}");
+        }
+        assert_eq!(strata(999, 32)[0], (0, 1));
+        assert!(strata(999, 16)[0].1 <= 2);
+        assert_eq!(strata(5, 9).len(), 5);
+    }
 
     #[test]
     fn log_add_exp_propagates_nan_and_infinities() {
