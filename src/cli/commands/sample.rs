@@ -38,9 +38,6 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
         bail!("this model was trained on 2-D points, not images");
     }
     match (&ck.model, a.kind) {
-        (Model::Vae(_), SampleKind::Trajectory) => {
-            bail!("--kind trajectory needs a diffusion model; this checkpoint is a vae")
-        }
         (Model::Vae(model), _) => write_vae_grid(a, &ck, model, n)?,
         (Model::Diffusion(m), SampleKind::Trajectory) => {
             if shape.0 == 1 {
@@ -79,7 +76,9 @@ fn write_vae_grid(a: &SampleArgs, ck: &LoadedCheckpoint, model: &Vae, n: usize) 
     let shape = ck.image_shape;
     match a.kind {
         SampleKind::Prior => crate::samples::write_samples(model, &a.out, n, a.seed, 0, shape)?,
-        SampleKind::Trajectory => unreachable!("refused by the caller"),
+        SampleKind::Trajectory => {
+            bail!("--kind trajectory needs a diffusion model; this checkpoint is a vae")
+        }
         SampleKind::Reconstructions | SampleKind::Interpolation => {
             let cfg = with_data_dir(ck.config.clone(), a.data_dir.as_deref());
             let data = crate::session::load_datasets(&cfg)?;
