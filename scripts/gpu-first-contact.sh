@@ -36,8 +36,9 @@
 #                     (k = 1000, 2000 images) must be within 0.5 nats of the CPU's 96.92
 #                     (docs/results.md; the README's 96.86 is another machine, same code)
 #   4. bench_kernels  kernel bandwidth against a device copy at 64M elements
-#   5. flows_gans     one epoch each of configs/realnvp-moons.toml and sngan-grid25.toml and
-#                     300 steps (--max-steps) of sngan-dcgan-mnist.toml on cuda:0, then
+#   5. flows_gans     one epoch each of configs/realnvp-moons.toml, sngan-grid25.toml and
+#                     ddpm-grid25.toml, 300 steps (--max-steps) of sngan-dcgan-mnist.toml and
+#                     200 of ddpm-mnist.toml (the U-Net) on cuda:0, then
 #                     `trainer eval --json` on each (also on the checkpoint of a run that its
 #                     time limit stopped: the trainer checkpoints on SIGTERM)
 #   6. nccl           a world of 1 over NCCL (`trainer launch --gpus 0`) against the plain run,
@@ -338,8 +339,8 @@ if need_trainer bench_kernels && begin bench_kernels 15 60; then
 fi
 
 # ---------------------------------------------------------------------------- 5. flows_gans
-if need_trainer flows_gans && begin flows_gans 40 180; then
-  models="realnvp-moons sngan-grid25 sngan-dcgan-mnist"
+if need_trainer flows_gans && begin flows_gans 40 260; then
+  models="realnvp-moons sngan-grid25 sngan-dcgan-mnist ddpm-grid25 ddpm-mnist"
   echo "$models" >"$STEP_DIR/models"
   # One epoch is 79 steps of realnvp-moons and 200 of sngan-grid25 (each well under 10 s even on
   # the 2-core development CPU) and 938 of sngan-dcgan-mnist (about 220 ms a step on that CPU):
@@ -350,11 +351,15 @@ if need_trainer flows_gans && begin flows_gans 40 180; then
   for m in $models; do
     run=$WORK/runs/$m
     if ((DRY)); then
-      steps=20; [[ $m == sngan-dcgan-mnist ]] && steps=4
+      steps=20; [[ $m == sngan-dcgan-mnist || $m == ddpm-mnist ]] && steps=4
       short=(--max-steps "$steps") evalf=(--samples 200 --limit 500) tcap=60
+      [[ $m == ddpm-* ]] && evalf=(--samples 200 --limit 50 --t-draws 4)
     else
       short=() evalf=(--samples 2000) tcap=45
       [[ $m == sngan-dcgan-mnist ]] && short=(--max-steps 300) tcap=90
+      # The diffusion bound costs 17 network passes per image (16 strata + L_0): 1000 images.
+      [[ $m == ddpm-* ]] && evalf=(--samples 2000 --limit 1000)
+      [[ $m == ddpm-mnist ]] && short=(--max-steps 200) tcap=60
     fi
     sub "train-$m" "$tcap" "$TRAINER" train --config "configs/$m.toml" --device "$DEV" --epochs 1 \
       --out "$run" --json "${short[@]}"

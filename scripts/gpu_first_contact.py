@@ -73,7 +73,7 @@ TITLES = {
     "kernels": "every fused kernel, forward and backward, device vs CPU (outputs poisoned)",
     "vae": "10-epoch VAE (configs/vae-examples.toml), test NLL vs the CPU's 96.92 (+- 0.5)",
     "bench_kernels": "kernel bandwidth against a device copy",
-    "flows_gans": "RealNVP moons, MLP SN-GAN grid25, DCGAN SN-GAN MNIST: short runs + eval",
+    "flows_gans": "RealNVP moons, MLP SN-GAN grid25, DCGAN SN-GAN MNIST, DDPM grid25 and MNIST U-Net: short runs + eval",
     "nccl": "world of 1 over NCCL against the plain run",
     "pytorch": "gentrain vs PyTorch eager, every benchmarked configuration, one round",
     "iwae": "IWAE 1-layer k = 50 throughput, batch 20 to 1000",
@@ -522,6 +522,9 @@ def finish_flows_gans(o: Out, d: Path, mode: str):
                 v.fails.append(f"eval-{name}: no JSON object")
             else:
                 f.update({f"eval_{k}": r4(ej[k]) for k in EVAL_KEYS if ej.get(k) is not None})
+                bound = ej.get("bound") if isinstance(ej.get("bound"), dict) else {}
+                f.update({f"eval_bound_{k}": r4(bound[k]) for k in ("nll", "nll_stderr", "bits_per_dim")
+                          if bound.get(k) is not None})
                 bad = [k for k in EVAL_KEYS if num(ej.get(k)) is not None
                        and not math.isfinite(num(ej[k]))]
                 if bad:

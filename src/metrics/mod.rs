@@ -294,7 +294,8 @@ pub fn image_metrics(
 }
 
 /// Cheap figures of a model's samples for epoch-end logs: mode coverage on the 2-D mixtures
-/// (2,500 samples); MNIST-FID and the smallest class share on labelled images (2,000 samples).
+/// (2,500 samples); MNIST-FID and the smallest class share on labelled images
+/// (`eval.epoch_samples` samples, 2,000 by default; 0 skips them).
 pub fn quick_sample_figures(
     model: &Model,
     cfg: &Config,
@@ -312,12 +313,13 @@ pub fn quick_sample_figures(
             ("high_quality_fraction", r.high_quality_fraction),
         ]);
     }
+    let n = cfg.eval.epoch_samples;
     let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
-    if test.labels.is_none() {
+    if test.labels.is_none() || n == 0 {
         return Ok(Vec::new());
     }
     let clf = Classifier::for_data_dir(&cfg.data.dir)?;
-    let (fg, pg) = clf.features_and_probs(&draw_samples(model, 2000, seed)?)?;
+    let (fg, pg) = clf.features_and_probs(&draw_samples(model, n, seed)?)?;
     let (fr, _) = clf.features_and_probs(&classifier::scaled(&test, 0, test.n)?)?;
     let fid = frechet::frechet_distance(
         &frechet::gaussian_stats(&fg)?,
@@ -325,7 +327,8 @@ pub fn quick_sample_figures(
     )?;
     let hist = classes::class_histogram(&pg.to_vec2()?, clf.classes)?;
     Ok(vec![
-        ("fid_mnist_2k", fid),
+        ("fid_mnist_quick", fid),
+        ("fid_quick_samples", n as f64),
         (
             "min_class_fraction",
             hist.iter().copied().fold(1.0, f64::min),
