@@ -421,3 +421,120 @@ fn bad_shapes_are_errors() {
     assert!(col2im(&cols, (2, 3, 5, 4), 3, 3, 1, 1).is_err());
     assert!(col2im(&cols.t().unwrap(), (2, 3, 5, 5), 3, 3, 1, 1).is_err());
 }
+
+/// The previous CPU path of `conv2d`, composed of public ops: `W (O, K) . im2col(x)` through
+/// candle's matmul, `(O, B, Ho, Wo)` moved to `(B, O, Ho, Wo)`, plus the bias.
+fn im2col_matmul(x: &Tensor, w: &Tensor, b: &Tensor, s: usize, p: usize) -> Tensor {
+    let (o, c, kh, kw) = w.dims4().unwrap();
+    let cols = im2col(x, kh, kw, s, p).unwrap();
+    let (bn, ho, wo) = (
+        x.dim(0).unwrap(),
+        (x.dim(2).unwrap() + 2 * p - kh) / s + 1,
+        (x.dim(3).unwrap() + 2 * p - kw) / s + 1,
+    );
+    w.reshape((o, c * kh * kw))
+        .unwrap()
+        .matmul(&cols)
+        .unwrap()
+        .reshape((o, bn, ho, wo))
+        .unwrap()
+        .permute((1, 0, 2, 3))
+        .unwrap()
+        .broadcast_add(&b.reshape((1, o, 1, 1)).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn fused_gradients_equal_the_im2col_matmul_composition() {
+    // Small shapes, a 1x1 kernel (its columns are the image itself), and two large enough for
+    // the images to run in parallel, for the weight gradient to sum partial sums over runs of
+    // images, and (for the first) for the columns of one image to take two tiles.
+    for (n, cs) in [
+        case(3, 5, 7, 7, 6, 3, 1, 1),
+        case(3, 9, 8, 6, 11, 3, 2, 1),
+        case(3, 5, 7, 7, 6, 1, 1, 0),
+        case(2, 3, 4, 5, 3, 2, 3, 2),
+        case(9, 64, 28, 28, 5, 3, 1, 1),
+        case(17, 16, 14, 15, 8, 3, 2, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (x, w, b) = cs.inputs(800 + 10 * n as u64);
+        let (x, w, b) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+        );
+        let (ho, wo) = cs.out();
+        let r = uniform(801 + 10 * n as u64, &[cs.b, cs.o, ho, wo], -1.0, 1.0);
+        let fused = conv2d(&x, &w, Some(&b), cs.s, cs.p).unwrap();
+        let composed = im2col_matmul(&x, &w, &b, cs.s, cs.p);
+        // Both sum the same products in different orders: the weight gradient of the largest
+        // case sums 7056 of them, where each is about 2e-5 (relative) off the f64 sum.
+        let e = rel_err(&flat_f32(&fused), &flat_f32(&composed));
+        assert!(e < 1e-5, "{cs:?} y: {e}");
+        let g_fused = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_composed = (composed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let a = g_fused.get(v.as_tensor()).unwrap();
+            let t = g_composed.get(v.as_tensor()).unwrap();
+            assert_eq!(a.dims(), v.dims());
+            let e = rel_err(&flat_f32(a), &flat_f32(t));
+            assert!(e < 1e-4, "{cs:?} d{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn only_the_inputs_that_need_a_gradient_get_one() {
+    let cs = case(2, 3, 6, 6, 4, 3, 1, 1);
+    let (x, w, b) = cs.inputs(950);
+    let w = Var::from_tensor(&w).unwrap();
+    for bias in [Some(&b), None] {
+        let g = conv2d(&x, &w, bias, cs.s, cs.p)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(&b).is_none());
+        assert!(g.get(w.as_tensor()).is_some());
+    }
+}
+
+#[test]
+fn convolutions_running_at_once_on_the_rayon_pool_match_one_at_a_time() {
+    // Each call takes its own scratch tile: run side by side on the pool's threads, with their
+    // images in parallel inside, or (two images) one after another with threaded GEMMs, during
+    // which rayon may start another of the convolutions on the same thread, they give what they
+    // give alone.
+    use rayon::prelude::*;
+    let shapes = [
+        case(2, 64, 28, 28, 32, 3, 1, 1),
+        case(8, 16, 14, 14, 8, 3, 1, 1),
+        case(8, 8, 28, 28, 16, 3, 2, 1),
+        case(4, 32, 7, 7, 4, 1, 1, 0),
+    ];
+    let run = |i: usize| {
+        let cs = shapes[i % shapes.len()];
+        let (x, w, b) = cs.inputs(960 + i as u64);
+        let (x, w) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let y = conv2d(&x, &w, Some(&b), cs.s, cs.p).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        [
+            flat_f32(&y),
+            flat_f32(g.get(&x).unwrap()),
+            flat_f32(g.get(&w).unwrap()),
+        ]
+    };
+    let alone: Vec<_> = (0..16).map(run).collect();
+    let together: Vec<_> = (0..16).into_par_iter().map(run).collect();
+    assert_eq!(alone, together);
+}

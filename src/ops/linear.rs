@@ -184,9 +184,53 @@ struct LinearOp {
     act: Activation,
 }
 
-/// `dst (m x n) = alpha_dst * dst + lhs (m x k) * rhs (k x n)` with explicit row/column strides.
+/// `dst (m x n) = alpha_dst * dst + lhs (m x k) * rhs (k x n)` with explicit row/column strides,
+/// split across the rayon pool when large.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    gemm_f32_on(
+        Threads::Pool,
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_rs,
+        lhs_cs,
+        rhs,
+        rhs_rs,
+        rhs_cs,
+    )
+}
+
+/// Where a GEMM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Split across the rayon pool when `m n k >= 2^16` and the pool has more than one thread.
+    Pool,
+    /// On the calling thread only: for GEMMs that are themselves one task of a parallel loop.
+    One,
+}
+
+/// [`gemm_f32`] with the choice of threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32_on(
+    threads: Threads,
     m: usize,
     n: usize,
     k: usize,
@@ -208,9 +252,9 @@ pub(crate) fn gemm_f32(
         assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
         assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k >= 1 << 16 {
-        gemm::Parallelism::Rayon(threads)
+    let pool = rayon::current_num_threads();
+    let par = if threads == Threads::Pool && pool > 1 && m * n * k >= 1 << 16 {
+        gemm::Parallelism::Rayon(pool)
     } else {
         gemm::Parallelism::None
     };

@@ -137,7 +137,8 @@ impl Affine {
     }
 }
 
-/// `torch.nn.functional.conv2d(x, weight, bias, stride, padding)`.
+/// `torch.nn.functional.conv2d(x, weight, bias, stride, padding)`: [`crate::ops::conv::conv2d`]
+/// (im2col and GEMMs on the CPU, candle's convolution elsewhere).
 fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -145,8 +146,13 @@ fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x.conv2d(weight, padding, stride, 1, 1)?;
-    Ok(y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
+    Ok(crate::ops::conv::conv2d(
+        x,
+        weight,
+        Some(bias),
+        stride,
+        padding,
+    )?)
 }
 
 /// `nn.GroupNorm(groups, channels)`.
