@@ -144,7 +144,11 @@ pub fn check_training(cfg: &Config, input_dim: usize, train_rows: usize) -> Resu
     )?;
     let rows = eval_rows(cfg);
     check(
-        &format!("evaluating {rows} rows at once"),
+        &if cfg.model.family == crate::config::ModelFamily::Diffusion {
+            format!("evaluating the diffusion bound on {rows} rows at once")
+        } else {
+            format!("eval.max_rows = {rows}")
+        },
         f32_bytes(&[rows, widest_layer(cfg, input_dim), 4]),
     )
 }

@@ -321,8 +321,8 @@ fn checkpoint_misshapen_tensor() {
 #[test]
 fn checkpoint_from_an_unknown_family() {
     header_case(
-        |h| h["__metadata__"]["model_family"] = serde_json::json!("diffusion"),
-        "model family `diffusion`",
+        |h| h["__metadata__"]["model_family"] = serde_json::json!("score"),
+        "model family `score`",
     );
 }
 
