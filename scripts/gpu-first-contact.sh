@@ -353,7 +353,7 @@ if need_trainer flows_gans && begin flows_gans 40 260; then
     if ((DRY)); then
       steps=20; [[ $m == sngan-dcgan-mnist || $m == ddpm-mnist ]] && steps=4
       short=(--max-steps "$steps") evalf=(--samples 200 --limit 500) tcap=60
-      [[ $m == ddpm-* ]] && evalf=(--samples 200 --limit 50 --t-draws 4)
+      [[ $m == ddpm-* ]] && evalf=(--samples 200 --limit 50 --t-draws 4 --steps 5)
     else
       short=() evalf=(--samples 2000) tcap=45
       [[ $m == sngan-dcgan-mnist ]] && short=(--max-steps 300) tcap=90
