@@ -18,6 +18,20 @@ and prints a markdown table; it writes ``bench/results/cpu-<UTC date>.json`` and
 machine (lscpu model name, core count), torch version, the exact commands and every run.
 The PyTorch side runs in the venv ``.venv-torch`` (see scripts/requirements-torch.txt) when it
 exists, otherwise in the Python running this script.
+
+``--workloads`` picks what is timed (comma-separated; default ``vae``, the run above):
+
+    vae         the VAE of --config, as above
+    ddpm-mnist  "DDPM U-Net on MNIST (configs/ddpm-mnist.toml), batch 128":
+                target/release/trainer bench --config configs/ddpm-mnist.toml --threads T
+                    --steps S --warmup W --json
+                python scripts/diffusion_reference.py --bench-train S --config
+                    configs/ddpm-mnist.toml --threads T --warmup W --json
+                (S = --diffusion-steps, W = --diffusion-warmup; eager PyTorch only)
+
+A selection other than the default adds a ``workloads`` list to the JSON (one entry per extra
+workload with its commands, rows and errors) and a section per workload to the markdown, and
+writes ``cpu-<date>-<names>.{json,md}`` so that it does not overwrite the default run's files.
 """
 
 from __future__ import annotations
@@ -210,8 +224,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
                     help="comma-separated: vae (--config, the default) and/or "
-                         + ", ".join(WORKLOADS) + " (opt-in: a training step of the DDPM "
-                         "U-Net takes about a second on 2 cores); default %(default)s")
+                         + ", ".join(WORKLOADS) + " (opt-in: a gentrain training step of "
+                         "the DDPM U-Net takes 2-3 s on 2 cores); default %(default)s")
     ap.add_argument("--diffusion-steps", type=int, default=20,
                     help="timed steps of the diffusion workloads, both sides (default %(default)s)")
     ap.add_argument("--diffusion-warmup", type=int, default=3,
