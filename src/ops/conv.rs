@@ -1,59 +1,82 @@
-//! 2-D convolution (`torch.nn.functional.conv2d` with dilation 1 and groups 1) as im2col + one
-//! GEMM, so that its backward is two GEMMs and a col2im instead of candle's direct loops.
+//! 2-D convolution (`torch.nn.functional.conv2d` with dilation 1 and groups 1) on the CPU as
+//! one fused op: im2col of one image at a time into a per-thread scratch tile and GEMMs through
+//! [`gemm_f32_on`](super::linear), with a backward of its own that recomputes the columns.
 //!
 //! Shapes: `x (B, C, H, W)`, `w (O, C, kh, kw)`, `b (O)`;
 //! `Ho = (H + 2p - kh) / s + 1`, `Wo = (W + 2p - kw) / s + 1` (rounded down), `K = C kh kw`,
-//! `N = B Ho Wo`.
+//! `P = Ho Wo`, `N = B P`.
 //!
 //! - [`im2col`] lays the receptive fields out as the columns of `cols (K, N)`:
 //!   `cols[(c, i, j), (b, y, z)] = x[b, c, y s + i - p, z s + j - p]` (0 outside the image), row
 //!   `(c, i, j)` stored as `c kh kw + i kw + j`, column `(b, y, z)` as `b Ho Wo + y Wo + z`.
-//! - The convolution is then `w.reshape(O, K) . cols`, one `(O, K) x (K, N)` GEMM through
-//!   candle's `matmul` (which calls the `gemm` crate), and one pass that adds the bias and moves
-//!   `(O, B, Ho, Wo)` to `(B, O, Ho, Wo)`. The backward is matmul's: `dW = dY . cols^T` and
-//!   `dcols = W^T . dY`, one GEMM each over all `N` columns, then `dx = col2im(dcols)`;
-//!   `db` sums `dY` over its rows.
-//! - [`col2im`] is the adjoint of `im2col` (each column entry is added back onto the pixel it was
-//!   read from; entries that fell on the padding are dropped): `<im2col(x), c> = <x, col2im(c)>`
-//!   for all `x`, `c`. It is `im2col`'s backward and `im2col` is its backward, so second
-//!   derivatives work too. Both split their work across the rayon pool when large: im2col by
-//!   rows of the columns, col2im by `(b, c)` image planes (each pixel sums its kernel offsets in
-//!   a fixed order, so results do not depend on the threads).
+//!   [`col2im`] is its adjoint (each column entry is added back onto the pixel it was read from;
+//!   entries that fell on the padding are dropped): `<im2col(x), c> = <x, col2im(c)>`. Each is
+//!   the other's backward. [`conv2d`] does not call them: it runs the same two maps on one
+//!   image's columns `(K, P)` (or a tile of them) at a time.
+//! - Forward ([`conv2d`] on the CPU, one `CustomOp3` over `x`, `w`, `b`): for each image, the
+//!   output rows `y[b] (O, P)` are set to the bias and then, tile by tile (a tile is a run of
+//!   output rows whose columns fit in `TILE_FLOATS`, 2 MiB: every image of the MNIST U-Net is one
+//!   tile), im2col writes the tile's columns into the scratch and one GEMM
+//!   `W (O, K) . cols (K, T)` adds onto `y[b]` in place, already in `(B, O, Ho, Wo)` order. A
+//!   1x1 kernel with stride 1 and no padding takes the image itself as its columns (no copy).
+//! - Backward: three more ops, over tensors, so candle's backprop sees only them:
+//!   the input gradient (`dy`, `w`) -> `dx[b] = col2im(W^T . dy[b])`, tile by tile through the
+//!   scratch; the weight gradient (`dy`, `x`) -> `dW = sum_b dy[b] . cols(x[b])^T`, with the
+//!   columns recomputed by im2col; the bias gradient (`dy`) -> the sums over `(B, Ho, Wo)` (f32
+//!   within a plane, f64 across). Each is computed only for the arguments that need a gradient.
+//!   Each is linear in both its arguments and its own backward is made of the others (and of the
+//!   forward op), so a gradient graph can be differentiated again.
+//! - Threads: with at least two images per rayon thread (and enough work) the images are the
+//!   rayon tasks, each image's GEMMs on its own thread; otherwise the images run one after
+//!   another and each GEMM is split across the pool. Every output image and input-gradient image
+//!   is computed by one task in a fixed order, and the weight gradient sums one partial sum per
+//!   run of consecutive images (`WEIGHT_PARTS` runs at most, fixed by the shape) in order, so
+//!   results do not depend on the threads or on rayon's scheduling.
+//! - Scratch: each thread that runs a convolution keeps one buffer, at most
+//!   `max(TILE_FLOATS, K Wo)` floats of the largest convolution it has run (at most 2 MiB for
+//!   the MNIST U-Net; one per rayon worker and calling thread). The buffer is
+//!   moved out of its thread-local slot while in use, so a convolution that rayon starts on the
+//!   same thread meanwhile (while a threaded GEMM waits) allocates its own instead of sharing it;
+//!   a buffer more than four times larger than both the request and a tile is dropped rather
+//!   than kept for it.
+//! - Memory: the graph keeps `x` and `w` (as candle's own convolution does), not the `9x` larger
+//!   columns of the previous im2col + matmul composition; the backward makes no buffer of the
+//!   size of the columns either. The output and `dx` buffers of 32 MiB and more are advised onto
+//!   transparent huge pages (`HUGE_PAGE_MIN_BYTES`), as is [`im2col`]'s batch of columns.
 //!
 //! On devices other than the CPU, [`conv2d`] is [`conv2d_slow`] (candle's `conv2d` plus the
 //! bias), which there runs candle's GPU convolution. Shapes are checked the same way everywhere.
 //!
-//! Measured with `RAYON_NUM_THREADS=2` on the 2-core development machine (shared with other
-//! builds, so +-20%), batch 128, in ms: the forward pass, and the forward pass plus the backward
-//! of `sum(conv2d(x, w, b) * r)` to all of `x`, `w` and `b` (the best of 8 interleaved runs):
+//! Measured with `RAYON_NUM_THREADS=2` on the 2-core development machine (AMD EPYC, Zen 5;
+//! quiet: no other jobs running), batch 128, in ms: the forward pass, and the forward pass plus
+//! the backward of `sum(conv2d(x, w, b) * r)` to all of `x`, `w` and `b` (the best of 8
+//! interleaved runs). "im2col + matmul" is the previous CPU path (candle's matmul on the batch's
+//! columns, which the graph kept):
 //!
-//! | x                 | w                | s, p | candle's conv2d | this op  |
-//! |-------------------|------------------|------|-----------------|----------|
-//! | (128, 32, 28, 28) | (32, 32, 3, 3)   | 1, 1 | 152 / 476       | 53 / 283 |
-//! | (128, 32, 28, 28) | (64, 32, 3, 3)   | 2, 1 | 26 / 215        | 16 / 96  |
-//! | (128, 64, 14, 14) | (64, 64, 3, 3)   | 1, 1 | 45 / 228        | 26 / 152 |
-//! | (128, 128, 14, 14)| (64, 128, 3, 3)  | 1, 1 | 89 / 417        | 56 / 288 |
-//! | (128, 1, 28, 28)  | (32, 1, 3, 3)    | 1, 1 | 7 / 86          | 2 / 43   |
-//! | (128, 64, 7, 7)   | (64, 64, 3, 3)   | 1, 1 | 12 / 76         | 5 / 40   |
-//! | (128, 64, 14, 14) | (32, 64, 1, 1)   | 1, 0 | 4 / 55          | 2 / 28   |
+//! | x                 | w                | s, p | candle's conv2d | im2col + matmul | this op |
+//! |-------------------|------------------|------|-----------------|-----------------|---------|
+//! | (128, 32, 28, 28) | (32, 32, 3, 3)   | 1, 1 | 42 / 293        | 34 / 177        | 12 / 62 |
+//! | (128, 32, 28, 28) | (64, 32, 3, 3)   | 2, 1 | 15 / 121        | 10 / 58         | 7 / 26  |
+//! | (128, 64, 14, 14) | (64, 64, 3, 3)   | 1, 1 | 24 / 129        | 20 / 89         | 11 / 35 |
+//! | (128, 128, 14, 14)| (64, 128, 3, 3)  | 1, 1 | 48 / 239        | 36 / 171        | 22 / 70 |
+//! | (128, 1, 28, 28)  | (32, 1, 3, 3)    | 1, 1 | 4 / 59          | 2 / 15          | 1 / 9   |
+//! | (128, 64, 7, 7)   | (64, 64, 3, 3)   | 1, 1 | 6 / 29          | 5 / 14          | 4 / 12  |
+//! | (128, 64, 14, 14) | (32, 64, 1, 1)   | 1, 0 | 2 / 23          | 2 / 8           | 1 / 5   |
 //!
-//! Where the rest of the time goes, for the first row: the GEMMs take about 130 ms; the
-//! remainder is memory traffic on buffers the size of `cols` (115 MB): the columns, `dcols`, and
-//! candle's backward adding `dcols` onto a zeroed gradient, each in fresh pages that the kernel
-//! faults in one by one. The columns are therefore advised onto transparent huge pages
-//! (`HUGE_PAGE_MIN_BYTES`); that took the forward pass from 95 to 54 ms there. `dcols` and its
-//! accumulation are allocated by candle's matmul and backprop, out of reach of this module.
+//! The forward + backward column includes the loss around the convolution and candle's
+//! accumulation of `dx` onto zeros (about 20 ms for the first row). The op's own three passes
+//! (forward, input gradient, weight gradient) take about 10 ms each on the first row and 19-21
+//! ms each on the fourth: 175-197 GFLOP/s, 71-80% of a plain 1024 x 1024 x 1024 `gemm_f32` on
+//! the same two threads (247 GFLOP/s, itself about 97% of two cores' AVX2 + FMA peak). The
+//! `gemm` crate runs its AVX2 + FMA kernels here: its AVX-512 kernels are behind its `x86-v4`
+//! feature (off by default; it builds on stable Rust 1.89 and later), with which the same
+//! 1024^3 GEMM ran at 449 GFLOP/s on this CPU, whose AVX-512 units are full width.
 //!
 //! Layout choices, measured the same way: columns `(N, K)` with `cols . w^T` (NHWC-style) gave
 //! GEMMs of about the same speed but a gathering im2col, a scattering col2im and a full transpose
-//! of the output; forward + backward they were 7-36% slower than `(K, N)` on the shapes above. A
-//! 1x1 convolution with stride 1 run as one GEMM per image on a view of `x` (no columns) was as
-//! fast forward but about twice as slow forward + backward (its weight gradient is `B` small
-//! GEMMs and a sum), so every kernel goes through the columns.
-//!
-//! The price is memory: the graph keeps `cols` (`K N` floats, 9x the input for a 3x3 stride-1
-//! convolution) until the backward has run, where candle's own op keeps only `x`; the backward
-//! makes `dcols` of the same size.
+//! of the output. The weight gradient's partial sums are accumulated as `(K, O)`, `dW^T`: the
+//! `gemm` crate writes a column-major `(O, K)` 20-40% faster than a row-major one on these
+//! shapes.
 
 use std::cell::Cell;
 
@@ -406,9 +429,11 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// The scratch tile holds at most this many floats (1 MiB, half the L2 cache of one core of the
-/// development machine), unless one output row of columns, `K Wo`, is larger still.
-const TILE_FLOATS: usize = 1 << 18;
+/// The scratch tile holds at most this many floats (2 MiB), unless one output row of columns,
+/// `K Wo`, is larger still. It holds one image's columns for every convolution of the MNIST
+/// U-Net (the largest, 64 -> 32 channels at 28 x 28, has 451,584). Tiles of 2^16 to 2^20 floats
+/// took within 10% of each other on those shapes, this size the least.
+const TILE_FLOATS: usize = 1 << 19;
 
 /// At most this many partial weight gradients (`O K` floats each) are summed at the end of the
 /// weight gradient; the images are split into that many runs of consecutive images.
@@ -641,9 +666,9 @@ thread_local! {
 ///
 /// Bound: one buffer per thread that has run a convolution (the caller's and the rayon
 /// workers'), of at most `max(TILE_FLOATS, K Wo)` floats of the largest convolution that
-/// thread has run (1 MiB for every convolution of the MNIST U-Net). A request for less than a
-/// quarter of a buffer larger than `TILE_FLOATS` gets a fresh buffer of its own size instead,
-/// so one huge convolution does not pin its tile forever.
+/// thread has run (at most 2 MiB for the MNIST U-Net). A buffer more than four times larger
+/// than both the request and `TILE_FLOATS` is freed and a buffer of the request's size taken
+/// instead, so one convolution with huge rows does not pin its tile forever.
 struct Scratch(Vec<f32>);
 
 impl Scratch {
