@@ -47,30 +47,33 @@
 //! On devices other than the CPU, [`conv2d`] is [`conv2d_slow`] (candle's `conv2d` plus the
 //! bias), which there runs candle's GPU convolution. Shapes are checked the same way everywhere.
 //!
-//! Measured with `RAYON_NUM_THREADS=2` on the 2-core development machine (AMD EPYC, Zen 5;
-//! quiet: no other jobs running), batch 128, in ms: the forward pass, and the forward pass plus
-//! the backward of `sum(conv2d(x, w, b) * r)` to all of `x`, `w` and `b` (the best of 8
-//! interleaved runs). "im2col + matmul" is the previous CPU path (candle's matmul on the batch's
-//! columns, which the graph kept):
+//! Measured with `RAYON_NUM_THREADS=2` on the 2-core development machine (AMD EPYC, Zen 5; quiet:
+//! no other jobs running), batch 128, in ms: the forward pass, and the forward pass plus the
+//! backward of `sum(conv2d(x, w, b) * r)` to all of `x`, `w` and `b` (the best of 16 interleaved
+//! runs in two sessions). "im2col + matmul" is the previous CPU path (candle's matmul on the
+//! batch's columns, which the graph kept):
 //!
 //! | x                 | w                | s, p | candle's conv2d | im2col + matmul | this op |
 //! |-------------------|------------------|------|-----------------|-----------------|---------|
-//! | (128, 32, 28, 28) | (32, 32, 3, 3)   | 1, 1 | 42 / 293        | 34 / 177        | 12 / 62 |
-//! | (128, 32, 28, 28) | (64, 32, 3, 3)   | 2, 1 | 15 / 121        | 10 / 58         | 7 / 26  |
-//! | (128, 64, 14, 14) | (64, 64, 3, 3)   | 1, 1 | 24 / 129        | 20 / 89         | 11 / 35 |
-//! | (128, 128, 14, 14)| (64, 128, 3, 3)  | 1, 1 | 48 / 239        | 36 / 171        | 22 / 70 |
+//! | (128, 32, 28, 28) | (32, 32, 3, 3)   | 1, 1 | 42 / 278        | 34 / 171        | 11 / 48 |
+//! | (128, 32, 28, 28) | (64, 32, 3, 3)   | 2, 1 | 14 / 113        | 10 / 54         | 7 / 25  |
+//! | (128, 64, 14, 14) | (64, 64, 3, 3)   | 1, 1 | 23 / 121        | 18 / 79         | 10 / 33 |
+//! | (128, 128, 14, 14)| (64, 128, 3, 3)  | 1, 1 | 47 / 218        | 35 / 155        | 21 / 67 |
 //! | (128, 1, 28, 28)  | (32, 1, 3, 3)    | 1, 1 | 4 / 59          | 2 / 15          | 1 / 9   |
-//! | (128, 64, 7, 7)   | (64, 64, 3, 3)   | 1, 1 | 6 / 29          | 5 / 14          | 4 / 12  |
-//! | (128, 64, 14, 14) | (32, 64, 1, 1)   | 1, 0 | 2 / 23          | 2 / 8           | 1 / 5   |
+//! | (128, 64, 7, 7)   | (64, 64, 3, 3)   | 1, 1 | 6 / 28          | 4 / 14          | 4 / 12  |
+//! | (128, 64, 14, 14) | (32, 64, 1, 1)   | 1, 0 | 2 / 22          | 1 / 7           | 1 / 5   |
 //!
-//! The forward + backward column includes the loss around the convolution and candle's
-//! accumulation of `dx` onto zeros (about 20 ms for the first row). The op's own three passes
-//! (forward, input gradient, weight gradient) take about 10 ms each on the first row and 19-21
-//! ms each on the fourth: 175-197 GFLOP/s, 71-80% of a plain 1024 x 1024 x 1024 `gemm_f32` on
-//! the same two threads (247 GFLOP/s, itself about 97% of two cores' AVX2 + FMA peak). The
-//! `gemm` crate runs its AVX2 + FMA kernels here: its AVX-512 kernels are behind its `x86-v4`
-//! feature (off by default; it builds on stable Rust 1.89 and later), with which the same
-//! 1024^3 GEMM ran at 449 GFLOP/s on this CPU, whose AVX-512 units are full width.
+//! The forward + backward column includes the loss around the convolution and candle's accumulation
+//! of `dx` onto zeros (about 15-20 ms for the first row). A training step of the MNIST U-Net
+//! (`configs/ddpm-mnist.toml`, `trainer bench --steps 3`) took 3.0-4.0 s with the composition and
+//! 1.6-1.8 s with this op, of which the convolutions are now about a quarter (candle's sums over
+//! broadcast dimensions in the backward, `sum_keepdim`, take about as much). The op's own three
+//! passes (forward, input gradient, weight gradient) take about 10 ms each on the first row and
+//! 19-21 ms each on the fourth: 175-197 GFLOP/s, 71-80% of a plain 1024 x 1024 x 1024 `gemm_f32` on
+//! the same two threads (247 GFLOP/s, itself about 97% of two cores' AVX2 + FMA peak). The `gemm`
+//! crate runs its AVX2 + FMA kernels here: its AVX-512 kernels are behind its `x86-v4` feature (off
+//! by default; it builds on stable Rust 1.89 and later), with which the same 1024^3 GEMM ran at 449
+//! GFLOP/s on this CPU, whose AVX-512 units are full width.
 //!
 //! Layout choices, measured the same way: columns `(N, K)` with `cols . w^T` (NHWC-style) gave
 //! GEMMs of about the same speed but a gathering im2col, a scattering col2im and a full transpose
