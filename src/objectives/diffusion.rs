@@ -94,9 +94,8 @@ pub fn p_mean_variance(
     let d = m.dim;
     let eps = out.narrow(1, 0, d)?;
     let g = |v: &[f64]| Schedule::gather(v, t, dev);
-    let recip: Vec<f64> = s.abar.iter().map(|a| (1.0 / a).sqrt()).collect();
-    let recipm1: Vec<f64> = s.abar.iter().map(|a| (1.0 / a - 1.0).sqrt()).collect();
-    let mut x0 = (x_t.broadcast_mul(&g(&recip)?)? - eps.broadcast_mul(&g(&recipm1)?)?)?;
+    let mut x0 = (x_t.broadcast_mul(&g(&s.sqrt_recip_abar)?)?
+        - eps.broadcast_mul(&g(&s.sqrt_recipm1_abar)?)?)?;
     if clip {
         x0 = x0.clamp(-1f32, 1f32)?;
     }
@@ -105,12 +104,11 @@ pub fn p_mean_variance(
     let log_var = match m.cfg.variance {
         ReverseVariance::Learned => {
             let frac = ((out.narrow(1, d, d)? + 1.0)? * 0.5)?;
-            let max_log: Vec<f64> = s.betas.iter().map(|b| b.ln()).collect();
-            let hi = frac.broadcast_mul(&g(&max_log)?)?;
+            let hi = frac.broadcast_mul(&g(&s.log_betas)?)?;
             let lo = (1.0 - frac)?.broadcast_mul(&g(&s.posterior_log_variance_clipped)?)?;
             (hi + lo)?
         }
-        kind => g(&s.fixed_log_variance(kind))?
+        kind => g(s.fixed_log_variance(kind))?
             .broadcast_as(mean.shape())?
             .contiguous()?,
     };

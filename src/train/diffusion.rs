@@ -79,6 +79,26 @@ impl DiffusionTrainee {
         (t, eps)
     }
 
+    /// The sample figures (EMA weights) and the bound on the first test rows, in the order
+    /// both evaluations report them.
+    fn figures(&self, cfg: &Config, data: &Datasets) -> Result<Vec<(&'static str, f64)>> {
+        let model = Model::Diffusion(Box::new(self.model.clone()));
+        let mut figures = crate::metrics::quick_sample_figures(&model, cfg, data)?;
+        let r = crate::eval::diffusion_bound(
+            &self.model,
+            &data.test,
+            EPOCH_BOUND_ROWS,
+            epoch_t_draws(&self.model),
+            cfg.train.seed,
+        )?;
+        figures.push(("test_bound_nats", r.nll));
+        figures.push(("test_bound_stderr", r.nll_stderr));
+        if let Some(b) = r.bits_per_dim {
+            figures.push(("test_bound_bits_per_dim", b));
+        }
+        Ok(figures)
+    }
+
     fn output(
         &self,
         loss: Tensor,
@@ -182,22 +202,8 @@ impl Trainee for DiffusionTrainee {
     }
 
     fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {
-        let mut figures = crate::metrics::quick_sample_figures(
-            &Model::Diffusion(Box::new(self.model.clone())),
-            cfg,
-            data,
-        )?;
-        let r = crate::eval::diffusion_bound(
-            &self.model,
-            &data.test,
-            EPOCH_BOUND_ROWS,
-            epoch_t_draws(&self.model),
-            cfg.train.seed,
-        )?;
-        figures.push(("test_bound_nats", r.nll));
-        if let Some(b) = r.bits_per_dim {
-            figures.push(("test_bound_bits_per_dim", b));
-        }
+        let mut figures = self.figures(cfg, data)?;
+        figures.retain(|(n, _)| *n != "test_bound_stderr");
         let summary = figures
             .iter()
             .map(|(n, v)| format!("{n} {v:.4}"))
@@ -232,23 +238,7 @@ impl Trainee for DiffusionTrainee {
     }
 
     fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {
-        let mut figures = crate::metrics::quick_sample_figures(
-            &Model::Diffusion(Box::new(self.model.clone())),
-            cfg,
-            data,
-        )?;
-        let r = crate::eval::diffusion_bound(
-            &self.model,
-            &data.test,
-            EPOCH_BOUND_ROWS,
-            epoch_t_draws(&self.model),
-            cfg.train.seed,
-        )?;
-        figures.push(("test_bound_nats", r.nll));
-        figures.push(("test_bound_stderr", r.nll_stderr));
-        if let Some(b) = r.bits_per_dim {
-            figures.push(("test_bound_bits_per_dim", b));
-        }
+        let figures = self.figures(cfg, data)?;
         Ok(FinalEval {
             figures,
             report: None,

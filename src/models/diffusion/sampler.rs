@@ -76,8 +76,8 @@ pub fn sample(
         let eps = out.narrow(1, 0, d)?.contiguous()?;
         let a = schedule.abar[t];
         let base = SamplerCoefficients {
-            sqrt_recip_abar: (1.0 / a).sqrt() as f32,
-            sqrt_recipm1_abar: (1.0 / a - 1.0).sqrt() as f32,
+            sqrt_recip_abar: schedule.sqrt_recip_abar[t] as f32,
+            sqrt_recipm1_abar: schedule.sqrt_recipm1_abar[t] as f32,
             clip: s.clip,
             sqrt_abar: a.sqrt() as f32,
             sqrt_one_minus_abar: (1.0 - a).sqrt() as f32,
@@ -145,7 +145,7 @@ pub fn sample(
 /// The learned `log sigma_t^2 = frac log beta_t + (1 - frac) log beta~_t` with `frac = (v + 1)
 /// / 2` (Nichol & Dhariwal 2021, eq. 15), elementwise for the network's `v` (B, D).
 pub fn learned_log_variance(schedule: &Schedule, t: usize, v: &Tensor) -> Result<Tensor> {
-    let max_log = schedule.betas[t].ln();
+    let max_log = schedule.log_betas[t];
     let min_log = schedule.posterior_log_variance_clipped[t];
     let frac = ((v + 1.0)? * 0.5)?;
     Ok(((&frac * max_log)? + ((1.0 - frac)? * min_log)?)?)

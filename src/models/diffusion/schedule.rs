@@ -57,6 +57,14 @@ pub struct Schedule {
     pub posterior_mean_coef1: Vec<f64>,
     /// `coef2_t` (of `x_t`) of the posterior mean, (T).
     pub posterior_mean_coef2: Vec<f64>,
+    /// `1 / sqrt(abar_t)`, (T): the coefficient of `x_t` in the `x_0` prediction.
+    pub sqrt_recip_abar: Vec<f64>,
+    /// `sqrt(1 / abar_t - 1)`, (T): the coefficient of `eps` in the `x_0` prediction.
+    pub sqrt_recipm1_abar: Vec<f64>,
+    /// `log beta_t`, (T): the upper end of the learned variance's interpolation.
+    pub log_betas: Vec<f64>,
+    /// `log sigma_t^2` of `fixed_large`: `log beta_t` with index 0 set to `log beta~_1`.
+    log_variance_large: Vec<f64>,
 }
 
 impl Schedule {
@@ -114,7 +122,16 @@ impl Schedule {
         let log_clipped = (0..n)
             .map(|t| if t == 0 { first.ln() } else { var[t].ln() })
             .collect();
+        let log_betas: Vec<f64> = betas.iter().map(|b| b.ln()).collect();
+        let log_clipped: Vec<f64> = log_clipped;
+        let log_variance_large = std::iter::once(log_clipped[0])
+            .chain(log_betas[1..].iter().copied())
+            .collect();
         Ok(Schedule {
+            sqrt_recip_abar: abar.iter().map(|a| (1.0 / a).sqrt()).collect(),
+            sqrt_recipm1_abar: abar.iter().map(|a| (1.0 / a - 1.0).sqrt()).collect(),
+            log_betas,
+            log_variance_large,
             betas,
             abar,
             abar_prev,
@@ -139,20 +156,12 @@ impl Schedule {
     /// index 0 set to `log beta~_1` (the reference code's choice, so the decoder's variance is
     /// the posterior's), `fixed_small` is `log beta~_t` clipped. `learned` gets the two ends of
     /// its interpolation from [`Self::betas`] and [`Self::posterior_log_variance_clipped`].
-    pub fn fixed_log_variance(&self, kind: ReverseVariance) -> Vec<f64> {
+    pub fn fixed_log_variance(&self, kind: ReverseVariance) -> &[f64] {
         match kind {
             ReverseVariance::FixedSmall | ReverseVariance::Learned => {
-                self.posterior_log_variance_clipped.clone()
+                &self.posterior_log_variance_clipped
             }
-            ReverseVariance::FixedLarge => (0..self.len())
-                .map(|t| {
-                    if t == 0 {
-                        self.posterior_log_variance_clipped[0]
-                    } else {
-                        self.betas[t].ln()
-                    }
-                })
-                .collect(),
+            ReverseVariance::FixedLarge => &self.log_variance_large,
         }
     }
 
