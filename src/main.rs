@@ -25,6 +25,7 @@ fn main() -> ExitCode {
 /// Parses the command line (clap exits on `--help` and on bad flags), sets up logging on stderr
 /// (`RUST_LOG`, `warn` by default) and runs the command.
 fn run() -> anyhow::Result<()> {
+    gentrain::device::keep_freed_memory();
     let cli = gentrain::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod diffusion;
 pub mod fastmath;
 pub mod gaussian;
+pub mod group_norm;
 pub mod linear;
 pub mod logsumexp;
 pub mod random;

@@ -22,13 +22,14 @@
 //! Initialization: PyTorch's default for `nn.Linear` and `nn.Conv2d` (`U(+-1/sqrt(fan_in))`
 //! for weights and biases), GroupNorm weight 1 and bias 0, the zero-initialized layers above.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{DenoiserKind, DiffusionConfig};
 use crate::error::{Error, Result};
 use crate::models::ParamStore;
+use crate::ops::group_norm::group_norm;
 
 /// GroupNorm's epsilon (PyTorch's default).
 const GROUP_NORM_EPS: f64 = 1e-5;
@@ -192,19 +193,25 @@ impl GroupNorm {
         })
     }
 
-    /// Normalizes each group of x (B, C, H, W) to zero mean and unit (biased) variance, then
-    /// scales and shifts each channel.
-    fn forward(&self, w: &[Tensor], x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, wd) = x.dims4()?;
-        let g = x.reshape((b, self.groups, (c / self.groups) * h * wd))?;
-        let mean = g.mean_keepdim(D::Minus1)?;
-        let centred = g.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
-        let normed = normed.reshape((b, c, h, wd))?;
-        Ok(normed
-            .broadcast_mul(&w[self.weight].reshape((1, c, 1, 1))?)?
-            .broadcast_add(&w[self.bias].reshape((1, c, 1, 1))?)?)
+    /// Normalizes each group of `x (B, C, H, W)` (after adding `shift (B, C)` to each channel,
+    /// when given) to zero mean and unit (biased) variance, scales and shifts each channel, and
+    /// applies SiLU when `silu` is set: one fused op ([`group_norm`]).
+    fn forward(
+        &self,
+        w: &[Tensor],
+        x: &Tensor,
+        shift: Option<&Tensor>,
+        silu: bool,
+    ) -> Result<Tensor> {
+        Ok(group_norm(
+            x,
+            shift,
+            &w[self.weight],
+            &w[self.bias],
+            self.groups,
+            GROUP_NORM_EPS,
+            silu,
+        )?)
     }
 }
 
@@ -251,10 +258,14 @@ impl ResBlock {
 
     /// `emb` is the SiLU of the time MLP's output, (B, 4 channels).
     fn forward(&self, w: &[Tensor], x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.conv(w, &self.norm1.forward(w, x)?.silu()?, 1)?;
-        let t = self.time.linear(w, emb)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.conv(w, &self.norm2.forward(w, &h)?.silu()?, 1)?;
+        let h = self
+            .conv1
+            .conv(w, &self.norm1.forward(w, x, None, true)?, 1)?;
+        // The projected time embedding is added to every position before norm2 (the shift).
+        let t = self.time.linear(w, emb)?;
+        let h = self
+            .conv2
+            .conv(w, &self.norm2.forward(w, &h, Some(&t), true)?, 1)?;
         let skip = match &self.skip {
             Some(s) => s.conv(w, x, 1)?,
             None => x.clone(),
@@ -276,7 +287,7 @@ impl Attention {
         let (b, c, h, wd) = x.dims4()?;
         let qkv = self
             .qkv
-            .conv(w, &self.norm.forward(w, x)?, 1)?
+            .conv(w, &self.norm.forward(w, x, None, false)?, 1)?
             .reshape((b, 3, c, h * wd))?;
         let q = qkv
             .narrow(1, 0, 1)?
@@ -472,7 +483,7 @@ impl Unet {
                 h = u.conv(w, &h.upsample_nearest2d(2 * hh, 2 * ww)?, 1)?;
             }
         }
-        let h = self.norm_out.forward(w, &h)?.silu()?;
+        let h = self.norm_out.forward(w, &h, None, true)?;
         self.conv_out.conv(w, &h, 1)
     }
 }

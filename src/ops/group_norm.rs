@@ -1,0 +1,443 @@
+//! Group normalization (Wu & He 2018, "Group Normalization", eq. 1-3; PyTorch's
+//! `nn.GroupNorm`), optionally preceded by a per-channel shift and followed by SiLU, as one op:
+//!
+//! `u = x + s[b, c]` (the shift, when given), `y = act(gamma_c (u - mu_bg) / sqrt(var_bg + eps) +
+//! beta_c)`, with `mu_bg`, `var_bg` the mean and biased variance of `u` over the channels of group
+//! `g` and all positions of sample `b`, and `act` the identity or SiLU `z sigmoid(z)` (Elfwing et
+//! al. 2018; Hendrycks & Gimpel's SiLU).
+//!
+//! This is the `GroupNorm -> SiLU` of every residual block of the DDPM U-Net (Ho et al. 2020,
+//! appendix B), and its second one follows the addition of the projected time embedding, which is
+//! the shift: in the composition of candle ops the broadcast additions and products of the shift,
+//! `gamma`, `beta`, the group mean and the standard deviation each cost a sum over the broadcast
+//! dimensions in the backward (candle's serial `sum_keepdim`, a sixth of a training step of
+//! `configs/ddpm-mnist.toml`) and an output buffer each.
+//!
+//! - Forward (CPU): one task per sample; per group, the mean and then the variance of `u` in two
+//!   passes accumulated in f64 (as `var` of the centred values, so it is never negative), then the
+//!   output in f32.
+//! - Backward (CPU), with `xhat = (u - mu) rstd`, `dz = dy act'(z)`,
+//!   `act'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))` for SiLU:
+//!   `dbeta_c = sum_{b,p} dz`, `dgamma_c = sum_{b,p} dz xhat`, and per group
+//!   `du = rstd (gamma dz - mean(gamma dz) - xhat mean(gamma dz xhat))`; `dx = du`,
+//!   `ds[b, c] = sum_p du`. The per-sample partial sums of `dgamma`, `dbeta` are added in sample
+//!   order in f64, so the result does not depend on the threads. The gradient is one op over
+//!   `(x, params, dy)` whose own backward is an error: a second derivative through this op is
+//!   refused rather than silently zero.
+//! - Non-finite inputs: a NaN or infinity in a group makes that group's outputs NaN (as in the
+//!   composition, whose mean is then NaN or infinite).
+//!
+//! On devices other than the CPU, [`group_norm`] is [`group_norm_slow`], the composition of candle
+//! ops (which there runs candle's kernels). Shapes are checked the same way everywhere.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::slice;
+
+/// The group normalization of `x`, optionally shifted first and followed by SiLU.
+///
+/// - `x`: `(B, C, H, W)` f32;
+/// - `shift`: `None`, or `(B, C)` f32 added to every position of channel `c` of sample `b` before
+///   the statistics are taken;
+/// - `gamma`, `beta`: `(C,)` f32, the per-channel scale and offset;
+/// - `groups` divides `C`; `eps` is added to the variance (PyTorch's default is `1e-5`);
+/// - `silu`: apply `z sigmoid(z)` to the result;
+///
+/// returns `(B, C, H, W)` f32. Differentiable in `x`, `shift`, `gamma` and `beta` (once).
+///
+/// # Errors
+/// Shapes other than these, `groups` of 0 or not dividing `C`, or a dtype other than f32.
+pub fn group_norm(
+    x: &Tensor,
+    shift: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let (b, c, h, w) = check("group_norm", x, shift, gamma, beta, groups)?;
+    if !x.device().is_cpu() {
+        return group_norm_slow(x, shift, gamma, beta, groups, eps, silu);
+    }
+    let mut parts = Vec::with_capacity(3);
+    if let Some(s) = shift {
+        parts.push(s.flatten_all()?);
+    }
+    parts.push(gamma.flatten_all()?);
+    parts.push(beta.flatten_all()?);
+    let params = Tensor::cat(&parts, 0)?.contiguous()?;
+    let op = GroupNorm {
+        dims: Dims {
+            b,
+            c,
+            hw: h * w,
+            groups,
+        },
+        eps,
+        silu,
+        shifted: shift.is_some(),
+    };
+    x.contiguous()?.apply_op2(&params, op)
+}
+
+/// Reference composition of plain candle ops (the group statistics with `mean_keepdim`, broadcast
+/// arithmetic, `silu`), the graph of which candle differentiates.
+pub fn group_norm_slow(
+    x: &Tensor,
+    shift: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let (b, c, h, w) = check("group_norm_slow", x, shift, gamma, beta, groups)?;
+    let u = match shift {
+        Some(s) => x.broadcast_add(&s.reshape((b, c, 1, 1))?)?,
+        None => x.clone(),
+    };
+    let g = u.reshape((b, groups, (c / groups) * h * w))?;
+    let mean = g.mean_keepdim(D::Minus1)?;
+    let centred = g.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((b, c, h, w))?;
+    let z = normed
+        .broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
+    if silu {
+        z.silu()
+    } else {
+        Ok(z)
+    }
+}
+
+fn check(
+    op: &str,
+    x: &Tensor,
+    shift: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (b, c, h, w) = x.dims4()?;
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("{op}: {groups} groups do not divide {c} channels")
+    }
+    for (name, t, want) in [("gamma", gamma, vec![c]), ("beta", beta, vec![c])]
+        .into_iter()
+        .chain(shift.map(|s| ("shift", s, vec![b, c])))
+    {
+        if t.dims() != want.as_slice() {
+            candle_core::bail!("{op}: {name} has shape {:?}, expected {want:?}", t.dims())
+        }
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("{op}: {name} must be f32, got {:?}", t.dtype())
+        }
+    }
+    if x.dtype() != DType::F32 {
+        candle_core::bail!("{op}: x must be f32, got {:?}", x.dtype())
+    }
+    Ok((b, c, h, w))
+}
+
+/// The sizes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+}
+
+impl Dims {
+    /// Elements of one sample.
+    fn sample(&self) -> usize {
+        self.c * self.hw
+    }
+}
+
+/// The forward op over `(x, params)`, `params = [shift (B C) if shifted, gamma (C), beta (C)]`.
+#[derive(Debug, Clone, Copy)]
+struct GroupNorm {
+    dims: Dims,
+    eps: f64,
+    silu: bool,
+    shifted: bool,
+}
+
+/// One sample's gradients: `dx` (C H W), `dshift` (C: `ds[b, :]`) and the sample's partial sums
+/// of `dgamma` then `dbeta` (2 C, f64).
+struct SampleGrads<'a> {
+    dx: &'a mut [f32],
+    dshift: &'a mut [f32],
+    dgb: &'a mut [f64],
+}
+
+/// The parameters of one call, split out of the packed `params`.
+struct Params<'a> {
+    shift: Option<&'a [f32]>,
+    gamma: &'a [f32],
+    beta: &'a [f32],
+}
+
+impl GroupNorm {
+    fn params_len(&self) -> usize {
+        let d = self.dims;
+        2 * d.c + if self.shifted { d.b * d.c } else { 0 }
+    }
+
+    fn split<'a>(&self, p: &'a [f32]) -> Result<Params<'a>> {
+        if p.len() != self.params_len() {
+            candle_core::bail!(
+                "gentrain-group-norm: {} parameters, expected {}",
+                p.len(),
+                self.params_len()
+            )
+        }
+        let c = self.dims.c;
+        let (shift, rest) = p.split_at(p.len() - 2 * c);
+        Ok(Params {
+            shift: self.shifted.then_some(shift),
+            gamma: &rest[..c],
+            beta: &rest[c..],
+        })
+    }
+
+    /// The shift of channel `ch` of sample `b` (0 without one).
+    fn shift_of(p: &Params, c: usize, b: usize, ch: usize) -> f32 {
+        p.shift.map_or(0.0, |s| s[b * c + ch])
+    }
+
+    /// Mean and `1 / sqrt(var + eps)` of group `g` of sample `b` (`xs` is the sample).
+    fn stats(&self, p: &Params, xs: &[f32], b: usize, g: usize) -> (f32, f32) {
+        let d = self.dims;
+        let cg = d.c / d.groups;
+        let n = (cg * d.hw) as f64;
+        let mut sum = 0.0f64;
+        for ch in g * cg..(g + 1) * cg {
+            let s = Self::shift_of(p, d.c, b, ch);
+            let row = &xs[ch * d.hw..(ch + 1) * d.hw];
+            sum += row.iter().map(|&v| (v + s) as f64).sum::<f64>();
+        }
+        let mean = sum / n;
+        let mut sq = 0.0f64;
+        for ch in g * cg..(g + 1) * cg {
+            let s = Self::shift_of(p, d.c, b, ch);
+            let row = &xs[ch * d.hw..(ch + 1) * d.hw];
+            sq += row
+                .iter()
+                .map(|&v| {
+                    let e = (v + s) as f64 - mean;
+                    e * e
+                })
+                .sum::<f64>();
+        }
+        (mean as f32, (1.0 / (sq / n + self.eps).sqrt()) as f32)
+    }
+
+    /// Writes sample `b`'s output into `out` (one sample).
+    fn forward_sample(&self, p: &Params, xs: &[f32], b: usize, out: &mut [f32]) {
+        let d = self.dims;
+        let cg = d.c / d.groups;
+        for g in 0..d.groups {
+            let (mean, rstd) = self.stats(p, xs, b, g);
+            for ch in g * cg..(g + 1) * cg {
+                let s = Self::shift_of(p, d.c, b, ch);
+                let (scale, offset) = (p.gamma[ch], p.beta[ch]);
+                let range = ch * d.hw..(ch + 1) * d.hw;
+                for (o, &v) in out[range.clone()].iter_mut().zip(&xs[range]) {
+                    let z = ((v + s) - mean) * rstd * scale + offset;
+                    *o = if self.silu { z / (1.0 + (-z).exp()) } else { z };
+                }
+            }
+        }
+    }
+
+    /// Sample `b`'s gradients into `out` (see [`SampleGrads`]).
+    fn backward_sample(&self, p: &Params, xs: &[f32], dys: &[f32], b: usize, out: SampleGrads) {
+        let SampleGrads { dx, dshift, dgb } = out;
+        let d = self.dims;
+        let cg = d.c / d.groups;
+        let n = (cg * d.hw) as f64;
+        for g in 0..d.groups {
+            let (mean, rstd) = self.stats(p, xs, b, g);
+            // Pass 1: dz into dx, the channel sums, and the group means of gamma dz (xhat).
+            let (mut m1, mut m2) = (0.0f64, 0.0f64);
+            for ch in g * cg..(g + 1) * cg {
+                let s = Self::shift_of(p, d.c, b, ch);
+                let (scale, offset) = (p.gamma[ch], p.beta[ch]);
+                let range = ch * d.hw..(ch + 1) * d.hw;
+                let (mut sum_dz, mut sum_dz_xhat) = (0.0f64, 0.0f64);
+                for ((o, &v), &dy) in dx[range.clone()]
+                    .iter_mut()
+                    .zip(&xs[range.clone()])
+                    .zip(&dys[range])
+                {
+                    let xhat = ((v + s) - mean) * rstd;
+                    let dz = if self.silu {
+                        let z = xhat * scale + offset;
+                        let sig = 1.0 / (1.0 + (-z).exp());
+                        dy * (sig * (1.0 + z * (1.0 - sig)))
+                    } else {
+                        dy
+                    };
+                    *o = dz;
+                    sum_dz += dz as f64;
+                    sum_dz_xhat += (dz * xhat) as f64;
+                }
+                dgb[ch] += sum_dz_xhat;
+                dgb[d.c + ch] += sum_dz;
+                m1 += scale as f64 * sum_dz;
+                m2 += scale as f64 * sum_dz_xhat;
+            }
+            let (m1, m2) = ((m1 / n) as f32, (m2 / n) as f32);
+            // Pass 2: du = rstd (gamma dz - m1 - xhat m2), and its channel sums.
+            for (ch, ds) in dshift
+                .iter_mut()
+                .enumerate()
+                .take((g + 1) * cg)
+                .skip(g * cg)
+            {
+                let s = Self::shift_of(p, d.c, b, ch);
+                let scale = p.gamma[ch];
+                let range = ch * d.hw..(ch + 1) * d.hw;
+                let mut sum = 0.0f64;
+                for (o, &v) in dx[range.clone()].iter_mut().zip(&xs[range]) {
+                    let xhat = ((v + s) - mean) * rstd;
+                    let du = rstd * (scale * *o - m1 - xhat * m2);
+                    *o = du;
+                    sum += du as f64;
+                }
+                *ds = sum as f32;
+            }
+        }
+    }
+}
+
+impl CustomOp2 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "gentrain-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let p = self.split(slice(s2, l2, self.name())?)?;
+        let d = self.dims;
+        if x.len() != d.b * d.sample() {
+            candle_core::bail!("{}: x has {} values", self.name(), x.len())
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d.sample().max(1))
+            .enumerate()
+            .for_each(|(b, o)| {
+                self.forward_sample(&p, &x[b * d.sample()..(b + 1) * d.sample()], b, o)
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let all = x.apply_op3(params, &grad.contiguous()?, GroupNormGrad { fwd: *self })?;
+        let n = x.elem_count();
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dp = all.narrow(0, n, self.params_len())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+/// The gradient op over `(x, params, dy)`: returns `[dx (B C H W), dshift (B C) if shifted,
+/// dgamma (C), dbeta (C)]` flat, the layout of `(x, params)`.
+struct GroupNormGrad {
+    fwd: GroupNorm,
+}
+
+impl CustomOp3 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "gentrain-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let f = &self.fwd;
+        let x = slice(s1, l1, self.name())?;
+        let p = f.split(slice(s2, l2, self.name())?)?;
+        let dy = slice(s3, l3, self.name())?;
+        let d = f.dims;
+        let m = d.sample();
+        if x.len() != d.b * m || dy.len() != x.len() {
+            candle_core::bail!(
+                "{}: {} values of x, {} of dy",
+                self.name(),
+                x.len(),
+                dy.len()
+            )
+        }
+        let mut out = vec![0f32; x.len() + f.params_len()];
+        let (dx, dparams) = out.split_at_mut(x.len());
+        let mut dshift = vec![0f32; d.b * d.c];
+        let mut partial = vec![0f64; d.b * 2 * d.c];
+        dx.par_chunks_mut(m.max(1))
+            .zip(dshift.par_chunks_mut(d.c.max(1)))
+            .zip(partial.par_chunks_mut((2 * d.c).max(1)))
+            .enumerate()
+            .for_each(|(b, ((dxb, dsb), pb))| {
+                let r = b * m..(b + 1) * m;
+                f.backward_sample(
+                    &p,
+                    &x[r.clone()],
+                    &dy[r],
+                    b,
+                    SampleGrads {
+                        dx: dxb,
+                        dshift: dsb,
+                        dgb: pb,
+                    },
+                )
+            });
+        let (ds_out, dgb_out) = dparams.split_at_mut(dparams.len() - 2 * d.c);
+        if f.shifted {
+            ds_out.copy_from_slice(&dshift);
+        }
+        for (j, o) in dgb_out.iter_mut().enumerate() {
+            *o = (0..d.b).map(|b| partial[b * 2 * d.c + j]).sum::<f64>() as f32;
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _p: &Tensor,
+        _dy: &Tensor,
+        _res: &Tensor,
+        _g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        candle_core::bail!(
+            "{}: the second derivative of group_norm is not implemented",
+            self.name()
+        )
+    }
+}
