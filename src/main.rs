@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -26,7 +27,10 @@ fn main() -> ExitCode {
 /// (`RUST_LOG`, `warn` by default) and runs the command.
 fn run() -> anyhow::Result<()> {
     gentrain::device::keep_freed_memory();
-    let cli = gentrain::cli::Cli::parse();
+    let cli = match gentrain::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => exit_on_flag_error(e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -43,4 +47,26 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// `--help` and `--version` print as clap renders them (exit 0); a bad flag or value prints as
+/// one line on stderr (clap's message, its hints joined on) and exits 2, like every other user
+/// error.
+fn exit_on_flag_error(e: clap::Error) -> ! {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .collect();
+    eprintln!("{} (see --help)", parts.join(" "));
+    std::process::exit(2)
 }

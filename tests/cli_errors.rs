@@ -78,6 +78,59 @@ fn bad_flags_and_config_values() {
             &["eval", "--checkpoint", "/nonexistent/run"],
             "does not exist",
         ),
+        // The players' own optimizer settings: only for a GAN, and valid values.
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--set",
+                "optim.d_lr=4e-4",
+            ],
+            "not one",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/sngan-grid25.toml",
+                "--set",
+                "optim.g_lr=-1e-4",
+            ],
+            "optim.g_lr",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/sngan-grid25.toml",
+                "--set",
+                "optim.d_betas=[0.5, 1.0]",
+            ],
+            "optim.d_betas",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/sngan-grid25.toml",
+                "--set",
+                "model.gan.loss=\"wgan_gp\"",
+                "--set",
+                "model.gan.penalty=\"r1\"",
+            ],
+            "gradient penalty already",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/sngan-grid25.toml",
+                "--set",
+                "model.gan.r1_gamma=-1",
+            ],
+            "r1_gamma",
+        ),
     ];
     for (args, needle) in cases {
         let out = trainer(args);

@@ -13,6 +13,8 @@ use gentrain::config::{
     Activation, DecoderKind, KlEstimator, LayerConfig, ModelConfig, ModelFamily, ObjectiveConfig,
     ObjectiveKind,
 };
+use gentrain::eval::likelihood::{self, ImageEstimates};
+use gentrain::eval::{Estimator, LikelihoodOptions};
 use gentrain::models::Vae;
 use gentrain::objectives::{log_weights, objective};
 use gentrain::rng::{stream_rng, Stream};
@@ -323,4 +325,79 @@ fn iwae_gradient_is_the_normalized_weight_average_of_log_weight_gradients() {
         checked += 1;
     }
     assert!(checked >= 6, "only {checked} parameters had gradients");
+}
+
+fn estimate(vae: &Vae, k: usize, seed: u64, estimator: Estimator) -> ImageEstimates {
+    let data = gentrain::data::DataSource::from_real(X.iter().map(|v| *v as f32).collect(), D, 0);
+    let o = LikelihoodOptions {
+        k,
+        max_rows: 4096,
+        seed,
+        estimator,
+        sweep: vec![1, 10, k],
+    };
+    likelihood::estimate(vae, &data, 1, &o).unwrap()
+}
+
+#[test]
+fn prior_sampling_converges_too_but_with_far_fewer_effective_samples() {
+    let (pm, pv) = posterior();
+    let vae = model(&pm, &pv);
+    let exact = exact_log_px();
+    let k = 20_000;
+    let is = estimate(&vae, k, 11, Estimator::Importance);
+    let prior = estimate(&vae, k, 11, Estimator::Prior);
+    let (is_ess, prior_ess) = (is.ess[0], prior.ess[0]);
+    // q is the mean-field fit of the exact posterior: most draws count.
+    assert!(is_ess > 0.5 * k as f64, "importance ESS {is_ess} of {k}");
+    assert!(
+        prior_ess < 0.5 * is_ess && prior_ess >= 1.0,
+        "prior ESS {prior_ess} vs importance {is_ess}"
+    );
+    assert!((is.log_likelihood[0] - exact).abs() < 0.005);
+    // Unbiased in p, so with k = 20,000 the prior's estimate is close here (3 dimensions); its
+    // Monte-Carlo error, from its ESS, is larger.
+    let s_prior = prior.summary(k, Estimator::Prior);
+    let s_is = is.summary(k, Estimator::Importance);
+    assert!(s_prior.nll_mc_stderr > 2.0 * s_is.nll_mc_stderr);
+    assert!(
+        (prior.log_likelihood[0] - exact).abs() < 5.0 * s_prior.nll_mc_stderr + 0.01,
+        "prior estimate {} vs exact {exact} (MC error {})",
+        prior.log_likelihood[0],
+        s_prior.nll_mc_stderr
+    );
+    // The sweep's last point is the estimate itself; its first is one draw's log weight.
+    assert_eq!(is.sweep[2], (k, is.log_likelihood.clone()));
+    assert_eq!(
+        s_is.k_sweep.iter().map(|p| p.k).collect::<Vec<_>>(),
+        [1, 10, k]
+    );
+}
+
+#[test]
+fn the_reported_monte_carlo_error_matches_the_spread_over_seeds() {
+    // A poor q (prior-like, too wide) so the error is visible at k = 100.
+    let vae = model(&[0.0, 0.0], &[1.5, 1.5]);
+    let k = 100;
+    let runs: Vec<(f64, f64)> = (0..300)
+        .map(|seed| {
+            let e = estimate(&vae, k, 1000 + seed, Estimator::Importance);
+            let s = e.summary(k, Estimator::Importance);
+            (e.log_likelihood[0], s.nll_mc_stderr)
+        })
+        .collect();
+    let n = runs.len() as f64;
+    let mean = runs.iter().map(|r| r.0).sum::<f64>() / n;
+    let spread = (runs.iter().map(|r| (r.0 - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let reported = runs.iter().map(|r| r.1).sum::<f64>() / n;
+    assert!(
+        reported > 0.7 * spread && reported < 1.4 * spread,
+        "reported Monte-Carlo error {reported} vs the spread over seeds {spread}"
+    );
+    // And the estimate from more draws is larger on average (the bound tightens with k).
+    let tighter = (0..300)
+        .map(|seed| estimate(&vae, k, 1000 + seed, Estimator::Importance).sweep[1].1[0])
+        .sum::<f64>()
+        / n;
+    assert!(mean > tighter, "k = {k}: {mean} vs k = 10: {tighter}");
 }

@@ -162,8 +162,29 @@ pub struct EvalArgs {
     /// terms exactly (T network passes per row).
     #[arg(long, default_value_t = 16)]
     pub t_draws: usize,
+    /// VAE family: also report the NLL estimated from the first k' of the same draws, for each
+    /// k' in this comma-separated list (each at most --k). Default: the powers of ten below k,
+    /// and k.
+    #[arg(long, value_delimiter = ',')]
+    pub k_sweep: Option<Vec<usize>>,
+    /// VAE family: `importance` (z ~ q(z|x), the default) or `prior` (z ~ p(z), the naive
+    /// Monte-Carlo estimate, to compare with).
+    #[arg(long, value_enum, default_value_t = EstimatorChoice::Importance)]
+    pub estimator: EstimatorChoice,
+    /// VAE family: write a PNG plot of the k-sweep (NLL against k) to this path.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub sampler: SamplerFlags,
+}
+
+/// `--estimator` of `trainer eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EstimatorChoice {
+    /// Importance sampling from the encoder, q(z|x).
+    Importance,
+    /// Naive Monte Carlo: samples from the prior p(z).
+    Prior,
 }
 
 /// Diffusion models: the sampler of `eval`'s sample metrics and of `sample` (default: the

@@ -35,12 +35,16 @@ pub use diffusion::{
 };
 pub use eval::EvalConfig;
 pub use model::{
-    Activation, DecoderKind, FlowConfig, GanArchitecture, GanConfig, GanLoss, LayerConfig,
-    ModelConfig, ModelFamily, UnknownModelFamily,
+    Activation, DecoderKind, FlowConfig, GanArchitecture, GanConfig, GanLoss, GanPenalty,
+    LayerConfig, ModelConfig, ModelFamily, UnknownModelFamily,
 };
 pub use objective::{KlEstimator, ObjectiveConfig, ObjectiveKind};
-pub use optim::{OptimConfig, OptimizerKind, ScheduleKind};
+pub use optim::{OptimConfig, OptimizerKind, Player, ScheduleKind};
 pub use train::{parse_device_spec, DeviceSpec, NonFinitePolicy, TrainConfig};
+
+/// Keys of optional settings: absent from a serialized config while unset, yet valid for
+/// `--set`.
+const OPTIONAL_KEYS: &[&str] = &["optim.d_lr", "optim.g_lr", "optim.d_betas", "optim.g_betas"];
 
 /// The whole resolved configuration of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -129,7 +133,7 @@ impl Config {
                 let table = cur
                     .as_table_mut()
                     .ok_or_else(|| Error::Config(format!("--set {path}: not a table")))?;
-                if !table.contains_key(*last) {
+                if !table.contains_key(*last) && !OPTIONAL_KEYS.contains(&path) {
                     return Err(Error::Config(format!("--set {path}: unknown key `{last}`")));
                 }
                 table.insert(last.to_string(), parsed);
@@ -210,6 +214,7 @@ impl Config {
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
             return err("optim.beta1 and optim.beta2 must lie in [0, 1)".into());
         }
+        self.validate_player_optim()?;
         if o.eps.is_nan()
             || o.eps <= 0.0
             || o.weight_decay.is_nan()
@@ -254,6 +259,36 @@ impl Config {
             );
         }
         parse_device_spec(&self.train.device)?;
+        Ok(())
+    }
+
+    /// The players' own optimizer settings (`optim.d_lr`, `g_lr`, `d_betas`, `g_betas`): valid
+    /// values, and only for a GAN.
+    fn validate_player_optim(&self) -> Result<()> {
+        let o = &self.optim;
+        let set =
+            o.d_lr.is_some() || o.g_lr.is_some() || o.d_betas.is_some() || o.g_betas.is_some();
+        if set && self.model.family != ModelFamily::Gan {
+            return Err(Error::Config(
+                "optim.d_lr, g_lr, d_betas and g_betas set the two players of a GAN: this model \
+                 is not one"
+                    .into(),
+            ));
+        }
+        for (name, lr) in [("d_lr", o.d_lr), ("g_lr", o.g_lr)] {
+            if let Some(lr) = lr.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::Config(format!(
+                    "optim.{name} = {lr}: must be a positive number"
+                )));
+            }
+        }
+        for (name, b) in [("d_betas", o.d_betas), ("g_betas", o.g_betas)] {
+            if let Some(b) = b.filter(|b| !b.iter().all(|v| (0.0..1.0).contains(v))) {
+                return Err(Error::Config(format!(
+                    "optim.{name} = {b:?}: each must lie in [0, 1)"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -408,6 +443,8 @@ const TUNABLE_MODEL_FIELDS: &[&str] = &[
     "model.gan.n_critic",
     "model.gan.gp_weight",
     "model.gan.sn_iterations",
+    "model.gan.penalty",
+    "model.gan.r1_gamma",
 ];
 
 /// Whether `path` is a model field that may change on resume.

@@ -319,6 +319,25 @@ pub enum GanLoss {
     Hinge,
     /// Wasserstein with gradient penalty.
     WganGp,
+    /// The original minimax game (Goodfellow et al. 2014, eq. 1): D as for `non_saturating`, G
+    /// minimizes `log(1 - D(G(z)))`, whose gradient vanishes while D rejects the fakes (kept for
+    /// the comparison; `non_saturating` is the fix the same paper proposes).
+    Minimax,
+}
+
+/// An extra penalty on the discriminator (`model.gan.penalty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GanPenalty {
+    /// None beyond what the loss has (`wgan_gp` always has its gradient penalty).
+    #[default]
+    None,
+    /// The gradient penalty `gp_weight (||grad_x D(x_hat)|| - 1)^2` at interpolates of real
+    /// and generated rows (Gulrajani et al. 2017), with any loss (Kurach et al. 2019).
+    Gp,
+    /// The zero-centred penalty on real data `r1_gamma / 2 ||grad_x D(x)||^2` (Mescheder et
+    /// al. 2018, eq. 9), `D` being the logit.
+    R1,
 }
 
 /// The players' architecture (`model.gan.architecture`).
@@ -363,9 +382,25 @@ pub struct GanConfig {
     /// Power iterations per discriminator update (`spectral_norm = true` only). Tunable on
     /// resume. Default: 1.
     pub sn_iterations: usize,
-    /// Gradient-penalty weight `lambda` (`loss = "wgan_gp"` only), dimensionless. Tunable on
-    /// resume. Default: 10.
+    /// Gradient-penalty weight `lambda` (`loss = "wgan_gp"` or `penalty = "gp"`),
+    /// dimensionless. Tunable on resume. Default: 10.
     pub gp_weight: f64,
+    /// An extra discriminator penalty: `none`, `gp` or `r1` ([`GanPenalty`]). Tunable on
+    /// resume. Default: `none`.
+    pub penalty: GanPenalty,
+    /// The R1 weight `gamma` (`penalty = "r1"`), dimensionless. Tunable on resume. Default: 10.
+    pub r1_gamma: f64,
+}
+
+impl GanConfig {
+    /// The penalty the discriminator pays: `wgan_gp` implies `gp`.
+    pub fn effective_penalty(&self) -> GanPenalty {
+        if self.loss == GanLoss::WganGp {
+            GanPenalty::Gp
+        } else {
+            self.penalty
+        }
+    }
 }
 
 impl Default for GanConfig {
@@ -381,6 +416,8 @@ impl Default for GanConfig {
             spectral_norm: false,
             sn_iterations: 1,
             gp_weight: 10.0,
+            penalty: GanPenalty::None,
+            r1_gamma: 10.0,
         }
     }
 }
@@ -403,6 +440,12 @@ impl GanConfig {
         }
         if !(self.gp_weight.is_finite() && self.gp_weight >= 0.0) {
             return bad("gp_weight must be finite and >= 0");
+        }
+        if !(self.r1_gamma.is_finite() && self.r1_gamma >= 0.0) {
+            return bad("r1_gamma must be finite and >= 0");
+        }
+        if self.loss == GanLoss::WganGp && self.penalty == GanPenalty::R1 {
+            return bad("penalty = \"r1\" with loss = \"wgan_gp\": that loss has its gradient penalty already");
         }
         Ok(())
     }

@@ -63,6 +63,43 @@ pub struct OptimConfig {
     /// of all of an optimizer's gradients exceeds this, they are scaled by `max / (norm +
     /// 1e-6)` (0: off). Default: 0.
     pub clip_grad_norm: f64,
+    /// GANs: the discriminator's learning rate, in place of `lr` (the schedule and warm-up
+    /// scale it alike; Heusel et al. 2017's two time-scale rule sets it above the generator's).
+    /// Default: unset (`lr`).
+    pub d_lr: Option<f64>,
+    /// GANs: the generator's learning rate, in place of `lr`. Default: unset (`lr`).
+    pub g_lr: Option<f64>,
+    /// GANs: the discriminator's Adam `[beta1, beta2]`, in place of `beta1`, `beta2`. Default:
+    /// unset.
+    pub d_betas: Option<[f64; 2]>,
+    /// GANs: the generator's Adam `[beta1, beta2]`. Default: unset.
+    pub g_betas: Option<[f64; 2]>,
+}
+
+/// One of a GAN's two players, whose optimizer may have settings of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Player {
+    /// The generator.
+    Generator,
+    /// The discriminator (critic).
+    Discriminator,
+}
+
+impl OptimConfig {
+    /// The settings of `player`'s optimizer: `lr`, `beta1` and `beta2` replaced by the player's
+    /// own where set.
+    pub fn for_player(&self, player: Player) -> OptimConfig {
+        let (lr, betas) = match player {
+            Player::Generator => (self.g_lr, self.g_betas),
+            Player::Discriminator => (self.d_lr, self.d_betas),
+        };
+        let mut o = self.clone();
+        o.lr = lr.unwrap_or(self.lr);
+        if let Some([b1, b2]) = betas {
+            (o.beta1, o.beta2) = (b1, b2);
+        }
+        o
+    }
 }
 
 impl Default for OptimConfig {
@@ -80,6 +117,10 @@ impl Default for OptimConfig {
             gamma: 0.5,
             warmup_steps: 0,
             clip_grad_norm: 0.0,
+            d_lr: None,
+            g_lr: None,
+            d_betas: None,
+            g_betas: None,
         }
     }
 }

@@ -242,16 +242,7 @@ impl Vae {
         } else {
             None
         };
-        let xk = repeat_rows(x, k)?;
-        let yk = y.as_ref().map(|y| repeat_rows(y, k)).transpose()?;
-        let h = self.decoder_input(&zs[0], yk.as_ref())?;
-        let log_px = match &self.x_decoder {
-            XDecoder::Bernoulli(d) => bernoulli_log_likelihood(&d.forward(&h)?, &xk)?,
-            XDecoder::Gaussian(d) => {
-                let (m, v) = d.forward(&h)?;
-                gaussian_log_density(&xk, &m, &v)?
-            }
-        };
+        let log_px = self.log_px_given_z1(x, y.as_ref(), &zs[0], k)?;
         debug_assert_eq!(log_px.dim(0)?, k * b);
         Ok(Pass {
             log_px,
@@ -259,6 +250,43 @@ impl Vae {
             log_qz,
             q1: (mu1, lv1),
         })
+    }
+
+    /// `log p(x | z_1)` (`log p(x | z_1, y)` for a conditional model) in nats per row, `(k B,)`:
+    /// `x (B, D)` and the labels `y (B, classes)` repeated sample-major to match `z1 (k B, d_1)`.
+    fn log_px_given_z1(
+        &self,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        z1: &Tensor,
+        k: usize,
+    ) -> Result<Tensor> {
+        let xk = repeat_rows(x, k)?;
+        let yk = y.map(|y| repeat_rows(y, k)).transpose()?;
+        let h = self.decoder_input(z1, yk.as_ref())?;
+        Ok(match &self.x_decoder {
+            XDecoder::Bernoulli(d) => bernoulli_log_likelihood(&d.forward(&h)?, &xk)?,
+            XDecoder::Gaussian(d) => {
+                let (m, v) = d.forward(&h)?;
+                gaussian_log_density(&xk, &m, &v)?
+            }
+        })
+    }
+
+    /// The log weights of the naive Monte-Carlo estimator `p(x) ~ (1/k) sum_i p(x | z_i)` with
+    /// `z_i ~ p(z)` (ancestral samples of the prior, every layer): `log p(x | z_1^(i))`, `(k B,)`
+    /// sample-major like [`Vae::pass`], for the rows of `input` (`(B, D)`, with the one-hot
+    /// labels appended for a conditional model). Noise from `rng`.
+    pub fn prior_log_weights(
+        &self,
+        input: &Tensor,
+        k: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
+        let b = input.dim(0)?;
+        let (x, y) = self.split_input(input)?;
+        let z1 = self.sample_z1(k * b, rng)?;
+        self.log_px_given_z1(&x, y.as_ref(), &z1, k)
     }
 
     /// Posterior means per layer, propagating means upward (`z_{l-1} = mu_{l-1}`).

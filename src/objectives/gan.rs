@@ -7,13 +7,21 @@
 //! - WGAN-GP: D minimizes `D(G(z)) - D(x) + lambda (||grad_x D(x_hat)|| - 1)^2` at random
 //!   interpolates `x_hat = t x + (1 - t) G(z)`, G minimizes `-D(G(z))` (Gulrajani et al. 2017,
 //!   algorithm 1). The input gradient is the discriminator's forward-graph chain rule
-//!   ([`Gan::input_gradient_with`]), so one `backward()` of the penalty gives its exact gradient.
+//!   ([`Gan::input_gradient_with`]), so one `backward()` of the penalty gives its exact gradient;
+//! - minimax: D as non-saturating, G minimizes `log(1 - sigmoid(D(G(z)))) = -softplus(D(G(z)))`
+//!   (Goodfellow et al., eq. 1; saturates while D rejects the fakes).
+//!
+//! Penalties on D with any loss (`model.gan.penalty`): the same gradient penalty at interpolates
+//! (non-saturating + GP and hinge + GP as in Kurach et al. 2019, "A Large-Scale Study of
+//! Regularization and Normalization in GANs"), or R1, `gamma / 2 ||grad_x D(x)||^2` at the real
+//! rows (Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do actually
+//! Converge?", eq. 9), both through the same exact input gradient.
 //!
 //! All batch terms are means over rows.
 
 use candle_core::{Tensor, D};
 
-use crate::config::GanLoss;
+use crate::config::{GanLoss, GanPenalty};
 use crate::error::Result;
 use crate::models::Gan;
 
@@ -25,7 +33,8 @@ pub struct DiscriminatorLoss {
     pub d_real: Tensor,
     /// Mean `D(G(z))` over the generated rows.
     pub d_fake: Tensor,
-    /// The gradient penalty `mean (||grad D(x_hat)|| - 1)^2`, before its weight (WGAN-GP only).
+    /// The penalty before its weight: `mean (||grad D(x_hat)|| - 1)^2` (GP) or
+    /// `mean ||grad D(x)||^2` (R1); `None` without one.
     pub penalty: Option<Tensor>,
 }
 
@@ -49,24 +58,30 @@ pub fn discriminator_loss(
     let ws = gan.effective_weights()?;
     let d_real = gan.discriminate_with(x, &ws)?;
     let d_fake = gan.discriminate_with(fake, &ws)?;
-    let mut penalty = None;
     let loss = match cfg.loss {
-        GanLoss::NonSaturating => {
+        GanLoss::NonSaturating | GanLoss::Minimax => {
             (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?
         }
         GanLoss::Hinge => {
             ((1.0 - &d_real)?.relu()?.mean_all()? + (&d_fake + 1.0)?.relu()?.mean_all()?)?
         }
-        GanLoss::WganGp => {
+        GanLoss::WganGp => (d_fake.mean_all()? - d_real.mean_all()?)?,
+    };
+    let (loss, penalty) = match cfg.effective_penalty() {
+        GanPenalty::None => (loss, None),
+        GanPenalty::Gp => {
             let b = x.dim(0)?;
             let t = t.broadcast_as((b, x.dim(1)?))?;
             let x_hat = ((x * &t)? + (fake * (1.0 - &t)?)?)?.detach();
             let (_, g) = gan.input_gradient_with(&x_hat, &ws)?;
             let norm = (g.sqr()?.sum(D::Minus1)? + 1e-12)?.sqrt()?;
             let gp = (norm - 1.0)?.sqr()?.mean_all()?;
-            let loss = ((d_fake.mean_all()? - d_real.mean_all()?)? + (&gp * cfg.gp_weight)?)?;
-            penalty = Some(gp);
-            loss
+            ((loss + (&gp * cfg.gp_weight)?)?, Some(gp))
+        }
+        GanPenalty::R1 => {
+            let (_, g) = gan.input_gradient_with(&x.detach(), &ws)?;
+            let r1 = g.sqr()?.sum(D::Minus1)?.mean_all()?;
+            ((loss + (&r1 * (cfg.r1_gamma / 2.0))?)?, Some(r1))
         }
     };
     Ok(DiscriminatorLoss {
@@ -83,6 +98,7 @@ pub fn generator_loss(gan: &Gan, fake: &Tensor) -> Result<Tensor> {
     let d = gan.discriminate(fake)?;
     Ok(match gan.config().loss {
         GanLoss::NonSaturating => softplus(&d.neg()?)?.mean_all()?,
+        GanLoss::Minimax => softplus(&d)?.mean_all()?.neg()?,
         GanLoss::Hinge | GanLoss::WganGp => d.mean_all()?.neg()?,
     })
 }

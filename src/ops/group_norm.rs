@@ -33,6 +33,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::fastmath::sigmoid;
 use super::slice;
 
 /// The group normalization of `x`, optionally shifted first and followed by SiLU.
@@ -212,31 +213,32 @@ impl GroupNorm {
         p.shift.map_or(0.0, |s| s[b * c + ch])
     }
 
-    /// Mean and `1 / sqrt(var + eps)` of group `g` of sample `b` (`xs` is the sample).
+    /// Mean and `1 / sqrt(var + eps)` of group `g` of sample `b` (`xs` is the sample): the sum of
+    /// `u`, then of `(u - mean)^2`, each in [`LANES`] f32 partial sums per channel that are added
+    /// in f64.
     fn stats(&self, p: &Params, xs: &[f32], b: usize, g: usize) -> (f32, f32) {
         let d = self.dims;
         let cg = d.c / d.groups;
         let n = (cg * d.hw) as f64;
-        let mut sum = 0.0f64;
-        for ch in g * cg..(g + 1) * cg {
-            let s = Self::shift_of(p, d.c, b, ch);
-            let row = &xs[ch * d.hw..(ch + 1) * d.hw];
-            sum += row.iter().map(|&v| (v + s) as f64).sum::<f64>();
-        }
-        let mean = sum / n;
-        let mut sq = 0.0f64;
-        for ch in g * cg..(g + 1) * cg {
-            let s = Self::shift_of(p, d.c, b, ch);
-            let row = &xs[ch * d.hw..(ch + 1) * d.hw];
-            sq += row
-                .iter()
-                .map(|&v| {
-                    let e = (v + s) as f64 - mean;
+        let rows = || {
+            (g * cg..(g + 1) * cg).map(|ch| {
+                (
+                    Self::shift_of(p, d.c, b, ch),
+                    &xs[ch * d.hw..(ch + 1) * d.hw],
+                )
+            })
+        };
+        let mean = rows().map(|(s, row)| lane_sum(row, |v| v + s)).sum::<f64>() / n;
+        let m = mean as f32;
+        let sq = rows()
+            .map(|(s, row)| {
+                lane_sum(row, |v| {
+                    let e = (v + s) - m;
                     e * e
                 })
-                .sum::<f64>();
-        }
-        (mean as f32, (1.0 / (sq / n + self.eps).sqrt()) as f32)
+            })
+            .sum::<f64>();
+        (m, (1.0 / (sq / n + self.eps).sqrt()) as f32)
     }
 
     /// Writes sample `b`'s output into `out` (one sample).
@@ -251,7 +253,7 @@ impl GroupNorm {
                 let range = ch * d.hw..(ch + 1) * d.hw;
                 for (o, &v) in out[range.clone()].iter_mut().zip(&xs[range]) {
                     let z = ((v + s) - mean) * rstd * scale + offset;
-                    *o = if self.silu { z / (1.0 + (-z).exp()) } else { z };
+                    *o = if self.silu { z * sigmoid(z) } else { z };
                 }
             }
         }
@@ -271,24 +273,21 @@ impl GroupNorm {
                 let s = Self::shift_of(p, d.c, b, ch);
                 let (scale, offset) = (p.gamma[ch], p.beta[ch]);
                 let range = ch * d.hw..(ch + 1) * d.hw;
-                let (mut sum_dz, mut sum_dz_xhat) = (0.0f64, 0.0f64);
-                for ((o, &v), &dy) in dx[range.clone()]
-                    .iter_mut()
-                    .zip(&xs[range.clone()])
-                    .zip(&dys[range])
-                {
-                    let xhat = ((v + s) - mean) * rstd;
-                    let dz = if self.silu {
-                        let z = xhat * scale + offset;
-                        let sig = 1.0 / (1.0 + (-z).exp());
-                        dy * (sig * (1.0 + z * (1.0 - sig)))
-                    } else {
-                        dy
-                    };
-                    *o = dz;
-                    sum_dz += dz as f64;
-                    sum_dz_xhat += (dz * xhat) as f64;
-                }
+                let (sum_dz, sum_dz_xhat) = dz_row(
+                    &mut dx[range.clone()],
+                    &xs[range.clone()],
+                    &dys[range],
+                    |v| ((v + s) - mean) * rstd,
+                    |xhat| {
+                        if self.silu {
+                            let z = xhat * scale + offset;
+                            let sig = sigmoid(z);
+                            sig * (1.0 + z * (1.0 - sig))
+                        } else {
+                            1.0
+                        }
+                    },
+                );
                 dgb[ch] += sum_dz_xhat;
                 dgb[d.c + ch] += sum_dz;
                 m1 += scale as f64 * sum_dz;
@@ -305,17 +304,88 @@ impl GroupNorm {
                 let s = Self::shift_of(p, d.c, b, ch);
                 let scale = p.gamma[ch];
                 let range = ch * d.hw..(ch + 1) * d.hw;
-                let mut sum = 0.0f64;
-                for (o, &v) in dx[range.clone()].iter_mut().zip(&xs[range]) {
+                *ds = du_row(&mut dx[range.clone()], &xs[range], |dz, v| {
                     let xhat = ((v + s) - mean) * rstd;
-                    let du = rstd * (scale * *o - m1 - xhat * m2);
-                    *o = du;
-                    sum += du as f64;
-                }
-                *ds = sum as f32;
+                    rstd * (scale * dz - m1 - xhat * m2)
+                }) as f32;
             }
         }
     }
+}
+
+/// Partial sums per reduction: wide enough for the compiler to keep them in vector registers
+/// (one AVX-512 register, two AVX2 ones), so the sums vectorize without reassociating f64 adds.
+const LANES: usize = 16;
+
+/// `sum_i f(row_i)`: `LANES` f32 partial sums over the row (at most `ceil(len / LANES)` terms
+/// each), added in f64. The order is fixed by the length alone.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail.iter().map(|&v| f(v) as f64).sum::<f64>()
+}
+
+/// Writes `dz = dy act'(z)` into `out` (with `xhat = xhat_of(x)`, `act' = dact(xhat)`) and
+/// returns `(sum dz, sum dz xhat)`, each as in [`lane_sum`].
+#[inline(always)]
+fn dz_row(
+    out: &mut [f32],
+    xs: &[f32],
+    dys: &[f32],
+    xhat_of: impl Fn(f32) -> f32,
+    dact: impl Fn(f32) -> f32,
+) -> (f64, f64) {
+    let (mut a1, mut a2) = ([0f32; LANES], [0f32; LANES]);
+    let full = out.len() / LANES * LANES;
+    let (head, tail) = out.split_at_mut(full);
+    let chunks = xs.chunks_exact(LANES).zip(dys.chunks_exact(LANES));
+    for (o, (xc, dc)) in head.chunks_exact_mut(LANES).zip(chunks) {
+        for l in 0..LANES {
+            let xhat = xhat_of(xc[l]);
+            let dz = dc[l] * dact(xhat);
+            o[l] = dz;
+            a1[l] += dz;
+            a2[l] += dz * xhat;
+        }
+    }
+    let mut t = (0f64, 0f64);
+    for ((o, &v), &dy) in tail.iter_mut().zip(&xs[full..]).zip(&dys[full..]) {
+        let xhat = xhat_of(v);
+        let dz = dy * dact(xhat);
+        *o = dz;
+        t.0 += dz as f64;
+        t.1 += (dz * xhat) as f64;
+    }
+    let sum = |a: &[f32; LANES]| a.iter().map(|&v| v as f64).sum::<f64>();
+    (sum(&a1) + t.0, sum(&a2) + t.1)
+}
+
+/// Replaces each `dz` in `dx` by `f(dz, x)` and returns the sum of the new values, as in
+/// [`lane_sum`].
+#[inline(always)]
+fn du_row(dx: &mut [f32], xs: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let full = dx.len() / LANES * LANES;
+    let (head, tail) = dx.split_at_mut(full);
+    for (c, xc) in head.chunks_exact_mut(LANES).zip(xs.chunks_exact(LANES)) {
+        for ((a, o), &v) in acc.iter_mut().zip(c.iter_mut()).zip(xc) {
+            *o = f(*o, v);
+            *a += *o;
+        }
+    }
+    let mut t = 0f64;
+    for (o, &v) in tail.iter_mut().zip(&xs[full..]) {
+        *o = f(*o, v);
+        t += *o as f64;
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + t
 }
 
 impl CustomOp2 for GroupNorm {

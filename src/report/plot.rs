@@ -34,6 +34,8 @@ pub struct Series {
 pub struct Panel {
     pub title: String,
     pub series: Vec<Series>,
+    /// The x axis's description (`step` for training curves).
+    pub x_desc: String,
 }
 
 const WIDTH: u32 = 900;
@@ -526,7 +528,7 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> Drawn<()> {
         .axis_desc_style(style(TEXT_PX, MUTED))
         .x_label_formatter(&fx)
         .y_label_formatter(&fy)
-        .x_desc("step")
+        .x_desc(panel.x_desc.as_str())
         .draw()?;
     for (i, s) in panel.series.iter().enumerate() {
         let c = colour(i);
@@ -646,6 +648,7 @@ pub fn panels_from_metrics(jsonl: &str) -> Vec<Panel> {
                             points: map.remove(*n).unwrap_or_default(),
                         })
                         .collect(),
+                    x_desc: "step".into(),
                 });
                 true
             } else {
@@ -675,10 +678,48 @@ pub fn panels_from_metrics(jsonl: &str) -> Vec<Panel> {
             panels.push(Panel {
                 title,
                 series: vec![Series { name, points }],
+                x_desc: "step".into(),
             });
         }
     }
     panels
+}
+
+/// Plots a likelihood k-sweep: the estimated NLL (nats, with +- one standard error over images
+/// as two dashed bounds) against `log10 k`, titled with `title` (the estimator and images).
+/// Each point is `(k, nll, nll_stderr)`.
+///
+/// # Errors
+/// An empty sweep, or a failure to draw or write `path`.
+pub fn write_k_sweep(path: &Path, title: &str, points: &[(usize, f64, f64)]) -> Result<()> {
+    if points.is_empty() {
+        return Err(Error::Config("the k-sweep has no points to plot".into()));
+    }
+    let at = |f: &dyn Fn(f64, f64) -> f64| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .map(|&(k, nll, se)| ((k as f64).log10(), f(nll, se)))
+            .collect()
+    };
+    let panel = Panel {
+        title: title.to_string(),
+        series: vec![
+            Series {
+                name: "NLL (nats)".into(),
+                points: at(&|nll, _| nll),
+            },
+            Series {
+                name: "+ 1 s.e.".into(),
+                points: at(&|nll, se| nll + se),
+            },
+            Series {
+                name: "- 1 s.e.".into(),
+                points: at(&|nll, se| nll - se),
+            },
+        ],
+        x_desc: "log10 k (draws per image)".into(),
+    };
+    write_panels(path, &[panel])
 }
 
 /// Redraws `curves.png` in `run_dir` from its `metrics.jsonl`.

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::{restore_optimizer, EpochEval, FinalEval, StepContext, StepOutput, Trainee};
 use crate::checkpoint::{LoadedFile, OPTIM_FILE};
-use crate::config::Config;
+use crate::config::{Config, GanPenalty, Player};
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::models::Gan;
@@ -37,8 +37,11 @@ impl GanTrainee {
 
     fn with(cfg: &Config, gan: Gan) -> Result<Self> {
         Ok(GanTrainee {
-            gen_opt: Optimizer::new(&cfg.optim, &gan.gen_store)?,
-            disc_opt: Optimizer::new(&cfg.optim, &gan.disc_store)?,
+            gen_opt: Optimizer::new(&cfg.optim.for_player(Player::Generator), &gan.gen_store)?,
+            disc_opt: Optimizer::new(
+                &cfg.optim.for_player(Player::Discriminator),
+                &gan.disc_store,
+            )?,
             gan,
             last_gen_loss: None,
         })
@@ -73,16 +76,38 @@ impl GanTrainee {
         values.push(("d_real", d_real));
         values.push(("d_fake", d_fake));
         if let Some(gp) = gp {
-            values.push(("gradient_penalty", gp.detach()));
+            let name = match ctx.cfg.model.gan.effective_penalty() {
+                GanPenalty::R1 => "r1_penalty",
+                _ => "gradient_penalty",
+            };
+            values.push((name, gp.detach()));
         }
+        let o = &ctx.cfg.optim;
+        let constants = if o.d_lr.is_some() || o.g_lr.is_some() {
+            vec![
+                (
+                    "d_lr",
+                    ctx.lr * player_scale(ctx.cfg, Player::Discriminator),
+                ),
+                ("g_lr", ctx.lr * player_scale(ctx.cfg, Player::Generator)),
+            ]
+        } else {
+            Vec::new()
+        };
         Ok(StepOutput {
             loss: d_loss,
             values,
-            constants: Vec::new(),
+            constants,
             skipped: Tensor::new(if applied { 0f32 } else { 1f32 }, ctx.device)?,
             applied: Some(applied),
         })
     }
+}
+
+/// The factor that takes the schedule's learning rate (of `optim.lr`) to `player`'s own
+/// (`optim.d_lr` / `optim.g_lr`), so warm-up and decay scale both players alike.
+fn player_scale(cfg: &Config, player: Player) -> f64 {
+    cfg.optim.for_player(player).lr / cfg.optim.lr
 }
 
 /// One discriminator update and, every `n_critic`-th step, one generator update; the
@@ -129,7 +154,7 @@ impl Trainee for GanTrainee {
         let mut rng = stream_rng(seed, Stream::Penalty, ctx.step);
         let t: Vec<f32> = (0..batch).map(|_| rng.random::<f32>()).collect();
         let t = super::rows_of(&Tensor::from_vec(t, (batch, 1), ctx.device)?, &rows)?;
-        let penalty = self.gan.config().loss == crate::models::gan::GanLoss::WganGp;
+        let penalty = self.gan.config().effective_penalty() != GanPenalty::None;
         let extras = if penalty { 3 } else { 2 };
         let local = if b == 0 {
             None
@@ -164,7 +189,11 @@ impl Trainee for GanTrainee {
         let mut applied = d_loss.to_scalar::<f32>()?.is_finite()
             && check_finite_grads(&self.gan.disc_store, &grads).is_ok();
         if applied {
-            self.disc_opt.step(&grads, ctx.lr, None)?;
+            self.disc_opt.step(
+                &grads,
+                ctx.lr * player_scale(ctx.cfg, Player::Discriminator),
+                None,
+            )?;
         }
         if applied && (ctx.step + 1) % self.gan.config().n_critic as u64 == 0 {
             let z = self.gan.noise(
@@ -191,7 +220,11 @@ impl Trainee for GanTrainee {
             applied = g_loss.to_scalar::<f32>()?.is_finite()
                 && check_finite_grads(&self.gan.gen_store, &grads).is_ok();
             if applied {
-                self.gen_opt.step(&grads, ctx.lr, None)?;
+                self.gen_opt.step(
+                    &grads,
+                    ctx.lr * player_scale(ctx.cfg, Player::Generator),
+                    None,
+                )?;
             }
             self.last_gen_loss = Some(g_loss.detach());
         }

@@ -120,14 +120,14 @@ impl Trainee for VaeTrainee {
     fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval> {
         let mut fin = FinalEval::default();
         if cfg.eval.final_k > 0 {
-            let r = eval::evaluate(
-                &self.model,
-                &data.test,
-                cfg.eval.final_k,
-                cfg.eval.final_limit,
-                cfg.eval.max_rows,
-                cfg.train.seed,
-            )?;
+            let o = eval::LikelihoodOptions {
+                k: cfg.eval.final_k,
+                max_rows: cfg.eval.max_rows,
+                seed: cfg.train.seed,
+                estimator: eval::Estimator::Importance,
+                sweep: Vec::new(),
+            };
+            let r = eval::evaluate(&self.model, &data.test, cfg.eval.final_limit, &o)?;
             fin.figures = vec![
                 ("test_elbo", r.test_elbo),
                 ("nll", r.nll),

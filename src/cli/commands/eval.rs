@@ -16,6 +16,8 @@ struct Settings {
     threads: usize,
     seed: u64,
     t_draws: usize,
+    estimator: crate::eval::Estimator,
+    sweep: Vec<usize>,
 }
 
 impl Settings {
@@ -39,6 +41,19 @@ impl Settings {
             threads: a.threads.unwrap_or(0),
             seed: a.seed,
             t_draws: a.t_draws,
+            estimator: match a.estimator {
+                crate::cli::EstimatorChoice::Importance => crate::eval::Estimator::Importance,
+                crate::cli::EstimatorChoice::Prior => crate::eval::Estimator::Prior,
+            },
+            sweep: match &a.k_sweep {
+                Some(v) => {
+                    if let Some(bad) = v.iter().find(|&&p| p == 0 || p > k) {
+                        bail!("--k-sweep {bad}: each point must be between 1 and --k ({k})");
+                    }
+                    v.clone()
+                }
+                None => crate::eval::likelihood::default_sweep(k),
+            },
         })
     }
 }
@@ -149,7 +164,7 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
         ]),
     )?;
     let mut report = Report::new(&ck, &cfg);
-    likelihood(&mut report, &ck.model, &data, &s)?;
+    likelihood(&mut report, &ck.model, &data, &s, a.plot.as_deref())?;
     let n = a
         .samples
         .unwrap_or(if ck.image_shape.0 > 1 { 10_000 } else { 2_500 });
@@ -169,23 +184,43 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
 
 /// The likelihood figures of the model's family: a VAE's test ELBO, importance-sampled NLL,
 /// bits/dim and active units; a flow's exact NLL; none for a GAN.
-fn likelihood(report: &mut Report, model: &Model, data: &Datasets, s: &Settings) -> Result<()> {
+fn likelihood(
+    report: &mut Report,
+    model: &Model,
+    data: &Datasets,
+    s: &Settings,
+    plot: Option<&std::path::Path>,
+) -> Result<()> {
     match model {
         Model::Vae(model) => {
+            let o = crate::eval::LikelihoodOptions {
+                k: s.k,
+                max_rows: s.max_rows,
+                seed: s.seed,
+                estimator: s.estimator,
+                sweep: s.sweep.clone(),
+            };
             let r = crate::device::with_cpu_threads(s.threads, || {
-                crate::eval::evaluate(model, &data.test, s.k, s.limit, s.max_rows, s.seed)
+                crate::eval::evaluate(model, &data.test, s.limit, &o)
             })?;
             report.merge(&r)?;
-            report.lines.push(format!(
-                "test -ELBO ({} of {} test images): {:.3} nats",
-                r.n,
-                data.test.len(),
-                r.test_elbo
-            ));
-            report.lines.push(format!(
-                "test NLL (k = {}, {} images): {:.3} +- {:.3} nats",
-                r.k, r.n, r.nll, r.nll_stderr
-            ));
+            vae_lines(report, &r, data.test.len());
+            if let Some(path) = plot {
+                let title = format!(
+                    "test NLL by k, {} estimator, {} images (same draws)",
+                    r.estimator.as_str(),
+                    r.n
+                );
+                let points: Vec<(usize, f64, f64)> = r
+                    .k_sweep
+                    .iter()
+                    .map(|p| (p.k, p.nll, p.nll_stderr))
+                    .collect();
+                crate::report::plot::write_k_sweep(path, &title, &points)?;
+                report
+                    .lines
+                    .push(format!("k-sweep plot: {}", path.display()));
+            }
             report
                 .lines
                 .push(format!("bits/dim: {:.4}", r.bits_per_dim));
@@ -214,4 +249,39 @@ fn likelihood(report: &mut Report, model: &Model, data: &Datasets, s: &Settings)
         Model::Diffusion(m) => diffusion_bound(report, m, data, s)?,
     }
     Ok(())
+}
+
+/// The text lines of a VAE's evaluation: the ELBO, the estimate with both of its errors named,
+/// the effective sample size and the k-sweep.
+fn vae_lines(report: &mut Report, r: &crate::eval::EvalReport, n_test: usize) {
+    let what = match r.estimator {
+        crate::eval::Estimator::Importance => "importance-sampled, z ~ q(z|x)",
+        crate::eval::Estimator::Prior => "naive Monte Carlo, z ~ p(z)",
+    };
+    report.lines.push(format!(
+        "test -ELBO ({} of {n_test} test images): {:.3} nats",
+        r.n, r.test_elbo
+    ));
+    report.lines.push(format!(
+        "test NLL ({what}, k = {}, {} images): {:.3} +- {:.3} nats (standard error over images); \
+         Monte-Carlo error of the estimate {:.3} nats",
+        r.k, r.n, r.nll, r.nll_stderr, r.nll_mc_stderr
+    ));
+    report.lines.push(format!(
+        "effective sample size: mean {:.1}, min {:.2} of k = {} ({:.2}%)",
+        r.ess_mean,
+        r.ess_min,
+        r.k,
+        100.0 * r.ess_fraction
+    ));
+    let sweep: Vec<String> = r
+        .k_sweep
+        .iter()
+        .map(|p| format!("k={} {:.3}", p.k, p.nll))
+        .collect();
+    if !sweep.is_empty() {
+        report
+            .lines
+            .push(format!("NLL by k (same draws): {}", sweep.join(", ")));
+    }
 }

@@ -5,7 +5,9 @@
 //! - the importance-sampled log-likelihood of Burda et al. 2016 (section 5.2):
 //!   `log p(x) ~ LSE_i(log w_i) - ln k`, `i = 1..k`, `z_i ~ q(z|x)`, reported as the negative
 //!   log-likelihood in nats (k = 5000 in the paper). Samples are processed in chunks whose running
-//!   log-sum-exps are merged, so memory is bounded by `max_rows` at any k;
+//!   log-sum-exps are merged, so memory is bounded by `max_rows` at any k; with the effective
+//!   sample size, the estimator's Monte-Carlo error, the k-sweep and the naive prior-sampling
+//!   estimate for comparison ([`likelihood`]);
 //! - active units (Burda et al. 2016, section 5.2): dimension `j` of layer `l` is active when
 //!   `Cov_x(E_q[z_lj | x]) > 0.01`. For layers above the first, `E_q[z_l|x]` is approximated by
 //!   propagating means (`z_{l-1} = mu_{l-1}`);
@@ -18,24 +20,42 @@ use crate::config::ObjectiveConfig;
 use crate::data::DataSource;
 use crate::error::Result;
 use crate::models::{Diffusion, Flow, Vae};
-use crate::objectives::{log_weights, needs_densities, objective};
+use crate::objectives::{needs_densities, objective};
 use crate::rng::{stream_rng, Stream};
 
-/// Everything `trainer eval` reports.
+pub mod likelihood;
+
+pub use likelihood::{Estimator, LikelihoodOptions, LikelihoodSummary, SweepPoint};
+
+/// Everything `trainer eval` reports for a VAE-family model.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     /// Negative test ELBO in nats, as a positive number (an upper bound on `nll`).
     pub test_elbo: f64,
-    /// Importance-sampled negative log-likelihood in nats (positive).
+    /// `importance` (`z ~ q(z | x)`) or `prior` (`z ~ p(z)`): how `nll` was estimated.
+    pub estimator: Estimator,
+    /// Estimated negative log-likelihood in nats (positive).
     pub nll: f64,
-    /// Standard error of `nll` over images.
+    /// Standard error of `nll` over images (their spread / sqrt(n)), not the estimator's error.
     pub nll_stderr: f64,
-    /// Importance samples.
+    /// The estimator's own Monte-Carlo error of `nll` in nats (delta method from the effective
+    /// sample sizes; see [`likelihood`]).
+    pub nll_mc_stderr: f64,
+    /// Draws per image.
     pub k: usize,
     /// Images evaluated.
     pub n: usize,
     /// `nll / (D ln 2)`.
     pub bits_per_dim: f64,
+    /// Mean effective sample size `(sum w)^2 / sum w^2` of the normalized weights over images.
+    pub ess_mean: f64,
+    /// Smallest effective sample size of any image.
+    pub ess_min: f64,
+    /// `ess_mean / k`.
+    pub ess_fraction: f64,
+    /// The estimate from the first k' draws of the same draws, ascending in k' (k' = 1: the
+    /// one-sample ELBO estimate).
+    pub k_sweep: Vec<SweepPoint>,
     /// Active units of each stochastic layer.
     pub active_units: Vec<usize>,
     /// Wall-clock seconds of the evaluation.
@@ -69,7 +89,8 @@ pub fn mean_elbo(model: &Vae, data: &DataSource, n: usize, batch: usize, seed: u
     Ok(total / n.max(1) as f64)
 }
 
-/// Per-image importance-sampled `log p(x)` estimates with `k` samples for the first `n` rows.
+/// Per-image importance-sampled `log p(x)` estimates with `k` samples for the first `n` rows
+/// (see [`likelihood::estimate`] for the ESS, the k-sweep and the prior estimator).
 pub fn importance_sampled_log_likelihood(
     model: &Vae,
     data: &DataSource,
@@ -78,59 +99,14 @@ pub fn importance_sampled_log_likelihood(
     max_rows: usize,
     seed: u64,
 ) -> Result<Vec<f64>> {
-    let images_per_chunk = (max_rows / k).clamp(1, n.max(1));
-    let samples_per_pass = k.min((max_rows / images_per_chunk).max(1));
-    let mut out = Vec::with_capacity(n);
-    let mut start = 0;
-    let mut stream_index = 1u64 << 32;
-    while start < n {
-        let b = images_per_chunk.min(n - start);
-        let x = data.range(start, b, model.device())?;
-        let mut running = vec![f64::NEG_INFINITY; b];
-        let mut done = 0;
-        while done < k {
-            let s = samples_per_pass.min(k - done);
-            let eps = model.draw_noise(s, b, &mut stream_rng(seed, Stream::Eval, stream_index))?;
-            stream_index += 1;
-            let pass = model.pass(&x, s, &eps, true)?;
-            let lw: Vec<Vec<f32>> = log_weights(&pass, s)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2()?;
-            for (r, row) in running.iter_mut().zip(&lw) {
-                // NaN-propagating: a NaN log-weight makes the image's estimate NaN (f32::max
-                // would skip it, and an all-NaN row would read as probability zero).
-                let m = crate::ops::logsumexp::nan_max(row) as f64;
-                let lse = if m.is_finite() {
-                    m + row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln()
-                } else {
-                    m // NaN, +inf, or -inf (every weight zero)
-                };
-                *r = log_add_exp(*r, lse);
-            }
-            done += s;
-        }
-        out.extend(running.into_iter().map(|r| r - (k as f64).ln()));
-        start += b;
-    }
-    Ok(out)
-}
-
-/// `ln(e^a + e^b)`, NaN when either is NaN, `+inf` when either is.
-fn log_add_exp(a: f64, b: f64) -> f64 {
-    if a.is_nan() || b.is_nan() {
-        return f64::NAN;
-    }
-    if a == f64::INFINITY || b == f64::INFINITY {
-        return f64::INFINITY;
-    }
-    if a == f64::NEG_INFINITY {
-        return b;
-    }
-    if b == f64::NEG_INFINITY {
-        return a;
-    }
-    let m = a.max(b);
-    m + ((a - m).exp() + (b - m).exp()).ln()
+    let o = LikelihoodOptions {
+        k,
+        max_rows,
+        seed,
+        estimator: Estimator::Importance,
+        sweep: Vec::new(),
+    };
+    Ok(likelihood::estimate(model, data, n, &o)?.log_likelihood)
 }
 
 /// The mean negative log-likelihood of per-image log-likelihoods `ll` (nats) and its standard
@@ -184,14 +160,17 @@ pub fn bits_per_dim(nll: f64, data: &DataSource) -> f64 {
     crate::objectives::bits_per_dim(nll, data.dim(), data.is_dequantized())
 }
 
-/// Runs the full evaluation on the first `limit` rows (0: all) of `data`.
+/// Runs the full evaluation on the first `limit` rows (0: all) of `data`: the test ELBO, the
+/// likelihood estimate of `o` with its ESS, Monte-Carlo error and k-sweep, bits/dim and the
+/// active units.
+///
+/// # Errors
+/// As [`likelihood::estimate`], or a failure of the model.
 pub fn evaluate(
     model: &Vae,
     data: &DataSource,
-    k: usize,
     limit: usize,
-    max_rows: usize,
-    seed: u64,
+    o: &LikelihoodOptions,
 ) -> Result<EvalReport> {
     let t0 = std::time::Instant::now();
     let n = if limit == 0 {
@@ -199,16 +178,21 @@ pub fn evaluate(
     } else {
         limit.min(data.len())
     };
-    let test_elbo = mean_elbo(model, data, n, 1000, seed)?;
-    let ll = importance_sampled_log_likelihood(model, data, n, k, max_rows, seed)?;
-    let (nll, nll_stderr) = mean_nll_and_stderr(&ll);
+    let test_elbo = mean_elbo(model, data, n, 1000, o.seed)?;
+    let s = likelihood::estimate(model, data, n, o)?.summary(o.k, o.estimator);
     Ok(EvalReport {
         test_elbo: -test_elbo,
-        nll,
-        nll_stderr,
-        k,
+        estimator: s.estimator,
+        nll: s.nll,
+        nll_stderr: s.nll_stderr,
+        nll_mc_stderr: s.nll_mc_stderr,
+        k: o.k,
         n,
-        bits_per_dim: bits_per_dim(nll, data),
+        bits_per_dim: bits_per_dim(s.nll, data),
+        ess_mean: s.ess_mean,
+        ess_min: s.ess_min,
+        ess_fraction: s.ess_fraction,
+        k_sweep: s.k_sweep,
         active_units: active_units(model, data, n, 1000)?,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -412,6 +396,7 @@ pub fn diffusion_bound(
 
 #[cfg(test)]
 mod tests {
+    use super::likelihood::log_add_exp;
     use super::*;
 
     #[test]
