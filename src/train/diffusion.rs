@@ -202,10 +202,10 @@ impl Trainee for DiffusionTrainee {
     }
 
     fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {
-        let mut figures = self.figures(cfg, data)?;
-        figures.retain(|(n, _)| *n != "test_bound_stderr");
+        let figures = self.figures(cfg, data)?;
         let summary = figures
             .iter()
+            .filter(|(n, _)| *n != "test_bound_stderr")
             .map(|(n, v)| format!("{n} {v:.4}"))
             .collect::<Vec<_>>()
             .join(", ");
@@ -237,8 +237,18 @@ impl Trainee for DiffusionTrainee {
         vec![("", &self.opt)]
     }
 
-    fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {
-        let figures = self.figures(cfg, data)?;
+    fn finish(
+        &self,
+        cfg: &Config,
+        data: &Datasets,
+        _run_dir: &Path,
+        epoch_eval: Option<&[(&'static str, f64)]>,
+    ) -> Result<FinalEval> {
+        // The same figures from the same weights: reuse the epoch end's when it was this step.
+        let figures = match epoch_eval {
+            Some(f) => f.to_vec(),
+            None => self.figures(cfg, data)?,
+        };
         Ok(FinalEval {
             figures,
             report: None,

@@ -214,7 +214,13 @@ impl Trainee for FlowTrainee {
         vec![("", &self.opt)]
     }
 
-    fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {
+    fn finish(
+        &self,
+        cfg: &Config,
+        data: &Datasets,
+        _run_dir: &Path,
+        _epoch_eval: Option<&[(&'static str, f64)]>,
+    ) -> Result<FinalEval> {
         let r = eval::evaluate_flow(&self.flow, &data.test, cfg.eval.limit, 1000)?;
         let mut figures = vec![
             ("test_nll", r.nll),

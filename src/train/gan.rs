@@ -60,6 +60,55 @@ impl GanTrainee {
         Ok(t)
     }
 
+    /// One generator update on fresh noise for the global batch of `batch` rows, of which this
+    /// process holds `rows` (with their one-hot `labels` for a conditional GAN); false when the
+    /// loss or a gradient was not finite and the update was skipped.
+    fn generator_update(
+        &mut self,
+        ctx: &StepContext,
+        rows: &std::ops::Range<usize>,
+        batch: usize,
+        labels: Option<&Tensor>,
+    ) -> Result<bool> {
+        let with_labels = |t: Tensor| -> Result<Tensor> {
+            Ok(match labels {
+                Some(y) => Tensor::cat(&[&t, y], 1)?,
+                None => t,
+            })
+        };
+        let seed = ctx.cfg.train.seed;
+        let z = self.gan.noise(
+            batch,
+            &mut stream_rng(seed, Stream::GeneratorNoise, ctx.step),
+        )?;
+        let z = super::rows_of(&z, rows)?;
+        let b = rows.len();
+        let g_local = if b == 0 {
+            None
+        } else {
+            let fake = with_labels(self.gan.generate(&with_labels(z)?)?)?;
+            Some(crate::objectives::gan::generator_loss(&self.gan, &fake)?)
+        };
+        let gen_vars = self.gan.gen_store.vars();
+        let (g_loss, _, grads) = super::averaged_backward(
+            ctx.parallel,
+            ctx.device,
+            &gen_vars,
+            g_local.as_ref().map(|l| (l, Vec::new())),
+            0,
+            b,
+            batch,
+        )?;
+        let applied = g_loss.to_scalar::<f32>()?.is_finite()
+            && check_finite_grads(&self.gan.gen_store, &grads).is_ok();
+        if applied {
+            let lr = ctx.lr * player_scale(ctx.cfg, Player::Generator);
+            self.gen_opt.step(&grads, lr, None)?;
+        }
+        self.last_gen_loss = Some(g_loss.detach());
+        Ok(applied)
+    }
+
     /// The step's report: the discriminator's loss and figures `[d_real, d_fake, penalty?]`.
     fn output(
         &self,
@@ -196,37 +245,7 @@ impl Trainee for GanTrainee {
             )?;
         }
         if applied && (ctx.step + 1) % self.gan.config().n_critic as u64 == 0 {
-            let z = self.gan.noise(
-                batch,
-                &mut stream_rng(seed, Stream::GeneratorNoise, ctx.step),
-            )?;
-            let z = super::rows_of(&z, &rows)?;
-            let g_local = if b == 0 {
-                None
-            } else {
-                let fake = with_labels(self.gan.generate(&with_labels(z)?)?)?;
-                Some(crate::objectives::gan::generator_loss(&self.gan, &fake)?)
-            };
-            let gen_vars = self.gan.gen_store.vars();
-            let (g_loss, _, grads) = super::averaged_backward(
-                ctx.parallel,
-                ctx.device,
-                &gen_vars,
-                g_local.as_ref().map(|l| (l, Vec::new())),
-                0,
-                b,
-                batch,
-            )?;
-            applied = g_loss.to_scalar::<f32>()?.is_finite()
-                && check_finite_grads(&self.gan.gen_store, &grads).is_ok();
-            if applied {
-                self.gen_opt.step(
-                    &grads,
-                    ctx.lr * player_scale(ctx.cfg, Player::Generator),
-                    None,
-                )?;
-            }
-            self.last_gen_loss = Some(g_loss.detach());
+            applied = self.generator_update(ctx, &rows, batch, labels.as_ref())?;
         }
         self.output(d_loss, &d_extra, applied, ctx)
     }
@@ -268,13 +287,21 @@ impl Trainee for GanTrainee {
         vec![("gen_", &self.gen_opt), ("disc_", &self.disc_opt)]
     }
 
-    fn finish(&self, cfg: &Config, data: &Datasets, _run_dir: &Path) -> Result<FinalEval> {
+    fn finish(
+        &self,
+        cfg: &Config,
+        data: &Datasets,
+        _run_dir: &Path,
+        epoch_eval: Option<&[(&'static str, f64)]>,
+    ) -> Result<FinalEval> {
+        // The same sample figures from the same players: reuse the epoch end's when it was
+        // this step.
+        let figures = match epoch_eval {
+            Some(f) => f.to_vec(),
+            None => crate::metrics::quick_sample_figures(&Model::Gan(self.gan.clone()), cfg, data)?,
+        };
         Ok(FinalEval {
-            figures: crate::metrics::quick_sample_figures(
-                &Model::Gan(self.gan.clone()),
-                cfg,
-                data,
-            )?,
+            figures,
             report: None,
         })
     }

@@ -93,6 +93,8 @@ pub(super) struct Run<'a> {
     best: Option<f64>,
     saved_at: Option<u64>,
     last_eval: Vec<(&'static str, f64)>,
+    /// The step of the last epoch-end evaluation.
+    last_eval_step: Option<u64>,
     trained_samples: usize,
 }
 
@@ -156,6 +158,7 @@ impl<'a> Run<'a> {
             best: checkpoint::read_best(&opts.out).map(|(_, score)| score),
             saved_at: None,
             last_eval: Vec::new(),
+            last_eval_step: None,
             trained_samples: 0,
         };
         run.announce();
@@ -343,6 +346,7 @@ impl<'a> Run<'a> {
                 .log("eval", self.progress.step, e as f64, &fields)?;
             self.bar.println(format!("epoch {e}: {}", ev.summary));
             self.last_eval = ev.figures;
+            self.last_eval_step = Some(self.progress.step);
             // Evaluation time does not count against the next window's samples/s.
             self.window.started = Instant::now();
         }
@@ -442,7 +446,10 @@ impl<'a> Run<'a> {
         }
         let mut final_figures = std::collections::BTreeMap::new();
         let final_eval = if self.root && finished && !interrupted && !self.already_complete {
-            let fin = self.trainee.finish(self.cfg, &self.data, self.run_dir())?;
+            let fresh = (self.last_eval_step == Some(step)).then_some(self.last_eval.as_slice());
+            let fin = self
+                .trainee
+                .finish(self.cfg, &self.data, self.run_dir(), fresh)?;
             if !fin.figures.is_empty() {
                 let epochs = self.cfg.train.epochs as f64;
                 self.metrics.log("final_eval", step, epochs, &fin.figures)?;

@@ -140,6 +140,14 @@ pub trait Trainee {
     ) -> Result<Vec<(&'static str, FileContents)>> {
         super::checkpoint_contents(cfg, self.tensors(), metadata, &self.optimizers(), epoch)
     }
-    /// The end-of-training evaluation and pictures.
-    fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval>;
+    /// The end-of-training evaluation and pictures. `epoch_eval`: the figures of the epoch-end
+    /// evaluation ([`Trainee::epoch_eval`]) when one ran at this very step, which a final
+    /// evaluation that would only repeat it returns instead of recomputing.
+    fn finish(
+        &self,
+        cfg: &Config,
+        data: &Datasets,
+        run_dir: &Path,
+        epoch_eval: Option<&[(&'static str, f64)]>,
+    ) -> Result<FinalEval>;
 }

@@ -117,7 +117,13 @@ impl Trainee for VaeTrainee {
         vec![("", &self.opt)]
     }
 
-    fn finish(&self, cfg: &Config, data: &Datasets, run_dir: &Path) -> Result<FinalEval> {
+    fn finish(
+        &self,
+        cfg: &Config,
+        data: &Datasets,
+        run_dir: &Path,
+        _epoch_eval: Option<&[(&'static str, f64)]>,
+    ) -> Result<FinalEval> {
         let mut fin = FinalEval::default();
         if cfg.eval.final_k > 0 {
             let o = eval::LikelihoodOptions {
