@@ -8,7 +8,6 @@ use common::{central_differences, flat_f32};
 
 use candle_core::{Device, Tensor, Var};
 use gentrain::ops::group_norm::{group_norm, group_norm_slow};
-use rand::{Rng, SeedableRng};
 
 const EPS: f64 = 1e-5;
 
@@ -24,21 +23,13 @@ const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
 ];
 
 fn uniform(seed: u64, shape: &[usize], lo: f32, hi: f32) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    common::seeded_uniform(seed, shape, lo, hi)
 }
 
 /// `max_i |a_i - b_i| / (1e-2 max |b| + |b_i| + 1e-3)`: the absolute floor is for gradients
 /// that are zero in exact arithmetic (the shift of a one-channel group cancels in its mean).
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs() / (1e-2 * scale + (*y as f64).abs() + 1e-3))
-        .fold(0.0, f64::max)
+    common::rel_err_floored(a, b, 1e-3)
 }
 
 struct Inputs {

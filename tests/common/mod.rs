@@ -301,6 +301,27 @@ pub fn tensors_f32(path: &Path) -> Vec<(String, Vec<f32>)> {
 // ---------------------------------------------------------------------------------------------
 // Tensors and finite differences.
 
+/// A seeded tensor of uniform values in `[lo, hi)` on the CPU.
+pub fn seeded_uniform(seed: u64, shape: &[usize], lo: f32, hi: f32) -> candle_core::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// `max_i |a_i - b_i| / (1e-2 max |b| + |b_i| + floor)`: relative error, with a floor at 1% of
+/// the largest reference value for entries that cancel to about zero, and an absolute `floor`
+/// for references that are zero in exact arithmetic.
+pub fn rel_err_floored(a: &[f32], b: &[f32], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs() / (1e-2 * scale + (*y as f64).abs() + floor))
+        .fold(0.0, f64::max)
+}
+
 /// The entries of an f32 tensor of any shape, in row-major order.
 pub fn flat_f32(t: &candle_core::Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
