@@ -34,7 +34,7 @@
 #                     "<group> (group)")
 #   3. vae            the 10-epoch VAE (configs/vae-examples.toml) on cuda:0; its test NLL
 #                     (k = 1000, 2000 images) must be within 0.5 nats of the CPU's 96.92
-#                     (docs/results.md; the README's 96.86 is another machine, same code)
+#                     (docs/results.md)
 #   4. bench_kernels  kernel bandwidth against a device copy at 64M elements
 #   5. flows_gans     one epoch each of configs/realnvp-moons.toml, sngan-grid25.toml and
 #                     ddpm-grid25.toml, 300 steps (--max-steps) of sngan-dcgan-mnist.toml and

@@ -112,4 +112,25 @@ fn k_sweep_points_outside_one_to_k_are_one_line_errors() {
     }
     let out = trainer(&["eval", "--checkpoint", r, "--estimator", "uniform"]);
     assert_user_error(&out, "uniform");
+    // A diffusion model's flag on a VAE is refused, not ignored; so is a plot into nowhere.
+    let out = trainer(&[
+        "eval",
+        "--checkpoint",
+        r,
+        "--t-draws",
+        "4",
+        "--samples",
+        "0",
+    ]);
+    assert_user_error(&out, "--t-draws applies to diffusion models only");
+    let out = trainer(&[
+        "eval",
+        "--checkpoint",
+        r,
+        "--plot",
+        "/nonexistent/dir/k.png",
+        "--samples",
+        "0",
+    ]);
+    assert_user_error(&out, "--plot");
 }

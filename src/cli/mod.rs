@@ -160,8 +160,9 @@ pub struct EvalArgs {
     /// Diffusion models: steps drawn per row for the bound's Monte-Carlo estimate of its
     /// T - 1 KL terms (the prior and reconstruction terms are always exact); 0 sums all T
     /// terms exactly (T network passes per row).
-    #[arg(long, default_value_t = 16)]
-    pub t_draws: usize,
+    /// Default: 16.
+    #[arg(long)]
+    pub t_draws: Option<usize>,
     /// VAE family: also report the NLL estimated from the first k' of the same draws, for each
     /// k' in this comma-separated list (each at most --k). Default: the powers of ten below k,
     /// and k.
@@ -169,8 +170,8 @@ pub struct EvalArgs {
     pub k_sweep: Option<Vec<usize>>,
     /// VAE family: `importance` (z ~ q(z|x), the default) or `prior` (z ~ p(z), the naive
     /// Monte-Carlo estimate, to compare with).
-    #[arg(long, value_enum, default_value_t = EstimatorChoice::Importance)]
-    pub estimator: EstimatorChoice,
+    #[arg(long, value_enum)]
+    pub estimator: Option<EstimatorChoice>,
     /// VAE family: write a PNG plot of the k-sweep (NLL against k) to this path.
     #[arg(long)]
     pub plot: Option<PathBuf>,

@@ -40,17 +40,20 @@ impl Settings {
             limit: a.limit.unwrap_or(cfg.eval.limit),
             threads: a.threads.unwrap_or(0),
             seed: a.seed,
-            t_draws: a.t_draws,
+            t_draws: a.t_draws.unwrap_or(16),
             estimator: match a.estimator {
-                crate::cli::EstimatorChoice::Importance => crate::eval::Estimator::Importance,
-                crate::cli::EstimatorChoice::Prior => crate::eval::Estimator::Prior,
+                Some(crate::cli::EstimatorChoice::Prior) => crate::eval::Estimator::Prior,
+                _ => crate::eval::Estimator::Importance,
             },
             sweep: match &a.k_sweep {
                 Some(v) => {
                     if let Some(bad) = v.iter().find(|&&p| p == 0 || p > k) {
                         bail!("--k-sweep {bad}: each point must be between 1 and --k ({k})");
                     }
-                    v.clone()
+                    let mut v = v.clone();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
                 }
                 None => crate::eval::likelihood::default_sweep(k),
             },
@@ -148,6 +151,7 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
     let mut ck = crate::session::load_checkpoint(&a.checkpoint, &device)?;
     crate::cli::resolve::apply_sampler_flags(&mut ck, &a.sampler)?;
     let cfg = with_data_dir(ck.config.clone(), a.data_dir.as_deref());
+    refuse_flags_of_other_families(a, cfg.model.family)?;
     let s = Settings::resolve(a, &cfg)?;
     let data = crate::session::load_datasets(&cfg)?;
     ck.check_data(&data)?;
@@ -264,8 +268,19 @@ fn vae_lines(report: &mut Report, r: &crate::eval::EvalReport, n_test: usize) {
     ));
     report.lines.push(format!(
         "test NLL ({what}, k = {}, {} images): {:.3} +- {:.3} nats (standard error over images); \
-         Monte-Carlo error of the estimate {:.3} nats",
-        r.k, r.n, r.nll, r.nll_stderr, r.nll_mc_stderr
+         Monte-Carlo error of the estimate {:.3} nats{}",
+        r.k,
+        r.n,
+        r.nll,
+        r.nll_stderr,
+        r.nll_mc_stderr,
+        match r.estimator {
+            crate::eval::Estimator::Prior => {
+                " (from the drawn weights only: optimistic when the ESS is small and the \
+                 weights' tail is not sampled)"
+            }
+            crate::eval::Estimator::Importance => "",
+        }
     ));
     report.lines.push(format!(
         "effective sample size: mean {:.1}, min {:.2} of k = {} ({:.2}%)",
@@ -284,4 +299,42 @@ fn vae_lines(report: &mut Report, r: &crate::eval::EvalReport, n_test: usize) {
             .lines
             .push(format!("NLL by k (same draws): {}", sweep.join(", ")));
     }
+}
+
+/// Flags that only one family reads are refused for the others (one line, exit 2) rather than
+/// silently ignored; `--plot` also needs an existing directory, checked before any work.
+fn refuse_flags_of_other_families(a: &EvalArgs, family: crate::config::ModelFamily) -> Result<()> {
+    use crate::config::ModelFamily;
+    let vae_only = [
+        ("--k", a.k.is_some()),
+        ("--k-sweep", a.k_sweep.is_some()),
+        ("--estimator", a.estimator.is_some()),
+        ("--plot", a.plot.is_some()),
+    ];
+    let diffusion_only = [("--t-draws", a.t_draws.is_some())];
+    for (flags, owner, applies) in [
+        (&vae_only[..], "VAE-family", family == ModelFamily::Vae),
+        (
+            &diffusion_only[..],
+            "diffusion",
+            family == ModelFamily::Diffusion,
+        ),
+    ] {
+        if let Some((flag, _)) = flags.iter().find(|(_, given)| *given).filter(|_| !applies) {
+            bail!(
+                "{flag} applies to {owner} models only; this checkpoint is a {} model",
+                family.as_str()
+            );
+        }
+    }
+    if let Some(dir) = a.plot.as_deref().and_then(|p| p.parent()) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            bail!(
+                "--plot {}: no directory {}",
+                a.plot.as_ref().expect("some").display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
