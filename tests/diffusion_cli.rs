@@ -114,6 +114,10 @@ fn a_unet_trains_evaluates_and_samples() {
             sampler,
             "--steps",
             "2",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
         ]);
         assert_success(&out);
         assert!(
@@ -142,6 +146,16 @@ fn a_unet_trains_evaluates_and_samples() {
         "--eta=-1",
     ]);
     assert_user_error(&out, "--eta");
+    let out = trainer(&[
+        "sample",
+        "--checkpoint",
+        r,
+        "--out",
+        png.to_str().unwrap(),
+        "--device",
+        "tpu",
+    ]);
+    assert_user_error(&out, "unknown device");
     let out = trainer(&[
         "sample",
         "--checkpoint",

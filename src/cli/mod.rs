@@ -235,6 +235,12 @@ pub struct SampleArgs {
     /// Directory with IDX image files (for reconstructions and interpolations).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU threads (0: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     #[command(flatten)]
     pub sampler: SamplerFlags,
 }

@@ -22,7 +22,8 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    let mut ck = crate::session::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+    let device = crate::device::open_device(a.device.as_deref().unwrap_or("cpu"))?;
+    let mut ck = crate::session::load_checkpoint(&a.checkpoint, &device)?;
     crate::cli::resolve::apply_sampler_flags(&mut ck, &a.sampler)?;
     let images = match a.kind {
         SampleKind::Interpolation => n.saturating_mul(10),
@@ -33,12 +34,19 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
         &format!("sampling {images} images"),
         crate::memory::f32_bytes(&[images, ck.model.input_dim(), 4]),
     )?;
-    let shape = ck.image_shape;
-    if shape.0 == 1 && matches!(ck.model, Model::Vae(_)) {
+    if ck.image_shape.0 == 1 && matches!(ck.model, Model::Vae(_)) {
         bail!("this model was trained on 2-D points, not images");
     }
+    crate::device::with_cpu_threads(a.threads.unwrap_or(0), || draw(a, &ck, n))?;
+    outln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Draws the grid of `--kind` for the checkpoint's model into `--out`.
+fn draw(a: &SampleArgs, ck: &LoadedCheckpoint, n: usize) -> Result<()> {
+    let shape = ck.image_shape;
     match (&ck.model, a.kind) {
-        (Model::Vae(model), _) => write_vae_grid(a, &ck, model, n)?,
+        (Model::Vae(model), _) => write_vae_grid(a, ck, model, n)?,
         (Model::Diffusion(m), SampleKind::Trajectory) => {
             if shape.0 == 1 {
                 bail!("--kind trajectory draws images; this model was trained on 2-D points");
@@ -66,7 +74,6 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
             ck.config.model.family.as_str()
         ),
     }
-    outln!("wrote {}", a.out.display());
     Ok(())
 }
 
