@@ -86,15 +86,24 @@ pub enum Player {
 }
 
 impl OptimConfig {
+    /// `player`'s learning rate: `d_lr` or `g_lr` where set, else `lr`.
+    pub fn player_lr(&self, player: Player) -> f64 {
+        match player {
+            Player::Generator => self.g_lr,
+            Player::Discriminator => self.d_lr,
+        }
+        .unwrap_or(self.lr)
+    }
+
     /// The settings of `player`'s optimizer: `lr`, `beta1` and `beta2` replaced by the player's
     /// own where set.
     pub fn for_player(&self, player: Player) -> OptimConfig {
-        let (lr, betas) = match player {
-            Player::Generator => (self.g_lr, self.g_betas),
-            Player::Discriminator => (self.d_lr, self.d_betas),
+        let betas = match player {
+            Player::Generator => self.g_betas,
+            Player::Discriminator => self.d_betas,
         };
         let mut o = self.clone();
-        o.lr = lr.unwrap_or(self.lr);
+        o.lr = self.player_lr(player);
         if let Some([b1, b2]) = betas {
             (o.beta1, o.beta2) = (b1, b2);
         }

@@ -35,6 +35,7 @@ use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::models::Vae;
 use crate::objectives::log_weights;
+use crate::objectives::vae::per_point;
 use crate::rng::{stream_rng, Stream};
 
 /// How the `k` latent draws per image are proposed.
@@ -221,11 +222,7 @@ fn draw_log_weights(
             let eps = model.draw_noise(s, b, rng)?;
             log_weights(&model.pass(x, s, &eps, true)?, s)?
         }
-        Estimator::Prior => model
-            .prior_log_weights(x, s, rng)?
-            .reshape((s, b))?
-            .t()?
-            .contiguous()?,
+        Estimator::Prior => per_point(&model.prior_log_weights(x, s, rng)?, s)?,
     };
     Ok(lw.to_dtype(candle_core::DType::F32)?.to_vec2()?)
 }

@@ -27,7 +27,7 @@ pub struct Objective {
 }
 
 /// `(k * B)` -> `(B, k)`, contiguous.
-fn per_point(t: &Tensor, k: usize) -> Result<Tensor> {
+pub(crate) fn per_point(t: &Tensor, k: usize) -> Result<Tensor> {
     let b = t.dim(0)? / k;
     Ok(t.reshape((k, b))?.t()?.contiguous()?)
 }

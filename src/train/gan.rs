@@ -156,7 +156,7 @@ impl GanTrainee {
 /// The factor that takes the schedule's learning rate (of `optim.lr`) to `player`'s own
 /// (`optim.d_lr` / `optim.g_lr`), so warm-up and decay scale both players alike.
 fn player_scale(cfg: &Config, player: Player) -> f64 {
-    cfg.optim.for_player(player).lr / cfg.optim.lr
+    cfg.optim.player_lr(player) / cfg.optim.lr
 }
 
 /// One discriminator update and, every `n_critic`-th step, one generator update; the
