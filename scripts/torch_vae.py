@@ -100,7 +100,7 @@ DEFAULTS = {
     "model": {
         "activation": "relu",
         "decoder": "bernoulli",
-        "conditional": False,
+        "classes": 0,
         "layers": [{"hidden": [400], "latent": 20}],
     },
     "objective": {"kind": "elbo", "k": 1},
@@ -191,15 +191,18 @@ def mlp(d_in, hidden, act):
 
 
 class GaussianHead(nn.Module):
-    def __init__(self, d_in, hidden, d_out, act):
+    def __init__(self, d_in, hidden, d_out, act, scale="logvar"):
         super().__init__()
         self.net, d = mlp(d_in, hidden, act)
-        self.mu, self.logvar = nn.Linear(d, d_out), nn.Linear(d, d_out)
+        self.mu, self.scale = nn.Linear(d, d_out), scale
+        # model.gaussian_head: a "logvar" head, or a "log_sigma" head with logvar = 2 log_sigma
+        setattr(self, scale, nn.Linear(d, d_out))
 
     def forward(self, x):
         """Returns (mu, logvar) of a diagonal Gaussian."""
         h = self.net(x)
-        return self.mu(h), self.logvar(h)
+        raw = getattr(self, self.scale)(h)
+        return self.mu(h), (raw if self.scale == "logvar" else 2.0 * raw)
 
 
 class BernoulliHead(nn.Module):
@@ -215,18 +218,19 @@ class BernoulliHead(nn.Module):
 
 def build(meta):
     cfg = json.loads(meta["config"]); m = cfg["model"]; D = int(meta["input_dim"])
-    C = int(meta.get("num_classes", "0")) if m.get("conditional") else 0
+    C = int(m.get("classes", 0)); act = m["activation"]; s = m.get("gaussian_head", "logvar")
     dims = [D] + [l["latent"] for l in m["layers"]]
     enc = nn.ModuleList(); dec = nn.ModuleList()
     for l, layer in enumerate(m["layers"]):
         extra = C if l == 0 else 0
-        enc.append(GaussianHead(dims[l] + extra, layer["hidden"], dims[l + 1], m["activation"]))
+        enc.append(GaussianHead(dims[l] + extra, layer["hidden"], dims[l + 1], act, s))
         rev = list(reversed(layer["hidden"]))
-        if l == 0:
-            head = BernoulliHead if m["decoder"] == "bernoulli" else GaussianHead
-            dec.append(head(dims[1] + extra, rev, D, m["activation"]))
+        if l == 0 and m["decoder"] == "bernoulli":
+            dec.append(BernoulliHead(dims[1] + extra, rev, D, act))
+        elif l == 0:
+            dec.append(GaussianHead(dims[1] + extra, rev, D, act, s))
         else:
-            dec.append(GaussianHead(dims[l + 1], rev, dims[l], m["activation"]))
+            dec.append(GaussianHead(dims[l + 1], rev, dims[l], act, s))
     model = nn.Module(); model.encoders = enc; model.decoders = dec
     return model
 
@@ -528,7 +532,7 @@ def cmd_train(args) -> None:
     cuda = is_cuda(device)
     seed = int(cfg["train"]["seed"])
     torch.manual_seed(seed)
-    if cfg["model"].get("conditional"):
+    if int(cfg["model"].get("classes", 0)) > 0:
         raise SystemExit("conditional models are not implemented in torch_vae.py")
     decoder = cfg["model"]["decoder"]
 
@@ -777,7 +781,7 @@ def load_model(path: Path, device: torch.device = CPU):
     model = build(meta)
     model.load_state_dict(load_file(str(path)))
     cfg = json.loads(meta["config"])
-    if cfg["model"].get("conditional"):
+    if int(cfg["model"].get("classes", 0)) > 0:
         raise SystemExit("conditional models need labels; not implemented in torch_vae.py")
     return model.to(device).eval(), meta, cfg
 

@@ -28,7 +28,8 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    /// Fresh state (zeros) for the parameters of `store`.
+    /// Fresh state for the parameters of `store`: zeros, except Adam's second moment, which
+    /// starts at `cfg.second_moment_init`.
     pub fn new(cfg: &OptimConfig, store: &ParamStore) -> Result<Self> {
         let params: Vec<(String, Var)> = store
             .iter()
@@ -42,7 +43,12 @@ impl Optimizer {
                     OptimizerKind::Adam => vec![2 * n + 1],
                     OptimizerKind::Sgd => vec![n],
                 };
-                Ok(Tensor::zeros(shape, candle_core::DType::F32, v.device())?)
+                let state = Tensor::zeros(shape, candle_core::DType::F32, v.device())?;
+                if cfg.kind == OptimizerKind::Adam && cfg.second_moment_init != 0.0 {
+                    let v0 = Tensor::full(cfg.second_moment_init as f32, n, v.device())?;
+                    state.slice_set(&v0, 0, n)?;
+                }
+                Ok(state)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Optimizer {
@@ -300,7 +306,19 @@ mod tests {
 
     #[test]
     fn adam_matches_a_hand_computed_step() {
-        // Two steps of Adam on p = [1, -2] with gradients [0.5, -1] then [0.1, 0.3], lr 0.1.
+        check_adam_steps(0.9, 0.0);
+    }
+
+    #[test]
+    fn adam_with_the_iwae_codes_settings_matches_a_hand_computed_step() {
+        // yburda/iwae's optimizers.Adam: beta1 0.99, second moment started at ones. The first
+        // steps are much smaller than PyTorch's (v_hat starts near 1 / (1 - beta2) = 1000).
+        check_adam_steps(0.99, 1.0);
+    }
+
+    /// Two steps of Adam on p = [1, -2] with gradients [0.5, -1] then [0.1, 0.3], lr 0.1,
+    /// against the update computed here in f64.
+    fn check_adam_steps(b1: f64, v0: f64) {
         let mut store = ParamStore::new(Device::Cpu);
         let mut rng = crate::rng::stream_rng(0, crate::rng::Stream::Init, 0);
         let p = store.uniform("p".into(), &[2], 1.0, &mut rng).unwrap();
@@ -309,12 +327,14 @@ mod tests {
             .unwrap();
         let cfg = OptimConfig {
             lr: 0.1,
+            beta1: b1,
+            second_moment_init: v0,
             ..Default::default()
         };
         let mut opt = Optimizer::new(&cfg, &store).unwrap();
-        let (b1, b2, eps, lr) = (0.9f64, 0.999f64, 1e-8f64, 0.1f64);
+        let (b2, eps, lr) = (0.999f64, 1e-8f64, 0.1f64);
         let mut expect = [1f64, -2.0];
-        let (mut m, mut v) = ([0f64; 2], [0f64; 2]);
+        let (mut m, mut v) = ([0f64; 2], [v0; 2]);
         for (t, g) in [[0.5f64, -1.0], [0.1, 0.3]].iter().enumerate() {
             // loss = sum(g * p) has gradient g.
             let gt = Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap();
@@ -345,6 +365,11 @@ mod tests {
         assert_eq!(state[0].0, "p.exp_avg");
         let m0: Vec<f32> = state[0].1.to_vec1().unwrap();
         assert!((m0[0] as f64 - m[0]).abs() < 1e-7);
+        let v_saved: Vec<f32> = state[1].1.to_vec1().unwrap();
+        assert!(
+            (v_saved[1] as f64 - v[1]).abs() < 1e-6,
+            "{v_saved:?} vs {v:?}"
+        );
     }
 
     #[test]

@@ -131,6 +131,49 @@ fn bad_flags_and_config_values() {
             ],
             "r1_gamma",
         ),
+        // The IWAE reference recipe's options: a VAE's, and valid values.
+        (
+            &[
+                "train",
+                "--config",
+                "configs/sngan-grid25.toml",
+                "--set",
+                "model.init=\"glorot_uniform\"",
+            ],
+            "model.family = \"gan\"",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--set",
+                "model.gaussian_head=\"log_std\"",
+            ],
+            "log_std",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--set",
+                "optim.second_moment_init=-1",
+            ],
+            "optim.second_moment_init",
+        ),
+        (
+            &[
+                "train",
+                "--config",
+                "configs/vae-examples.toml",
+                "--set",
+                "optim.kind=\"sgd\"",
+                "--set",
+                "optim.second_moment_init=1",
+            ],
+            "Adam's",
+        ),
     ];
     for (args, needle) in cases {
         let out = trainer(args);

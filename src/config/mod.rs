@@ -36,7 +36,8 @@ pub use diffusion::{
 pub use eval::EvalConfig;
 pub use model::{
     Activation, DecoderKind, FlowConfig, GanArchitecture, GanConfig, GanLoss, GanPenalty,
-    LayerConfig, ModelConfig, ModelFamily, UnknownModelFamily,
+    GaussianScale, LayerConfig, ModelConfig, ModelFamily, OutputBias, UnknownModelFamily,
+    WeightInit,
 };
 pub use objective::{KlEstimator, ObjectiveConfig, ObjectiveKind};
 pub use optim::{OptimConfig, OptimizerKind, Player, ScheduleKind};
@@ -215,6 +216,16 @@ impl Config {
             return err("optim.beta1 and optim.beta2 must lie in [0, 1)".into());
         }
         self.validate_player_optim()?;
+        self.validate_vae_init()?;
+        if !(o.second_moment_init.is_finite() && o.second_moment_init >= 0.0) {
+            return err(format!(
+                "optim.second_moment_init = {}: must be >= 0 (0: PyTorch's Adam)",
+                o.second_moment_init
+            ));
+        }
+        if o.second_moment_init != 0.0 && o.kind != OptimizerKind::Adam {
+            return err("optim.second_moment_init is Adam's: optim.kind is not \"adam\"".into());
+        }
         if o.eps.is_nan()
             || o.eps <= 0.0
             || o.weight_decay.is_nan()
@@ -259,6 +270,23 @@ impl Config {
             );
         }
         parse_device_spec(&self.train.device)?;
+        Ok(())
+    }
+
+    /// `model.init`, `model.output_bias` and `model.gaussian_head` belong to the VAE family;
+    /// another family refuses a value other than the default rather than ignore it.
+    fn validate_vae_init(&self) -> Result<()> {
+        let m = &self.model;
+        let set = m.init != WeightInit::Pytorch
+            || m.output_bias != OutputBias::Default
+            || m.gaussian_head != GaussianScale::Logvar;
+        if set && m.family != ModelFamily::Vae {
+            return Err(Error::Config(format!(
+                "model.init, model.output_bias and model.gaussian_head set up a VAE's layers: \
+                 model.family = \"{}\" has its own",
+                m.family
+            )));
+        }
         Ok(())
     }
 

@@ -132,6 +132,70 @@ pub struct ModelConfig {
     /// The diffusion model's process, denoiser and sampler (`[model.diffusion]`, used when
     /// `family = "diffusion"`). Default: see [`DiffusionConfig`].
     pub diffusion: DiffusionConfig,
+    /// The VAE's weight initialization: `pytorch` or `glorot_uniform` ([`WeightInit`]).
+    /// Default: `pytorch`.
+    pub init: WeightInit,
+    /// The VAE's initial bias of the likelihood's mean output: `default` (as `init` draws it) or
+    /// `data_mean` ([`OutputBias`]). Default: `default`.
+    pub output_bias: OutputBias,
+    /// How the VAE's Gaussian heads give the scale: `logvar` or `log_sigma`
+    /// ([`GaussianScale`]). Default: `logvar`.
+    pub gaussian_head: GaussianScale,
+}
+
+/// Initialization of the VAE's affine layers (`model.init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightInit {
+    /// PyTorch's `nn.Linear.reset_parameters`: weight and bias from
+    /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+    #[default]
+    Pytorch,
+    /// Glorot & Bengio 2010 ("Understanding the difficulty of training deep feedforward neural
+    /// networks", eq. 16): weight from `U(-sqrt(6 / (fan_in + fan_out)), +sqrt(..))`, bias zero.
+    /// What the IWAE paper's released code (yburda/iwae, `nnet.Linear.random`) uses.
+    GlorotUniform,
+}
+
+/// The initial bias of the VAE likelihood's mean output (`model.output_bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputBias {
+    /// As `model.init` draws it.
+    #[default]
+    Default,
+    /// From the training rows' mean `m_d` (after binarization scaling, the labels left out):
+    /// a Bernoulli decoder's logit bias is `logit(clamp(m_d, 0.001, 0.999))`, as in the IWAE
+    /// paper's released code (`get_train_bias_np`), so the untrained decoder already gives the
+    /// data's marginal pixel probabilities; a Gaussian decoder's `mu` bias is `m_d`.
+    DataMean,
+}
+
+/// Parameterization of the scale of the VAE's diagonal-Gaussian heads (`model.gaussian_head`).
+/// Either way the model computes with `logvar`; only the head's output and its checkpoint name
+/// differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GaussianScale {
+    /// A linear head `logvar` gives `log sigma^2` (PyTorch examples, Kingma & Welling 2014).
+    #[default]
+    Logvar,
+    /// A linear head `log_sigma` gives `log sigma`, so `sigma = exp(affine)` and
+    /// `logvar = 2 log_sigma`, as in the IWAE paper's released code (`GaussianSampler`, an
+    /// `Exponential` after a `Linear`). Its gradient with respect to the head is twice the
+    /// `logvar` one's, which changes the optimizer's steps.
+    LogSigma,
+}
+
+impl GaussianScale {
+    /// The head's name in the parameter tree (`encoders.0.logvar.weight` or
+    /// `encoders.0.log_sigma.weight`).
+    pub fn head_name(self) -> &'static str {
+        match self {
+            GaussianScale::Logvar => "logvar",
+            GaussianScale::LogSigma => "log_sigma",
+        }
+    }
 }
 
 /// One stochastic layer of a VAE (`[[model.layers]]`): the deterministic hidden widths below it
@@ -189,6 +253,9 @@ impl Default for ModelConfig {
             flow: Default::default(),
             gan: Default::default(),
             diffusion: Default::default(),
+            init: WeightInit::Pytorch,
+            output_bias: OutputBias::Default,
+            gaussian_head: GaussianScale::Logvar,
         }
     }
 }

@@ -63,6 +63,11 @@ pub struct OptimConfig {
     /// of all of an optimizer's gradients exceeds this, they are scaled by `max / (norm +
     /// 1e-6)` (0: off). Default: 0.
     pub clip_grad_norm: f64,
+    /// Adam's initial second moment `v_0` for every parameter (0: PyTorch's Adam). The IWAE
+    /// paper's released code (yburda/iwae, `optimizers.Adam`) starts it at 1, which with the
+    /// bias correction `1 - beta2^t` makes the first steps small (a built-in warm-up). Default:
+    /// 0.
+    pub second_moment_init: f64,
     /// GANs: the discriminator's learning rate, in place of `lr` (the schedule and warm-up
     /// scale it alike; Heusel et al. 2017's two time-scale rule sets it above the generator's).
     /// Default: unset (`lr`).
@@ -126,6 +131,7 @@ impl Default for OptimConfig {
             gamma: 0.5,
             warmup_steps: 0,
             clip_grad_norm: 0.0,
+            second_moment_init: 0.0,
             d_lr: None,
             g_lr: None,
             d_betas: None,

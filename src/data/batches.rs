@@ -285,6 +285,36 @@ impl DataSource {
         self.batch(&idx, 0, device)
     }
 
+    /// The per-dimension mean of the rows' data values (`dim` values, a conditional model's
+    /// one-hot labels left out), in model-input units: for dynamically binarized rows
+    /// `pixel / 255`, the expected value of the bits; for dequantized rows `(pixel + 0.5) / 256`.
+    /// Summed in f64. All zeros for an empty source.
+    pub fn column_means(&self) -> Vec<f64> {
+        let (d, n) = (self.dim, self.n);
+        let mut sum = vec![0f64; d];
+        let add = |sum: &mut [f64], row_values: &mut dyn Iterator<Item = f64>| {
+            for (s, v) in sum.iter_mut().zip(row_values) {
+                *s += v;
+            }
+        };
+        for r in 0..n {
+            let range = r * d..(r + 1) * d;
+            match &self.rows {
+                Rows::Dynamic(p) => add(&mut sum, &mut p[range].iter().map(|&v| v as f64 / 255.0)),
+                Rows::Bytes { data, scale } => add(
+                    &mut sum,
+                    &mut data[range].iter().map(|&v| v as f64 * *scale as f64),
+                ),
+                Rows::Real(x) => add(&mut sum, &mut x[range].iter().map(|&v| v as f64)),
+                Rows::Dequantize(p) => add(
+                    &mut sum,
+                    &mut p[range].iter().map(|&v| (v as f64 + 0.5) / 256.0),
+                ),
+            }
+        }
+        sum.iter().map(|s| s / n.max(1) as f64).collect()
+    }
+
     /// True when rows are dequantized 8-bit pixels (densities on `[0, 1)^D`).
     pub fn is_dequantized(&self) -> bool {
         matches!(self.rows, Rows::Dequantize(_)) || self.dequantized_eval
@@ -303,6 +333,27 @@ impl DataSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn column_means_are_in_model_input_units() {
+        // Two 2-pixel images: (0, 255) and (255, 51).
+        let set = image_set(vec![0, 255, 255, 51], 2, 1, 2);
+        let close = |got: Vec<f64>, want: [f64; 2]| {
+            assert!(
+                got.len() == 2 && got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-7),
+                "{got:?} != {want:?}"
+            )
+        };
+        let mean = |mode| DataSource::from_images(&set, mode, 1).column_means();
+        close(mean(Binarization::Dynamic), [0.5, 0.6]);
+        close(mean(Binarization::None), [0.5, 0.6]);
+        close(
+            mean(Binarization::Dequantize),
+            [(0.5 + 255.5) / 512.0, (255.5 + 51.5) / 512.0],
+        );
+        let real = DataSource::from_real(vec![1.0, 2.0, 3.0, 6.0], 2, 0).column_means();
+        close(real, [2.0, 4.0]);
+    }
 
     /// An unlabelled image set of `n` images of `rows x cols` pixels.
     fn image_set(pixels: Vec<u8>, n: usize, rows: usize, cols: usize) -> ImageSet {

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 
 use super::params::ParamStore;
-use crate::config::Activation;
+use crate::config::{Activation, GaussianScale, WeightInit};
 use crate::error::Result;
 use crate::ops::linear::linear;
 
@@ -27,9 +27,36 @@ impl Dense {
         act: Activation,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let weight = store.uniform(format!("{prefix}.weight"), &[d_out, d_in], bound, rng)?;
-        let bias = store.uniform(format!("{prefix}.bias"), &[d_out], bound, rng)?;
+        Self::with_init(store, prefix, d_in, d_out, act, WeightInit::Pytorch, rng)
+    }
+
+    /// Creates `prefix.weight (d_out, d_in)` and `prefix.bias (d_out)` initialized by `init`
+    /// ([`WeightInit`]: PyTorch's `U(+-1/sqrt(d_in))` for both, or Glorot-uniform weights
+    /// `U(+-sqrt(6 / (d_in + d_out)))` with a zero bias).
+    pub fn with_init(
+        store: &mut ParamStore,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        act: Activation,
+        init: WeightInit,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let (weight, bias) = match init {
+            WeightInit::Pytorch => {
+                let bound = 1.0 / (d_in as f32).sqrt();
+                let w = store.uniform(format!("{prefix}.weight"), &[d_out, d_in], bound, rng)?;
+                (
+                    w,
+                    store.uniform(format!("{prefix}.bias"), &[d_out], bound, rng)?,
+                )
+            }
+            WeightInit::GlorotUniform => {
+                let bound = (6.0 / (d_in + d_out) as f32).sqrt();
+                let w = store.uniform(format!("{prefix}.weight"), &[d_out, d_in], bound, rng)?;
+                (w, store.zeros(format!("{prefix}.bias"), &[d_out])?)
+            }
+        };
         Ok(Dense { weight, bias, act })
     }
 
@@ -47,7 +74,7 @@ pub struct Trunk {
 }
 
 impl Trunk {
-    /// Builds `prefix.net.{0,2,4,..}` for the widths `hidden`.
+    /// Builds `prefix.net.{0,2,4,..}` for the widths `hidden`, with PyTorch's initialization.
     pub fn new(
         store: &mut ParamStore,
         prefix: &str,
@@ -56,15 +83,33 @@ impl Trunk {
         act: Activation,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
+        let spec = BlockSpec {
+            act,
+            ..BlockSpec::default()
+        };
+        Self::with_spec(store, prefix, d_in, hidden, spec, rng)
+    }
+
+    /// Builds `prefix.net.{0,2,4,..}` for the widths `hidden` with `spec`'s activation and
+    /// initialization.
+    pub fn with_spec(
+        store: &mut ParamStore,
+        prefix: &str,
+        d_in: usize,
+        hidden: &[usize],
+        spec: BlockSpec,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
         let mut layers = Vec::with_capacity(hidden.len());
         let mut d = d_in;
         for (i, &h) in hidden.iter().enumerate() {
-            layers.push(Dense::new(
+            layers.push(Dense::with_init(
                 store,
                 &format!("{prefix}.net.{}", 2 * i),
                 d,
                 h,
-                act,
+                spec.act,
+                spec.init,
                 rng,
             )?);
             d = h;
@@ -88,6 +133,18 @@ impl Trunk {
 /// bad batch from turning the parameters into NaN. A trained model's heads stay far inside.
 pub const LOGVAR_LIMIT: f64 = 30.0;
 
+/// How an MLP block of the VAE is built (`model.activation`, `model.init`,
+/// `model.gaussian_head`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockSpec {
+    /// Nonlinearity after every hidden layer.
+    pub act: Activation,
+    /// Initialization of every affine layer.
+    pub init: WeightInit,
+    /// What a Gaussian head's scale output means.
+    pub scale: GaussianScale,
+}
+
 /// A linear output head `{prefix}.{name}`: `d_in -> d_out`, no activation.
 fn linear_head(
     store: &mut ParamStore,
@@ -95,49 +152,66 @@ fn linear_head(
     name: &str,
     d_in: usize,
     d_out: usize,
+    init: WeightInit,
     rng: &mut ChaCha8Rng,
 ) -> Result<Dense> {
-    Dense::new(
+    Dense::with_init(
         store,
         &format!("{prefix}.{name}"),
         d_in,
         d_out,
         Activation::Identity,
+        init,
         rng,
     )
 }
 
-/// An MLP with diagonal-Gaussian output heads `mu` and `logvar`.
+/// An MLP with diagonal-Gaussian output heads `mu` and a scale head: `logvar`, or `log_sigma`
+/// ([`GaussianScale`]).
 #[derive(Debug, Clone)]
 pub struct GaussianHead {
     trunk: Trunk,
     mu: Dense,
-    logvar: Dense,
+    scale_head: Dense,
+    scale: GaussianScale,
 }
 
 impl GaussianHead {
+    /// Builds `{prefix}.net.*`, `{prefix}.mu` and `{prefix}.logvar` or `{prefix}.log_sigma`
+    /// (`d_in -> hidden -> d_out`).
     pub fn new(
         store: &mut ParamStore,
         prefix: &str,
         d_in: usize,
         hidden: &[usize],
         d_out: usize,
-        act: Activation,
+        spec: BlockSpec,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
-        let trunk = Trunk::new(store, prefix, d_in, hidden, act, rng)?;
-        let mu = linear_head(store, prefix, "mu", trunk.out_dim, d_out, rng)?;
-        let logvar = linear_head(store, prefix, "logvar", trunk.out_dim, d_out, rng)?;
-        Ok(GaussianHead { trunk, mu, logvar })
+        let trunk = Trunk::with_spec(store, prefix, d_in, hidden, spec, rng)?;
+        let d = trunk.out_dim;
+        let mu = linear_head(store, prefix, "mu", d, d_out, spec.init, rng)?;
+        let name = spec.scale.head_name();
+        let scale_head = linear_head(store, prefix, name, d, d_out, spec.init, rng)?;
+        Ok(GaussianHead {
+            trunk,
+            mu,
+            scale_head,
+            scale: spec.scale,
+        })
     }
 
-    /// `(mu, logvar)` of the Gaussian given the input.
+    /// `(mu, logvar)` of the Gaussian given the input, each `(rows, d_out)`; `logvar` is
+    /// clamped to `[-LOGVAR_LIMIT, LOGVAR_LIMIT]` (a `log_sigma` head's output is doubled
+    /// first).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let h = self.trunk.forward(x)?;
-        let logvar = self
-            .logvar
-            .forward(&h)?
-            .clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)?;
+        let raw = self.scale_head.forward(&h)?;
+        let logvar = match self.scale {
+            GaussianScale::Logvar => raw,
+            GaussianScale::LogSigma => (raw * 2.0)?,
+        };
+        let logvar = logvar.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)?;
         Ok((self.mu.forward(&h)?, logvar))
     }
 }
@@ -150,17 +224,18 @@ pub struct BernoulliHead {
 }
 
 impl BernoulliHead {
+    /// Builds `{prefix}.net.*` and `{prefix}.out` (`d_in -> hidden -> d_out` logits).
     pub fn new(
         store: &mut ParamStore,
         prefix: &str,
         d_in: usize,
         hidden: &[usize],
         d_out: usize,
-        act: Activation,
+        spec: BlockSpec,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
-        let trunk = Trunk::new(store, prefix, d_in, hidden, act, rng)?;
-        let out = linear_head(store, prefix, "out", trunk.out_dim, d_out, rng)?;
+        let trunk = Trunk::with_spec(store, prefix, d_in, hidden, spec, rng)?;
+        let out = linear_head(store, prefix, "out", trunk.out_dim, d_out, spec.init, rng)?;
         Ok(BernoulliHead { trunk, out })
     }
 

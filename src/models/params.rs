@@ -53,6 +53,24 @@ impl ParamStore {
         Ok(t)
     }
 
+    /// Creates a parameter of zeros.
+    pub fn zeros(&mut self, name: String, shape: &[usize]) -> Result<Tensor> {
+        let t = Tensor::zeros(shape, candle_core::DType::F32, &self.device)?;
+        self.push(name, Var::from_tensor(&t)?)
+    }
+
+    /// Sets the value of the parameter `name` (same shape), in place: every tensor handed out
+    /// for it sees the new value.
+    pub fn set(&self, name: &str, value: &Tensor) -> Result<()> {
+        let (_, var) = self
+            .params
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| crate::error::Error::Config(format!("no parameter named {name}")))?;
+        var.set(&value.to_device(&self.device)?)?;
+        Ok(())
+    }
+
     /// Adds a parameter; returns its tensor (which shares the variable's storage).
     pub(crate) fn push(&mut self, name: String, var: Var) -> Result<Tensor> {
         let t = var.as_tensor().clone();

@@ -17,7 +17,7 @@
 use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 
-use super::mlp::{BernoulliHead, GaussianHead};
+use super::mlp::{BernoulliHead, BlockSpec, GaussianHead};
 use super::params::ParamStore;
 use crate::config::{DecoderKind, ModelConfig};
 use crate::error::Result;
@@ -62,7 +62,9 @@ pub struct Pass {
 }
 
 impl Vae {
-    /// Builds the model with PyTorch's default initialization drawn from `rng`.
+    /// Builds the model with the initialization of `cfg.init` drawn from `rng` and the Gaussian
+    /// heads of `cfg.gaussian_head` (`cfg.output_bias` needs the data:
+    /// [`Vae::set_output_bias_from_mean`]).
     pub fn new(
         cfg: &ModelConfig,
         input_dim: usize,
@@ -70,7 +72,11 @@ impl Vae {
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let mut store = ParamStore::new(device.clone());
-        let act = cfg.activation;
+        let act = BlockSpec {
+            act: cfg.activation,
+            init: cfg.init,
+            scale: cfg.gaussian_head,
+        };
         let latents: Vec<usize> = cfg.layers.iter().map(|l| l.latent).collect();
         let classes = cfg.classes;
         let mut dims = vec![input_dim];
@@ -130,6 +136,41 @@ impl Vae {
             input_dim,
             classes,
         })
+    }
+
+    /// Sets the likelihood's mean bias from the training data's per-dimension means `mean`
+    /// (`D` values in `[0, 1]`, labels left out), as `model.output_bias = "data_mean"` asks: a
+    /// Bernoulli decoder's `decoders.0.out.bias` becomes `logit(clamp(mean, 0.001, 0.999))`
+    /// (Burda et al.'s released code, `get_train_bias_np`), a Gaussian decoder's
+    /// `decoders.0.mu.bias` the mean itself.
+    ///
+    /// # Errors
+    /// A `mean` whose length is not the data dimension `D`, or a non-finite value.
+    pub fn set_output_bias_from_mean(&self, mean: &[f64]) -> Result<()> {
+        if mean.len() != self.input_dim || mean.iter().any(|m| !m.is_finite()) {
+            return Err(crate::error::Error::Data(format!(
+                "output bias from the data mean: {} finite values needed, got {}",
+                self.input_dim,
+                mean.len()
+            )));
+        }
+        let (name, bias): (&str, Vec<f32>) = match self.x_decoder {
+            XDecoder::Bernoulli(_) => (
+                "decoders.0.out.bias",
+                mean.iter()
+                    .map(|&m| {
+                        let m = m.clamp(0.001, 0.999);
+                        (m / (1.0 - m)).ln() as f32
+                    })
+                    .collect(),
+            ),
+            XDecoder::Gaussian(_) => (
+                "decoders.0.mu.bias",
+                mean.iter().map(|&m| m as f32).collect(),
+            ),
+        };
+        let bias = Tensor::from_vec(bias, self.input_dim, self.store.device())?;
+        self.store.set(name, &bias)
     }
 
     /// Splits an input row block into the data `x` and, for a conditional model, the one-hot

@@ -30,6 +30,9 @@ impl VaeTrainee {
     /// A fresh model for `cfg`.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
         let model = session::build_vae(cfg, data.dim(), device)?;
+        if cfg.model.output_bias == crate::config::OutputBias::DataMean {
+            model.set_output_bias_from_mean(&data.train.column_means())?;
+        }
         let opt = Optimizer::new(&cfg.optim, &model.store)?;
         Ok(VaeTrainee { model, opt })
     }
