@@ -71,7 +71,11 @@ fn a_unet_trains_evaluates_and_samples() {
         "50",
     ]);
     let bound = &json["bound"];
-    assert_eq!(bound["estimator"], "monte-carlo");
+    assert_eq!(bound["estimator"], "stratified");
+    assert!(
+        bound["weights"] == "ema" || bound["weights"] == "online",
+        "{bound}"
+    );
     assert_eq!(bound["n"], 20);
     let bpd = bound["bits_per_dim"].as_f64().unwrap();
     assert!(bpd > 0.0 && bpd < 16.0, "{json}");

@@ -32,8 +32,9 @@ pub enum Command {
     /// Train one data-parallel group on this machine: one `trainer train` process per GPU
     /// (NCCL) or per CPU share (TCP), signals forwarded: `trainer launch --gpus 0,1 -- --config C`.
     Launch(LaunchArgs),
-    /// Evaluate a checkpoint: test ELBO, importance-sampled NLL, active units, bits/dim, and
-    /// the sample metrics (MNIST-FID, Inception-Score analogue, mode coverage, ...).
+    /// Evaluate a checkpoint: the test likelihood (a VAE's ELBO and importance-sampled NLL, a
+    /// flow's exact NLL, a diffusion model's bound; nats and bits/dim), and the sample metrics
+    /// (MNIST-FID, Inception-Score analogue, mode coverage, ...).
     Eval(EvalArgs),
     /// Redraw a run directory's training curves (`curves.png`) from its `metrics.jsonl`.
     Plot(PlotArgs),
@@ -131,7 +132,7 @@ pub struct EvalArgs {
     /// Importance samples (default: the config's eval.k, 5000).
     #[arg(long)]
     pub k: Option<usize>,
-    /// Evaluate the first N test images only.
+    /// Evaluate the first N test images only (0: all; default: the config's eval.limit, 0).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Rows per forward pass (bounds memory).
@@ -192,13 +193,15 @@ pub enum EstimatorChoice {
 /// checkpoint's `model.diffusion.sampler`, `sample_steps` and `ddim_eta`).
 #[derive(Debug, Clone, Default, Args)]
 pub struct SamplerFlags {
-    /// `ddpm` (ancestral, all T steps) or `ddim`.
+    /// `ddpm` (ancestral, all T steps) or `ddim`. Default: the checkpoint's
+    /// model.diffusion.sampler.
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerChoice>,
-    /// Steps of the DDIM sampler.
+    /// Steps of the DDIM sampler. Default: the checkpoint's model.diffusion.sample_steps.
     #[arg(long)]
     pub steps: Option<usize>,
-    /// DDIM's eta (0: deterministic).
+    /// DDIM's eta (0: deterministic, 1: DDPM's variance). Default: the checkpoint's
+    /// model.diffusion.ddim_eta.
     #[arg(long)]
     pub eta: Option<f64>,
 }

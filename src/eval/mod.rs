@@ -259,8 +259,12 @@ pub struct DiffusionBoundReport {
     pub bits_per_dim: Option<f64>,
     /// Rows evaluated.
     pub n: usize,
-    /// `exact` (all T terms per row) or `monte-carlo` (see `t_draws`).
+    /// `exact` (all T terms per row) or `stratified` (the Monte-Carlo estimate of the KL
+    /// terms from `t_draws` steps per row, one per geometric stratum).
     pub estimator: &'static str,
+    /// The weights evaluated: `ema` (the exponential moving average, when the model keeps
+    /// one) or `online` (the trained weights).
+    pub weights: &'static str,
     /// Steps drawn per row for the `T - 1` KL terms, one per stratum (0: all of them, exactly).
     pub t_draws: usize,
     /// Mean prior term `L_T` in nats per row.
@@ -385,7 +389,8 @@ pub fn diffusion_bound(
             .is_some()
             .then(|| nll / (model.dim as f64 * std::f64::consts::LN_2)),
         n,
-        estimator: if t_draws == 0 { "exact" } else { "monte-carlo" },
+        estimator: if t_draws == 0 { "exact" } else { "stratified" },
+        weights: if model.ema.is_some() { "ema" } else { "online" },
         t_draws,
         prior: prior_sum / nf,
         reconstruction: rec_sum / nf,

@@ -100,6 +100,15 @@ impl Report {
     }
 }
 
+/// What a test row is: an image, or a point of a 2-D set.
+fn rows_word(data: &Datasets) -> &'static str {
+    if data.rows * data.cols > 2 {
+        "images"
+    } else {
+        "points"
+    }
+}
+
 /// A diffusion model's bound on the test rows (see `eval::diffusion_bound`), and the sampler
 /// the sample metrics below use.
 fn diffusion_bound(
@@ -116,14 +125,15 @@ fn diffusion_bound(
         "exact sum over all T terms".to_string()
     } else {
         format!(
-            "unbiased estimate: prior and L_0 exact, the {} KL terms from {} drawn steps per row",
+            "unbiased estimate: prior and L_0 exact, the {} KL terms from {} steps per row drawn in geometric strata",
             m.schedule.len() - 1,
             r.t_draws
         )
     };
+    let what = rows_word(data);
     report.lines.push(format!(
-        "test bound (-log p(x) <=, {} rows, {how}): {:.3} +- {:.3} nats (standard error over rows)",
-        r.n, r.nll, r.nll_stderr
+        "test bound (-log p(x) <=, {} {what}, {} weights, {how}): {:.3} +- {:.3} nats (standard error over {what})",
+        r.n, r.weights, r.nll, r.nll_stderr
     ));
     report.lines.push(format!(
         "  terms: prior {:.4}, reconstruction L_0 {:.3}, diffusion KLs {:.3} nats; {:.1} s",
@@ -238,8 +248,11 @@ fn likelihood(
             })?;
             report.merge(&r)?;
             report.lines.push(format!(
-                "test NLL (exact, {} rows): {:.3} +- {:.3} nats",
-                r.n, r.nll, r.nll_stderr
+                "test NLL (exact, {} {}): {:.3} +- {:.3} nats",
+                r.n,
+                rows_word(data),
+                r.nll,
+                r.nll_stderr
             ));
             if let Some(b) = r.bits_per_dim {
                 report.lines.push(format!("bits/dim: {b:.4}"));
