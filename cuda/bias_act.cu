@@ -1,6 +1,6 @@
 // Fused GEMM epilogue of the affine layers: y = act(a + b) with a = x W^T from cuBLAS, b broadcast
 // over rows; and its backward g_pre = g * act'(y) from the output alone.
-// act: 0 identity, 1 relu, 2 tanh, 3 softplus (same codes as ops::linear::Activation on the Rust side).
+// act: 0 identity, 1 relu, 2 tanh, 3 softplus, 4 leaky relu with slope 0.2 (same codes as ops::linear::Activation on the Rust side).
 #include "common.cuh"
 
 __device__ __forceinline__ float gt_act(int act, float a) {
@@ -8,6 +8,7 @@ __device__ __forceinline__ float gt_act(int act, float a) {
         case 1: return a < 0.0f ? 0.0f : a;  // NaN propagates (fmaxf would return 0), as on the CPU
         case 2: return tanhf(a);
         case 3: return gt_softplus(a);
+        case 4: return a < 0.0f ? 0.2f * a : a;  // NaN propagates
         default: return a;
     }
 }
@@ -17,6 +18,7 @@ __device__ __forceinline__ float gt_act_grad_from_output(int act, float y) {
         case 1: return y > 0.0f ? 1.0f : 0.0f;
         case 2: return 1.0f - y * y;
         case 3: return -expm1f(-y);
+        case 4: return y > 0.0f ? 1.0f : 0.2f;
         default: return 1.0f;
     }
 }

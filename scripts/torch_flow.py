@@ -39,14 +39,15 @@ statistics.
 Images (rows > 1) are modelled through the logit transform
 ``y = logit(alpha + (1 - 2 alpha) x)`` with per-row log-Jacobian
 ``sum_j ln(1 - 2 alpha) - ln p_j - ln(1 - p_j)``, ``p = alpha + (1 - 2 alpha) x``; 2-D points are
-modelled directly. Training data: ``x = (pixel + u) / 256``, ``u ~ U[0, 1)`` drawn afresh for every
-batch (``data.binarize = "dequantize"``; the other modes as gentrain: ``dynamic`` Bernoulli(p/255)
-bits per batch, ``none`` p/255). The loss is the batch mean of ``-log p_x(x)`` (nats); for
-dequantized images ``bits/dim = (nll + D ln 256) / (D ln 2)``, otherwise ``nll / (D ln 2)``.
-Optimizer: ``torch.optim.Adam`` (or SGD) with gentrain's ``[optim]`` settings, its warm-up factor
-``min(1, (step + 1) / warmup_steps)`` and ``clip_grad_norm``; like gentrain the step reads the loss
-on the host, skips the backward pass of a non-finite loss, and skips the update when a gradient is
-not finite.
+modelled directly. Image training data: ``x = f32((pixel + u) / 256)`` (float64 arithmetic),
+``u ~ U[0, 1)`` drawn afresh for every batch; gentrain accepts only ``data.binarize =
+"dequantize"`` for image flows, and so does this script. The loss is the batch mean of
+``-log p_x(x)`` (nats); for images ``bits/dim = (nll + D ln 256) / (D ln 2)`` (the 8-bit pixel
+scale), for 2-D points the NLL itself. Optimizer: ``torch.optim.Adam`` (or SGD) with gentrain's
+``[optim]`` settings (lr, betas, eps, weight_decay, momentum), its warm-up factor
+``min(1, (step + 1) / warmup_steps)`` and ``clip_grad_norm``; like gentrain's step, this one reads
+the loss on the host, skips the backward pass of a non-finite loss, and skips the update when a
+gradient holds a NaN or infinity.
 
 Exact evaluation data. ``trainer export-data`` refuses dequantized configs (the evaluation rows
 are real values, which IDX bytes cannot hold), so ``eval`` takes the raw test pixels (e.g.
@@ -56,22 +57,29 @@ are real values, which IDX bytes cannot hold), so ``eval`` takes the raw test pi
 ``src/rng.rs``), one 32-bit uniform ``r`` per pixel in row order, ``x = f32((p + r / 2^32) / 256)``
 computed in float64. ChaCha8 and the key derivation are re-implemented below in numpy, so the
 evaluation rows are bit-identical to gentrain's (the file's rows must be the test set from its
-first row on, which is what ``--limit N`` of both tools takes). Binary-data flows read the 0/1
-bytes ``export-data`` writes (or binarize raw pixels with the same stream, as gentrain's fixed
-test binarization does).
+first row on, which is what ``--limit N`` of both tools takes; ``--seed`` selects another stream,
+e.g. the run seed for a validation split, whose rows are the end of the training file). Checked:
+a 20-step gentrain checkpoint of configs/realnvp-mnist.toml gives the same test NLL here and in
+``trainer eval`` to 1.8e-4 nats of about 3000 (200 and 1000 images; 6e-8 relative, 3e-10
+bits/dim), while rows dequantized with other noise move it by 0.6 nats.
 
 Where this differs from gentrain (none of it changes the model, the loss or the evaluation):
 
-- Random numbers: the Linear initialization, the epoch permutations, the per-batch dequantization
-  noise (or bits) and the 2-D training points are drawn from torch's / numpy's generators, not
-  from gentrain's keyed ChaCha8 streams, so a run here does not reproduce a gentrain run's numbers
-  (same distributions; only the evaluation data above is reproduced exactly).
+- Random numbers: the Linear initialization, the epoch permutations (and so the rows ActNorm is
+  initialized on), the per-batch dequantization noise and the 2-D training points are drawn from
+  torch's / numpy's generators, not from gentrain's keyed ChaCha8 streams, so training here does
+  not reproduce a gentrain run's numbers (same distributions; only the evaluation data above is
+  reproduced exactly).
 - The 2-D sets (``ring8``, ``grid25``, ``moons``, ``checkerboard``) are drawn with numpy by the
   constructions of ``src/data/synthetic.rs`` (same distributions, other points); ``eval`` of a 2-D
   flow reads the points from a ``.npy`` / text file of shape (n, 2) (they have no IDX form).
-- Floating point: matmul and reduction orders differ (PyTorch's MKL/oneDNN kernels vs candle's
-  gemm), so per-row log-likelihoods agree to float32 rounding, not bit for bit; gentrain's Adam is
-  fused but computes torch.optim.Adam's formula.
+- Floating point: matmul and reduction orders differ (PyTorch's MKL kernels vs candle's gemm),
+  so log-likelihoods agree to float32 rounding, not bit for bit.
+- Kernels, which matter to ``bench``: gentrain's Adam is one fused in-place kernel per parameter
+  (torch.optim.Adam's formula); ``bench`` uses torch's default (foreach) Adam unless
+  ``--fused-adam`` asks for ``torch.optim.Adam(fused=True)``. The non-finite gradient check is
+  torch's fused AMP check (one pass, like gentrain's bit test). ``--threads`` defaults to 2 here
+  (as in torch_vae.py), to every core in gentrain: pass the same count to both.
 - ``optim.second_moment_init`` (Adam's v_0) is not available in torch.optim.Adam: configs that set
   it are refused. ``bench`` runs at the schedule's epoch-0 rate (as ``trainer bench`` does).
 - Data-parallel training, CUDA and conditional (``model.classes``) flows are not implemented here.
@@ -79,15 +87,18 @@ Where this differs from gentrain (none of it changes the model, the loss or the 
 Subcommands (run ``--help`` on each):
 
     python scripts/torch_flow.py bench --config configs/realnvp-mnist.toml --threads 1 \\
-        --steps 50 --warmup 5 [--batch-size B] [--json]
+        --steps 50 --warmup 5 [--batch-size B] [--fused-adam] [--json]
     python scripts/torch_flow.py eval --checkpoint RUN_OR_CKPT_DIR \\
         --data data/mnist/t10k-images-idx3-ubyte.gz [--limit N] [--json]
 
 ``bench`` times ``steps`` steps after ``warmup`` untimed ones, with gentrain's definitions
 (``src/bench.rs``): ``samples_per_s = steps * batch / seconds``,
 ``ms_per_step = 1000 * seconds / steps``, where the timed loop includes batch gathering and
-dequantization, forward, backward and the optimizer step. Bad input prints one line on stderr and
-exits with status 2.
+dequantization, forward, backward and the optimizer step; ActNorm's initialization runs in step 0
+(a warm-up step unless ``--warmup 0``). ``--json`` prints one object with framework, family
+("flow"), torch_version, threads, config, batch, steps, warmup, samples_per_s and ms_per_step.
+Bad input (a missing or malformed file, a config that is not a flow, a checkpoint whose tensors do
+not match its config, bad flags) prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -190,8 +201,9 @@ def chacha_words(key_words: list[int], n: int, rounds: int = 8) -> np.ndarray:
     const = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
     init = [np.full(blocks, c, np.uint32) for c in const]
     init += [np.full(blocks, k, np.uint32) for k in key_words]
-    init += [(ctr & np.uint64(0xFFFFFFFF)).astype(np.uint32), (ctr >> np.uint64(32)).astype(np.uint32),
-             np.zeros(blocks, np.uint32), np.zeros(blocks, np.uint32)]
+    init += [(ctr & np.uint64(0xFFFFFFFF)).astype(np.uint32),  # words 12-13: block counter
+             (ctr >> np.uint64(32)).astype(np.uint32),
+             np.zeros(blocks, np.uint32), np.zeros(blocks, np.uint32)]  # 14-15: stream 0
     x = [w.copy() for w in init]
 
     def rotl(v, r):
@@ -222,12 +234,6 @@ def dequantize_exact(pixels: np.ndarray, seed: int) -> np.ndarray:
     return ((pixels.astype(np.float64) + r.astype(np.float64) * (1.0 / 4294967296.0))
             / 256.0).astype(np.float32)
 
-
-def binarize_exact(pixels: np.ndarray, seed: int) -> np.ndarray:
-    """gentrain's fixed binarization: bit = r * 255 < p * 2^32, r from `(seed, FixedBinarize, 0)`."""
-    r = gentrain_uniforms(seed, STREAM_FIXED_BINARIZE, 0, pixels.size).reshape(pixels.shape)
-    return (r.astype(np.uint64) * np.uint64(255)
-            < pixels.astype(np.uint64) << np.uint64(32)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +399,8 @@ def resolve_config(raw: dict, where: str) -> dict:
                   "second_moment_init"):
             cfg["optim"][k] = float(cfg["optim"][k])
         cfg["optim"]["warmup_steps"] = int(cfg["optim"]["warmup_steps"])
+        for k in ("validation", "limit_train", "synthetic_size"):
+            cfg["data"][k] = int(cfg["data"][k])
     except (TypeError, ValueError) as e:
         raise BadInput(f"{where}: {e}")
     if f["coupling_layers"] < 1:
@@ -402,6 +410,10 @@ def resolve_config(raw: dict, where: str) -> dict:
                        "positive")
     if not (0.0 <= f["alpha"] < 0.5):
         raise BadInput(f"{where}: model.flow.alpha = {f['alpha']}: must be in [0, 0.5)")
+    if (str(cfg["data"]["dataset"]) not in SYNTHETIC
+            and str(cfg["data"]["binarize"]).lower() != "dequantize"):
+        raise BadInput(f"{where}: a flow is a density on continuous data: set data.binarize = "
+                       "\"dequantize\"")
     if int(cfg["model"].get("classes", 0) or 0) > 0:
         raise BadInput(f"{where}: conditional flows (model.classes > 0) are not implemented here")
     return cfg
@@ -419,7 +431,9 @@ def load_config(path: str) -> dict:
     return resolve_config(raw, path)
 
 
-def make_optimizer(cfg: dict, params):
+def make_optimizer(cfg: dict, params, fused: bool = False):
+    """gentrain's optimizer as torch.optim builds it; `fused`: Adam's single-kernel
+    implementation (gentrain's Adam is fused too), else torch's default (foreach)."""
     o = cfg["optim"]
     kind = str(o["kind"]).lower()
     if kind == "adam":
@@ -427,7 +441,8 @@ def make_optimizer(cfg: dict, params):
             raise BadInput("optim.second_moment_init != 0 (Adam's v_0) has no torch.optim.Adam "
                            "equivalent")
         return torch.optim.Adam(params, lr=o["lr"], betas=(o["beta1"], o["beta2"]),
-                                eps=o["eps"], weight_decay=o["weight_decay"])
+                                eps=o["eps"], weight_decay=o["weight_decay"],
+                                **({"fused": True} if fused else {}))
     if kind == "sgd":
         return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
                                weight_decay=o["weight_decay"])
@@ -509,7 +524,6 @@ class TrainData:
     def __init__(self, cfg: dict):
         d = cfg["data"]
         name = str(d["dataset"])
-        self.mode = str(d["binarize"]).lower()
         seed = cfg["train"]["seed"]
         if name in SYNTHETIC:
             self.shape = (1, 2)
@@ -521,9 +535,6 @@ class TrainData:
         if name not in ("mnist", "idx"):
             raise BadInput(f"data.dataset = {name!r}: expected mnist, idx or one of "
                            f"{', '.join(SYNTHETIC)}")
-        if self.mode not in ("dynamic", "fixed", "none", "dequantize"):
-            raise BadInput(f"data.binarize = {d['binarize']!r}: expected dynamic, fixed, none "
-                           "or dequantize")
         data_dir = Path(d["dir"])
         if not data_dir.is_absolute() and not data_dir.exists():
             data_dir = REPO_ROOT / data_dir
@@ -537,31 +548,21 @@ class TrainData:
         if limit > 0:
             px = px[:limit]
         self.real = None
-        self.pixels = torch.from_numpy(np.ascontiguousarray(px))
+        self.pixels = torch.from_numpy(np.array(px))  # a writable copy
         self.n = px.shape[0]
-        if self.mode == "fixed":
-            g = torch.Generator().manual_seed(seed)
-            self.pixels = torch.bernoulli(self.pixels.float() / 255.0, generator=g)
-            self.mode = "bits"
 
     @property
     def dim(self) -> int:
         return self.shape[0] * self.shape[1]
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` as model inputs: dequantized `(p + u) / 256` (u afresh, float64 as in
-        gentrain), Bernoulli(p / 255) bits afresh (`dynamic`), `p / 255` or the stored values."""
+        """Rows `idx` as model inputs: 2-D points as stored; images dequantized afresh,
+        `x = f32((p + u) / 256)`, `u ~ U[0, 1)`, computed in float64 as gentrain does."""
         if self.real is not None:
             return self.real[idx]
         p = self.pixels[idx]
-        if self.mode == "dequantize":
-            u = torch.rand(p.shape, dtype=torch.float64)
-            return ((p.to(torch.float64) + u) / 256.0).to(torch.float32)
-        if self.mode == "dynamic":
-            return torch.bernoulli(p.to(torch.float32) / 255.0)
-        if self.mode == "none":
-            return p.to(torch.float32) / 255.0
-        return p  # fixed bits, float already
+        u = torch.rand(p.shape, dtype=torch.float64)
+        return ((p.to(torch.float64) + u) / 256.0).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +578,21 @@ def init_rows(first: torch.Tensor, perm0: torch.Tensor, n: int) -> torch.Tensor:
     return perm0[:ACTNORM_INIT_ROWS]
 
 
+_FOUND_INF, _ONE = torch.zeros(1), torch.ones(1)
+
+
+def grads_finite(grads: list[torch.Tensor]) -> bool:
+    """`optim::check_finite_grads`: no NaN or infinity in any gradient, in one fused pass (the
+    AMP check, which multiplies by 1 in place: the values are unchanged); a per-tensor norm
+    where that kernel is missing."""
+    try:
+        _FOUND_INF.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, _FOUND_INF, _ONE)
+        return _FOUND_INF.item() == 0.0
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
 def train_step(model: Flow, opt, cfg: dict, x: torch.Tensor, lr: float):
     """gentrain's FlowTrainee::step after the batch is drawn: returns (loss, applied)."""
     loss = -model.data_log_prob(x).mean()
@@ -585,8 +601,7 @@ def train_step(model: Flow, opt, cfg: dict, x: torch.Tensor, lr: float):
         return lv, False  # no backward pass for a non-finite loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    if not grads_finite([p.grad for p in model.parameters() if p.grad is not None]):
         return lv, False
     clip = cfg["optim"]["clip_grad_norm"]
     if clip > 0:
@@ -597,7 +612,8 @@ def train_step(model: Flow, opt, cfg: dict, x: torch.Tensor, lr: float):
     return lv, True
 
 
-def bench(cfg: dict, steps: int, warmup: int, batch: int | None) -> dict:
+def bench(cfg: dict, steps: int, warmup: int, batch: int | None,
+          fused_adam: bool = False) -> dict:
     seed = cfg["train"]["seed"]
     torch.manual_seed(seed)
     data = TrainData(cfg)
@@ -606,7 +622,7 @@ def bench(cfg: dict, steps: int, warmup: int, batch: int | None) -> dict:
         raise BadInput(f"model.flow.actnorm: ActNorm's initialization needs at least "
                        f"{ACTNORM_MIN_ROWS} training rows, the training set has {n}")
     model = Flow(cfg["model"]["flow"], data.shape)
-    opt = make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, model.parameters(), fused_adam)
     bs = min(batch or cfg["train"]["batch_size"], n)
     if bs < 1:
         raise BadInput("--batch-size must be at least 1")
@@ -637,7 +653,8 @@ def bench(cfg: dict, steps: int, warmup: int, batch: int | None) -> dict:
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "batch": bs, "steps": steps, "warmup": warmup,
         "samples_per_s": steps * bs / secs, "ms_per_step": secs * 1e3 / steps,
-        "seconds": secs, "final_loss": loss, "skipped_steps": skipped,
+        "adam": "fused" if fused_adam else "default", "seconds": secs, "final_loss": loss,
+        "skipped_steps": skipped,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -653,7 +670,9 @@ def cmd_bench(args) -> None:
         raise BadInput("--batch-size must be at least 1")
     cfg = load_config(args.config)
     torch.set_num_threads(args.threads)
-    r = bench(cfg, args.steps, args.warmup, args.batch_size)
+    if args.fused_adam and str(cfg["optim"]["kind"]).lower() != "adam":
+        raise BadInput("--fused-adam needs optim.kind = \"adam\"")
+    r = bench(cfg, args.steps, args.warmup, args.batch_size, args.fused_adam)
     r["config"] = args.config
     if args.json:
         print(json.dumps(r), flush=True)
@@ -744,20 +763,12 @@ def eval_rows(args, model: Flow, cfg: dict) -> tuple[torch.Tensor, bool, str]:
         raw = raw[:args.limit]
     if raw.shape[0] == 0:
         raise BadInput(f"{path}: no images")
-    mode = str(cfg["data"]["binarize"]).lower()
-    seed = args.seed if args.seed is not None else TEST_BINARIZATION_SEED
-    if mode == "dequantize":
-        if raw.max() <= 1:
-            print(f"warning: {path} holds only 0/1 values, but the flow was trained on "
-                  "dequantized pixels", file=sys.stderr)
-        return (torch.from_numpy(dequantize_exact(raw, seed)), True,
-                f"dequantized once, ChaCha8 stream (seed {seed:#x}, FixedBinarize, 0)")
-    if mode == "none":
-        return torch.from_numpy(raw.astype(np.float32) / 255.0), False, "pixel / 255"
     if raw.max() <= 1:
-        return torch.from_numpy(raw.astype(np.float32)), False, "0/1 bits as given"
-    return (torch.from_numpy(binarize_exact(raw, seed)), False,
-            f"binarized once, ChaCha8 stream (seed {seed:#x}, FixedBinarize, 0)")
+        print(f"warning: {path} holds only 0/1 values, but the flow models dequantized 8-bit "
+              "pixels: pass the raw test images", file=sys.stderr)
+    seed = args.seed if args.seed is not None else TEST_BINARIZATION_SEED
+    return (torch.from_numpy(dequantize_exact(raw, seed)), True,
+            f"dequantized once, ChaCha8 stream (seed {seed:#x}, FixedBinarize, 0)")
 
 
 def cmd_eval(args) -> None:
@@ -800,6 +811,14 @@ def cmd_eval(args) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def int_auto(text: str) -> int:
+    """An integer in any base Python reads (`12`, `0x67656e747261696e`)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own status for usage errors)
         die(f"{self.prog}: {message}")
@@ -817,6 +836,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=30, help="untimed warm-up steps (default 30)")
     p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=None,
                    help="default: [train] batch_size")
+    p.add_argument("--fused-adam", action="store_true",
+                   help="torch.optim.Adam(fused=True) instead of torch's default (foreach) Adam")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
 
@@ -829,7 +850,7 @@ def main(argv=None) -> None:
                         "ones), or for a 2-D flow a .npy / text file of (n, 2) points")
     p.add_argument("--limit", type=int, default=0, help="first N rows (0 = all, the default)")
     p.add_argument("--batch", type=int, default=1000, help="rows per forward pass")
-    p.add_argument("--seed", type=lambda s: int(s, 0), default=None,
+    p.add_argument("--seed", type=int_auto, default=None,
                    help="seed of the one-off dequantization / binarization stream (default "
                         "gentrain's test seed 0x67656e747261696e; a validation split uses the "
                         "run seed)")

@@ -397,6 +397,7 @@ pub fn check_linear(dev: &Device) -> Vec<CheckReport> {
         linear::Activation::Relu,
         linear::Activation::Tanh,
         linear::Activation::Softplus,
+        linear::Activation::LeakyRelu,
     ] {
         let sizes = [(1usize, 1usize, 1usize), (129, 784, 400), (37, 20, 257)];
         for (j, &(n, d_in, d_out)) in sizes.iter().enumerate() {
@@ -1069,6 +1070,7 @@ mod ieee_tests {
             linear::Activation::Identity,
             linear::Activation::Tanh,
             linear::Activation::Softplus,
+            linear::Activation::LeakyRelu,
         ] {
             let w = t(&random(10, 17 * c, -0.5, 0.5), (17, c));
             let mut b = random(11, 17, -0.5, 0.5);

@@ -110,7 +110,7 @@ pub struct ModelConfig {
     /// Default: `vae`.
     pub family: ModelFamily,
     /// Nonlinearity after every hidden layer of the VAE's encoders and decoders: `identity`,
-    /// `relu`, `tanh` or `softplus`. The flow's coupling networks and the GAN's players use
+    /// `relu`, `tanh`, `softplus` or `leaky_relu` (slope 0.2). The flow's coupling networks and the GAN's players use
     /// their own fixed nonlinearities. Default: `relu`.
     pub activation: Activation,
     /// The VAE's likelihood of the data given the bottom latent layer: `bernoulli` (binary
@@ -237,6 +237,10 @@ pub enum Activation {
     Tanh,
     /// `ln(1 + e^a)`.
     Softplus,
+    /// `max(a, 0.2 a)` (the slope of the DCGAN and SN-GAN discriminators), spelled
+    /// `leaky_relu`.
+    #[serde(rename = "leaky_relu")]
+    LeakyRelu,
 }
 
 impl Default for ModelConfig {

@@ -30,6 +30,7 @@ use super::params::ParamStore;
 use crate::config::Activation;
 pub use crate::config::{GanArchitecture, GanConfig, GanLoss};
 use crate::error::{Error, Result};
+use crate::ops::linear::linear;
 use crate::ops::spectral_norm;
 
 /// One discriminator layer: weight (spectrally normalized or not), bias, and the power-iteration
@@ -96,6 +97,21 @@ impl DiscLayer {
                     .flatten_from(1)?
             }
         })
+    }
+
+    /// A hidden layer's output `lrelu(a)`, slope 0.2, for flattened inputs `h: (B, in)` and the
+    /// effective weight `w`: one fused op for a dense layer ([`linear`]), the convolution then
+    /// the activation for a convolutional one.
+    fn hidden(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.conv {
+            None => Ok(linear(
+                &h.contiguous()?,
+                &w.contiguous()?,
+                &self.bias,
+                Activation::LeakyRelu,
+            )?),
+            Some(_) => Ok(Activation::LeakyRelu.apply_slow(&self.affine(h, w)?)?),
+        }
     }
 
     /// `g W`: the gradient with respect to the layer's input of `sum(g * a)` (the transpose of
@@ -336,15 +352,17 @@ impl Gan {
         x: &Tensor,
         y: Option<&Tensor>,
         ws: &[Tensor],
+        want_slopes: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let last = ws.len() - 1;
         let mut h = x.clone();
-        let mut slopes = Vec::with_capacity(last);
+        let mut slopes = Vec::with_capacity(if want_slopes { last } else { 0 });
         for (w, l) in ws[..last].iter().zip(&self.disc) {
-            let a = l.affine(&h, w)?;
-            // lrelu'(a): 1 where a > 0, else 0.2.
-            slopes.push(((a.detach().gt(0f32)?.to_dtype(DType::F32)? * 0.8)? + 0.2)?);
-            h = candle_nn::ops::leaky_relu(&a, 0.2)?;
+            h = l.hidden(&h, w)?;
+            if want_slopes {
+                // lrelu'(a): 1 where a > 0, else 0.2 (h = lrelu(a) has the sign of a).
+                slopes.push(((h.detach().gt(0f32)?.to_dtype(DType::F32)? * 0.8)? + 0.2)?);
+            }
         }
         let mut d = self.disc[last].affine(&h, &ws[last])?.squeeze(D::Minus1)?;
         if let (Some(y), Some(e)) = (y, &self.embed) {
@@ -361,7 +379,7 @@ impl Gan {
     /// [`Gan::discriminate`] with the effective weights already computed.
     pub fn discriminate_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<Tensor> {
         let (x, y) = self.split(xy)?;
-        Ok(self.run_discriminator(&x, y.as_ref(), ws)?.0)
+        Ok(self.run_discriminator(&x, y.as_ref(), ws, false)?.0)
     }
 
     /// `(D(x), grad_x D(x))` (the gradient with respect to the image part of conditional rows),
@@ -374,7 +392,7 @@ impl Gan {
     /// [`Gan::input_gradient`] with the effective weights already computed.
     pub fn input_gradient_with(&self, xy: &Tensor, ws: &[Tensor]) -> Result<(Tensor, Tensor)> {
         let (x, y) = self.split(xy)?;
-        let (d, slopes) = self.run_discriminator(&x, y.as_ref(), ws)?;
+        let (d, slopes) = self.run_discriminator(&x, y.as_ref(), ws, true)?;
         let last = ws.len() - 1;
         let b = x.dim(0)?;
         // dD/dphi = w_out (+ E^T y with labels) for every row.

@@ -16,6 +16,9 @@ use super::{for_rows, slice, softplus};
 
 pub use crate::config::Activation;
 
+/// The negative slope of [`Activation::LeakyRelu`] (0.2, the DCGAN and SN-GAN discriminators').
+pub const LEAKY_SLOPE: f32 = 0.2;
+
 impl Activation {
     #[inline]
     fn apply(self, a: f32) -> f32 {
@@ -31,6 +34,13 @@ impl Activation {
             }
             Activation::Tanh => super::fastmath::tanh(a),
             Activation::Softplus => softplus(a),
+            Activation::LeakyRelu => {
+                if a < 0.0 {
+                    LEAKY_SLOPE * a
+                } else {
+                    a
+                }
+            }
         }
     }
 
@@ -48,6 +58,14 @@ impl Activation {
             }
             Activation::Tanh => 1.0 - y * y,
             Activation::Softplus => 1.0 - super::fastmath::exp_nonpos(-y),
+            // The sign of y is that of a; at a = 0 the slope, as PyTorch's leaky_relu backward.
+            Activation::LeakyRelu => {
+                if y > 0.0 {
+                    1.0
+                } else {
+                    LEAKY_SLOPE
+                }
+            }
         }
     }
 
@@ -61,6 +79,7 @@ impl Activation {
                 // max(a,0) + ln(1 + exp(-|a|))
                 a.relu()? + (a.abs()?.neg()?.exp()? + 1.0)?.log()?
             }
+            Activation::LeakyRelu => a.maximum(&(a * LEAKY_SLOPE as f64)?),
         }
     }
 }
@@ -98,6 +117,7 @@ impl Activation {
             Activation::Relu => 1,
             Activation::Tanh => 2,
             Activation::Softplus => 3,
+            Activation::LeakyRelu => 4,
         }
     }
 }
@@ -485,6 +505,7 @@ mod tests {
             Activation::Relu,
             Activation::Tanh,
             Activation::Softplus,
+            Activation::LeakyRelu,
         ] {
             check(1, 1, 1, act, 1);
             check(7, 13, 5, act, 2);
@@ -544,6 +565,7 @@ mod tests {
             Activation::Relu,
             Activation::Tanh,
             Activation::Softplus,
+            Activation::LeakyRelu,
         ] {
             let x = Var::from_tensor(&uniform(21, &[37, 19], -2.0, 2.0)).unwrap();
             let w = Var::from_tensor(&uniform(22, &[11, 19], -0.5, 0.5)).unwrap();
