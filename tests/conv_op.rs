@@ -6,7 +6,9 @@ mod common;
 use common::{central_differences, flat_f32};
 
 use candle_core::{Device, Tensor, Var};
-use gentrain::ops::conv::{col2im, conv2d, conv2d_slow, im2col};
+use gentrain::ops::conv::{
+    col2im, conv2d, conv2d_slow, conv_transpose2d, conv_transpose2d_slow, im2col,
+};
 
 /// One convolution: input (b, c, h, w), `o` output channels, a `k x k` kernel, stride, padding.
 #[derive(Clone, Copy, Debug)]
@@ -529,4 +531,54 @@ fn convolutions_running_at_once_on_the_rayon_pool_match_one_at_a_time() {
     let alone: Vec<_> = (0..16).map(run).collect();
     let together: Vec<_> = (0..16).into_par_iter().map(run).collect();
     assert_eq!(alone, together);
+}
+
+/// The transposed convolution (the DCGAN generator's up-sampling, the input gradient of its
+/// discriminator's convolutions) against candle's `conv_transpose2d`: forward, and the gradients
+/// of all three arguments, on the shapes whose forward convolution maps back exactly.
+#[test]
+fn transposed_convolution_matches_candles_forward_and_backward() {
+    // (batch, C_in, H_in, W_in, C_out, kernel, stride, padding)
+    let cases = [
+        (2, 3, 7, 7, 5, 4, 2, 1),
+        (3, 8, 7, 5, 1, 4, 2, 1),
+        (1, 2, 4, 6, 3, 3, 1, 1),
+        (4, 6, 14, 14, 3, 4, 2, 1),
+        (2, 5, 3, 3, 4, 3, 2, 0),
+    ];
+    for (n, &(bs, ci, hi, wi, co, k, s, p)) in cases.iter().enumerate() {
+        let seed = 900 + 10 * n as u64;
+        let y = Var::from_tensor(&uniform(seed, &[bs, ci, hi, wi], -1.0, 1.0)).unwrap();
+        let w = Var::from_tensor(&uniform(seed + 1, &[ci, co, k, k], -0.5, 0.5)).unwrap();
+        let b = Var::from_tensor(&uniform(seed + 2, &[co], -0.5, 0.5)).unwrap();
+        let ours = conv_transpose2d(&y, &w, Some(&b), s, p).unwrap();
+        let theirs = conv_transpose2d_slow(&y, &w, Some(&b), s, p).unwrap();
+        assert_eq!(ours.dims(), theirs.dims(), "case {n}");
+        assert_eq!(ours.dim(2).unwrap(), (hi - 1) * s + k - 2 * p, "case {n}");
+        let e = rel_err(&flat_f32(&ours), &flat_f32(&theirs));
+        assert!(e < 1e-5, "case {n} forward: {e}");
+        let r = uniform(seed + 3, ours.dims(), -1.0, 1.0);
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("y", &y), ("w", &w), ("b", &b)] {
+            let a = g_ours.get(v.as_tensor()).unwrap();
+            let t = g_theirs.get(v.as_tensor()).unwrap();
+            assert_eq!(a.dims(), v.dims());
+            let e = rel_err(&flat_f32(a), &flat_f32(t));
+            assert!(e < 1e-4, "case {n} d{name}: {e}");
+        }
+    }
+    // Mismatched channels and a bias of the wrong length are errors.
+    let y = uniform(1, &[1, 3, 5, 5], -1.0, 1.0);
+    let w = uniform(2, &[4, 2, 4, 4], -1.0, 1.0);
+    assert!(conv_transpose2d(&y, &w, None, 2, 1).is_err());
+    let w = uniform(2, &[3, 2, 4, 4], -1.0, 1.0);
+    let b = uniform(3, &[3], -1.0, 1.0);
+    assert!(conv_transpose2d(&y, &w, Some(&b), 2, 1).is_err());
+    assert!(conv_transpose2d(&y, &w, Some(&b.narrow(0, 0, 2).unwrap()), 2, 1).is_ok());
 }

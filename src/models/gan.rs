@@ -30,6 +30,7 @@ use super::params::ParamStore;
 use crate::config::Activation;
 pub use crate::config::{GanArchitecture, GanConfig, GanLoss};
 use crate::error::{Error, Result};
+use crate::ops::conv::{conv2d, conv_transpose2d};
 use crate::ops::linear::linear;
 use crate::ops::spectral_norm;
 
@@ -91,10 +92,7 @@ impl DiscLayer {
             None => h.matmul(&w.t()?)?.broadcast_add(&self.bias)?,
             Some((c, hh, ww)) => {
                 let b = h.dim(0)?;
-                h.reshape((b, c, hh, ww))?
-                    .conv2d(w, 1, 2, 1, 1)?
-                    .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
-                    .flatten_from(1)?
+                conv2d(&h.reshape((b, c, hh, ww))?, w, Some(&self.bias), 2, 1)?.flatten_from(1)?
             }
         })
     }
@@ -122,8 +120,7 @@ impl DiscLayer {
             Some((_, hh, ww)) => {
                 let b = g.dim(0)?;
                 let out_c = w.dim(0)?;
-                g.reshape((b, out_c, hh / 2, ww / 2))?
-                    .conv_transpose2d(w, 1, 0, 2, 1)?
+                conv_transpose2d(&g.reshape((b, out_c, hh / 2, ww / 2))?, w, None, 2, 1)?
                     .flatten_from(1)?
             }
         })
@@ -155,8 +152,7 @@ impl UpConv {
 
     /// `(B, C_in, H, W) -> (B, C_out, 2H, 2W)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv_transpose2d(&self.weight, 1, 0, 2, 1)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+        Ok(conv_transpose2d(x, &self.weight, Some(&self.bias), 2, 1)?)
     }
 }
 

@@ -117,6 +117,91 @@ pub fn conv2d(
         .apply_op3(&w.contiguous()?, &bias, ConvForward(conv))
 }
 
+/// `torch.nn.functional.conv_transpose2d(y, w, b, stride, padding)` (output padding 0,
+/// dilation 1, groups 1): `y (B, C_in, H_in, W_in)`, `w (C_in, C_out, kh, kw)` (PyTorch's
+/// `ConvTranspose2d` layout), `b (C_out)`, output `(B, C_out, H, W)` with
+/// `H = (H_in - 1) stride - 2 padding + kh` (and `W` alike).
+///
+/// A transposed convolution is the input gradient of the convolution `conv2d(x, w, stride,
+/// padding)` from `(B, C_out, H, W)` to `(B, C_in, H_in, W_in)`, so on the CPU it is that op
+/// ([`conv2d`]'s backward, `col2im(W^T . y)` image by image), differentiable in `y` and `w`,
+/// twice too; the bias is added after. Elsewhere [`conv_transpose2d_slow`]. Mismatched
+/// channels or bias length, stride 0, or a padding larger than the output allows are errors.
+pub fn conv_transpose2d(
+    y: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let conv = transposed_geometry(y, w, b, stride, padding)?;
+    if !y.device().is_cpu() {
+        return conv_transpose2d_slow(y, w, b, stride, padding);
+    }
+    let x = y
+        .contiguous()?
+        .apply_op2(&w.contiguous()?, ConvInputGrad(conv))?;
+    match b {
+        Some(b) => x.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(x),
+    }
+}
+
+/// The reference composition of [`conv_transpose2d`]: candle's `conv_transpose2d` plus the bias
+/// broadcast over `(B, ., H, W)`.
+pub fn conv_transpose2d_slow(
+    y: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    transposed_geometry(y, w, b, stride, padding)?;
+    let x = y.conv_transpose2d(w, padding, 0, stride, 1)?;
+    match b {
+        Some(b) => x.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(x),
+    }
+}
+
+/// The forward convolution whose input gradient is the transposed convolution of `y` by `w`
+/// (see [`conv_transpose2d`]), with its shapes checked.
+fn transposed_geometry(
+    y: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv> {
+    let op = "conv_transpose2d";
+    let (&[bs, ci, hi, wi], &[wci, co, kh, kw]) = (y.dims(), w.dims()) else {
+        candle_core::bail!(
+            "{op}: expected an input (B, C_in, H, W) and a kernel (C_in, C_out, kh, kw), got {:?} and {:?}",
+            y.dims(),
+            w.dims()
+        )
+    };
+    if wci != ci || b.is_some_and(|b| b.dims() != [co]) || stride == 0 || hi == 0 || wi == 0 {
+        candle_core::bail!(
+            "{op}: input {:?}, kernel {:?}, bias {:?}, stride {stride} do not fit",
+            y.dims(),
+            w.dims(),
+            b.map(|b| b.dims().to_vec())
+        )
+    }
+    let out = |n: usize, k: usize| ((n - 1) * stride + k).checked_sub(2 * padding);
+    let (Some(h), Some(wd)) = (out(hi, kh), out(wi, kw)) else {
+        candle_core::bail!(
+            "{op}: padding {padding} exceeds the output of {:?}",
+            y.dims()
+        )
+    };
+    // With output padding 0 the forward convolution maps H back to H_in exactly.
+    let g = Geometry::new(op, &[bs, co, h, wd], kh, kw, stride, padding)?;
+    debug_assert_eq!((g.ho, g.wo), (hi, wi));
+    Ok(Conv::new(g, ci))
+}
+
 /// The reference composition: candle's `conv2d` plus the bias broadcast over `(B, ., H, W)`.
 /// [`conv2d`] runs this on devices other than the CPU.
 pub fn conv2d_slow(
