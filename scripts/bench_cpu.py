@@ -19,15 +19,25 @@ machine (lscpu model name, core count), torch version, the exact commands and ev
 The PyTorch side runs in the venv ``.venv-torch`` (see scripts/requirements-torch.txt) when it
 exists, otherwise in the Python running this script.
 
-``--workloads`` picks what is timed (comma-separated; default ``vae``, the run above):
+``--workloads`` picks what is timed (comma-separated, or ``all``; default ``vae``, the run
+above). Each extra workload is gentrain against an independent PyTorch implementation of the same
+model and recipe (scripts/torch_vae.py, torch_gan.py, torch_flow.py, diffusion_reference.py),
+eager PyTorch only, in alternating rounds of one process per measurement:
 
-    vae         the VAE of --config, as above
-    ddpm-mnist  "DDPM U-Net on MNIST (configs/ddpm-mnist.toml), batch 128":
-                target/release/trainer bench --config configs/ddpm-mnist.toml --threads T
-                    --steps S --warmup W --json
-                python scripts/diffusion_reference.py --bench-train S --config
-                    configs/ddpm-mnist.toml --threads T --warmup W --json
-                (S = --diffusion-steps, W = --diffusion-warmup; eager PyTorch only)
+    iwae1-k50, iwae2-k50     the IWAE Table 1 configs with k = 50 (1 and 2 stochastic layers)
+    realnvp-mnist            configs/realnvp-mnist.toml
+    sngan-grid25             configs/sngan-grid25.toml (MLP players, spectral norm)
+    sngan-dcgan-mnist        configs/sngan-dcgan-mnist.toml
+    wgan-gp-grid25           configs/gan-hinge-gp-grid25.toml with loss wgan_gp, n_critic 5,
+                             penalty weight 10
+    eval-k1000, eval-k5000   importance-sampled NLL of a one-epoch README VAE (trainer eval vs
+                             torch_vae.py eval on the exported test rows); images per second
+    ddpm-mnist               configs/ddpm-mnist.toml (S = --diffusion-steps, W =
+                             --diffusion-warmup)
+
+Training rates are the samples per second each side's ``bench`` reports (steps x batch / time;
+a GAN step is one discriminator update, with a generator update every n_critic steps, on both
+sides).
 
 A selection other than the default adds a ``workloads`` list to the JSON (one entry per extra
 workload with its commands, rows and errors) and a section per workload to the markdown, and
@@ -44,8 +54,10 @@ import os
 import platform
 import shlex
 import statistics
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +130,8 @@ def run(cmd: list[str], timeout: float) -> tuple[dict | None, str | None]:
         rec = parse_json_output(p.stdout)
     except ValueError:
         rec = None
+    if rec is not None and "samples_per_s" not in rec and rec.get("seconds") and rec.get("n"):
+        rec["samples_per_s"] = rec["n"] / rec["seconds"]  # evaluation: images per second
     if p.returncode != 0 or rec is None or "error" in rec or "samples_per_s" not in rec:
         err = (rec or {}).get("error") or (p.stderr.strip()[-1500:] or p.stdout.strip()[-1500:])
         return None, f"exit {p.returncode}: {err}"
@@ -140,11 +154,41 @@ def git_commit() -> str | None:
         return None
 
 
-# Extra workloads (``--workloads``), each timed gentrain vs PyTorch eager on the same config:
-# name -> (title, config).
+# Extra workloads (``--workloads``), each timed gentrain vs PyTorch eager on the same config.
+# kind "train": gentrain's `trainer bench` against the PyTorch script's training step (`bench`
+# subcommand; `diffusion_reference.py --bench-train`), `steps` timed after `warmup`; `set`
+# rewrites keys of the config for both sides (a derived copy in the run's temp directory).
+# kind "eval": importance-sampled NLL with `k` samples on `limit` test images of a VAE checkpoint
+# trained for one epoch at the start, `trainer eval` against `torch_vae.py eval` on the same
+# exported test rows; the rate is images per second of the likelihood computation as each
+# side reports it (`n / seconds`, both include the test ELBO from the same draws).
 WORKLOADS = {
-    "ddpm-mnist": ("DDPM U-Net on MNIST (configs/ddpm-mnist.toml), batch 128",
-                   "configs/ddpm-mnist.toml"),
+    "iwae1-k50": dict(title="IWAE 1 layer (784-200-200-50 tanh), k = 50, batch 20",
+                      config="configs/iwae-table1/iwae-1layer-k50.toml", script="torch_vae.py",
+                      steps=300, warmup=30),
+    "iwae2-k50": dict(title="IWAE 2 layers (784-200-200-100-100-50 tanh), k = 50, batch 20",
+                      config="configs/iwae-table1/iwae-2layer-k50.toml", script="torch_vae.py",
+                      steps=200, warmup=20),
+    "realnvp-mnist": dict(title="RealNVP on MNIST (configs/realnvp-mnist.toml)",
+                          config="configs/realnvp-mnist.toml", script="torch_flow.py",
+                          steps=40, warmup=5),
+    "sngan-grid25": dict(title="MLP SN-GAN on the 25-Gaussian grid, batch 256",
+                         config="configs/sngan-grid25.toml", script="torch_gan.py",
+                         steps=300, warmup=30),
+    "sngan-dcgan-mnist": dict(title="DCGAN SN-GAN on MNIST (configs/sngan-dcgan-mnist.toml)",
+                              config="configs/sngan-dcgan-mnist.toml", script="torch_gan.py",
+                              steps=40, warmup=5),
+    "wgan-gp-grid25": dict(title="WGAN-GP (MLP, n_critic 5, penalty 10) on the 25-Gaussian grid",
+                           config="configs/gan-hinge-gp-grid25.toml", script="torch_gan.py",
+                           steps=300, warmup=30,
+                           set={"loss": '"wgan_gp"', "n_critic": "5", "gp_weight": "10.0"}),
+    "eval-k1000": dict(title="importance-sampled NLL, k = 1000, 500 test images (README VAE)",
+                       kind="eval", k=1000, limit=500),
+    "eval-k5000": dict(title="importance-sampled NLL, k = 5000, 100 test images (README VAE)",
+                       kind="eval", k=5000, limit=100),
+    "ddpm-mnist": dict(title="DDPM U-Net on MNIST (configs/ddpm-mnist.toml), batch 128",
+                       config="configs/ddpm-mnist.toml", script="diffusion_reference.py",
+                       steps=None, warmup=None),
 }
 DEFAULT_WORKLOADS = "vae"
 
@@ -189,8 +233,8 @@ def summarize(keys: list, runs: dict) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict]) -> list[str]:
-    table = ["| framework | mode | samples/s (median) | ratio vs PyTorch eager | runs |",
+def markdown_table(rows: list[dict], unit: str = "samples/s") -> list[str]:
+    table = [f"| framework | mode | {unit} (median) | ratio vs PyTorch eager | runs |",
              "| --- | --- | ---: | ---: | --- |"]
     for row in rows:
         ratio = (f"{row['ratio_vs_pytorch_eager']:.2f}x"
@@ -206,6 +250,65 @@ def markdown_table(rows: list[dict]) -> list[str]:
 
 def rel_config(config: Path) -> str:
     return str(config.relative_to(REPO_ROOT)) if config.is_relative_to(REPO_ROOT) else str(config)
+
+
+def derived_config(base: Path, overrides: dict, out: Path) -> Path:
+    """A copy of ``base`` with each ``key = value`` line of ``overrides`` replaced (each key
+    must occur exactly once in the file)."""
+    text = base.read_text()
+    for key, value in overrides.items():
+        pattern = re.compile(rf"^{re.escape(key)}\s*=.*$", re.M)
+        if len(pattern.findall(text)) != 1:
+            sys.exit(f"error: {base}: expected one line '{key} = ...' to override")
+        text = pattern.sub(f"{key} = {value}", text)
+    out.write_text(text)
+    return out
+
+
+def train_variants(name: str, spec: dict, trainer: Path, python: str, args, tmp: Path):
+    """(config, steps, warmup, commands) of a training workload."""
+    wcfg = REPO_ROOT / spec["config"]
+    if not wcfg.is_file():
+        sys.exit(f"error: config {wcfg} not found (workload {name})")
+    if spec.get("set"):
+        wcfg = derived_config(wcfg, spec["set"], tmp / f"{name}.toml")
+    diffusion = spec["script"] == "diffusion_reference.py"
+    st = str(args.diffusion_steps if diffusion else spec["steps"])
+    wu = str(args.diffusion_warmup if diffusion else spec["warmup"])
+    th = str(args.threads)
+    script = str(REPO_ROOT / "scripts" / spec["script"])
+    gentrain = [str(trainer), "bench", "--config", str(wcfg), "--threads", th, "--steps", st,
+                "--warmup", wu, "--json"]
+    if diffusion:
+        torch = [python, script, "--bench-train", st, "--config", str(wcfg), "--threads", th,
+                 "--warmup", wu, "--json"]
+    else:
+        torch = [python, script, "bench", "--config", str(wcfg), "--threads", th, "--steps", st,
+                 "--warmup", wu, "--json"]
+    return wcfg, int(st), int(wu), {("gentrain", "cpu"): gentrain, ("pytorch", "eager"): torch}
+
+
+def eval_variants(spec: dict, trainer: Path, python: str, args, tmp: Path):
+    """(config, steps, warmup, commands) of an evaluation workload: a one-epoch checkpoint of
+    the README VAE and its exported test rows, made once per run of this script."""
+    wcfg = REPO_ROOT / "configs" / "vae-examples.toml"
+    ck, data = tmp / "vae-1-epoch", tmp / "test-binarized.idx"
+    th = str(args.threads)
+    if not ck.exists():
+        for cmd in ([str(trainer), "train", "--config", str(wcfg), "--epochs", "1", "--out",
+                     str(ck), "--threads", th, "--set", "eval.final_k=0", "--set",
+                     "train.sample_every=0"],
+                    [str(trainer), "export-data", "--checkpoint", str(ck), "--out", str(data)]):
+            print(f"$ {shlex.join(cmd)}", flush=True)
+            p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.exit(f"error: {shlex.join(cmd)} failed: {p.stderr.strip()[-500:]}")
+    k, limit = str(spec["k"]), str(spec["limit"])
+    gentrain = [str(trainer), "eval", "--checkpoint", str(ck), "--k", k, "--limit", limit,
+                "--samples", "0", "--threads", th, "--json"]
+    torch = [python, str(REPO_ROOT / "scripts" / "torch_vae.py"), "eval", "--checkpoint",
+             str(ck), "--data", str(data), "--k", k, "--limit", limit, "--threads", th, "--json"]
+    return wcfg, 0, 0, {("gentrain", "cpu"): gentrain, ("pytorch", "eager"): torch}
 
 
 def main() -> None:
@@ -224,8 +327,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
                     help="comma-separated: vae (--config, the default) and/or "
-                         + ", ".join(WORKLOADS) + " (opt-in: a gentrain training step of "
-                         "the DDPM U-Net takes 2-3 s on 2 cores); default %(default)s")
+                         + ", ".join(WORKLOADS) + ", or all (a gentrain training step of "
+                         "the DDPM U-Net takes 0.5 s on 2 cores); default %(default)s")
     ap.add_argument("--diffusion-steps", type=int, default=20,
                     help="timed steps of the diffusion workloads, both sides (default %(default)s)")
     ap.add_argument("--diffusion-warmup", type=int, default=3,
@@ -234,6 +337,8 @@ def main() -> None:
     args = ap.parse_args()
 
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if names == ["all"]:
+        names = ["vae", *WORKLOADS]
     unknown = [w for w in names if w != "vae" and w not in WORKLOADS]
     if unknown or not names:
         sys.exit(f"error: unknown workload(s) {unknown or names}; known: vae, "
@@ -268,31 +373,26 @@ def main() -> None:
         torch_version = next((x.get("torch_version") for x in runs[("pytorch", "eager")]), None)
         failed = {f"{k[0]}/{k[1]}": v for k, v in errors.items() if v}
 
-    # Extra workloads: gentrain's `trainer bench` against the PyTorch reference's training step.
+    # Extra workloads: gentrain against the PyTorch reference, each in its own rounds.
     extra = []
+    tmp = Path(tempfile.mkdtemp(prefix="gentrain-bench-"))
     for name in names:
         if name == "vae":
             continue
-        title, cfg_rel = WORKLOADS[name]
-        wcfg = REPO_ROOT / cfg_rel
-        if not wcfg.is_file():
-            sys.exit(f"error: config {wcfg} not found (workload {name})")
-        print(f"=== workload {name}: {title}", flush=True)
-        st, wu = str(args.diffusion_steps), str(args.diffusion_warmup)
-        wvariants = {
-            ("gentrain", "cpu"): [str(trainer), "bench", "--config", str(wcfg), "--threads",
-                                  str(args.threads), "--steps", st, "--warmup", wu, "--json"],
-            ("pytorch", "eager"): [python, diffusion_ref, "--bench-train", st, "--config",
-                                   str(wcfg), "--threads", str(args.threads), "--warmup", wu,
-                                   "--json"],
-        }
+        spec = WORKLOADS[name]
+        print(f"=== workload {name}: {spec['title']}", flush=True)
+        if spec.get("kind") == "eval":
+            wcfg, st, wu, wvariants = eval_variants(spec, trainer, python, args, tmp)
+        else:
+            wcfg, st, wu, wvariants = train_variants(name, spec, trainer, python, args, tmp)
         wruns, werrors = measure(wvariants, args.repeats, args.timeout)
         torch_version = torch_version or next(
             (x.get("torch_version") for x in wruns[("pytorch", "eager")]), None)
         extra.append({
-            "name": name, "title": title, "config": rel_config(wcfg),
-            "config_sha256": sha256(wcfg), "steps": args.diffusion_steps,
-            "warmup": args.diffusion_warmup, "repeats": args.repeats,
+            "name": name, "title": spec["title"], "kind": spec.get("kind", "train"),
+            "unit": "images/s" if spec.get("kind") == "eval" else "samples/s",
+            "config": rel_config(wcfg), "config_sha256": sha256(wcfg),
+            "overrides": spec.get("set"), "steps": st, "warmup": wu, "repeats": args.repeats,
             "commands": {f"{k[0]}/{k[1]}": shlex.join(v) for k, v in wvariants.items()},
             "results": summarize(list(wvariants), wruns),
             "errors": {f"{k[0]}/{k[1]}": v for k, v in werrors.items() if v},
@@ -305,8 +405,8 @@ def main() -> None:
         print()
         print("\n".join(table))
     for w in extra:
-        print(f"\n{w['title']}\n")
-        print("\n".join(markdown_table(w["results"])))
+        print(f"\n{w['title']} ({w['unit']})\n")
+        print("\n".join(markdown_table(w["results"], w["unit"])))
 
     result = {
         "date_utc": now.isoformat(timespec="seconds"),
@@ -350,10 +450,12 @@ def main() -> None:
                f" gentrain commit {result['gentrain_commit'] or 'n/a'}"]
     for w in extra:
         md += ["", f"## {w['title']}", "",
-               f"- {w['steps']} timed steps after {w['warmup']} warm-up steps on both sides,"
-               f" median of {w['repeats']} alternating rounds; config `{w['config']}`"
-               f" (sha256 {str(w['config_sha256'])[:12]})",
-               "", *markdown_table(w["results"]), "", "Commands:", ""]
+               (f"- {w['steps']} timed steps after {w['warmup']} warm-up steps on both sides,"
+                if w["kind"] == "train" else "- rate: test images per second of the estimate,")
+               + f" median of {w['repeats']} alternating rounds; config `{w['config']}`"
+               f" (sha256 {str(w['config_sha256'])[:12]})"
+               + (f", with {w['overrides']}" if w["overrides"] else ""),
+               "", *markdown_table(w["results"], w["unit"]), "", "Commands:", ""]
         md += [f"- {name}: `{cmd}`" for name, cmd in w["commands"].items()]
         if w["errors"]:
             md += ["", "Failures:", ""]
