@@ -69,6 +69,42 @@ impl Activation {
         }
     }
 
+    /// Applies the activation to every value of `r` in place: one loop per activation, the
+    /// `match` outside it, so each loop is branch-free and vectorizes (a `match` per element
+    /// kept ReLU scalar and mispredicted: a fifth of an MLP GAN step).
+    #[inline]
+    fn apply_slice(self, r: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::Relu => r.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
+            Activation::Tanh => r.iter_mut().for_each(|v| *v = Activation::Tanh.apply(*v)),
+            Activation::Softplus => r
+                .iter_mut()
+                .for_each(|v| *v = Activation::Softplus.apply(*v)),
+            Activation::LeakyRelu => r
+                .iter_mut()
+                .for_each(|v| *v = Activation::LeakyRelu.apply(*v)),
+        }
+    }
+
+    /// `g[i] *= act'(y[i])` for every `i` (the derivative through the output), one loop per
+    /// activation as [`Activation::apply_slice`].
+    #[inline]
+    fn scale_by_derivative(self, g: &mut [f32], y: &[f32]) {
+        fn each(g: &mut [f32], y: &[f32], f: impl Fn(f32) -> f32) {
+            g.iter_mut().zip(y).for_each(|(o, &yv)| *o *= f(yv));
+        }
+        match self {
+            Activation::Identity => {}
+            Activation::Relu => each(g, y, |v| Activation::Relu.derivative_from_output(v)),
+            Activation::Tanh => each(g, y, |v| Activation::Tanh.derivative_from_output(v)),
+            Activation::Softplus => each(g, y, |v| Activation::Softplus.derivative_from_output(v)),
+            Activation::LeakyRelu => {
+                each(g, y, |v| Activation::LeakyRelu.derivative_from_output(v))
+            }
+        }
+    }
+
     /// The activation composed from plain candle ops (reference for tests, non-CPU fallback).
     pub fn apply_slow(self, a: &Tensor) -> Result<Tensor> {
         match self {
@@ -144,8 +180,9 @@ impl candle_core::CustomOp2 for BiasAct {
         let act = self.act;
         for_rows(&mut y, d, |_, r| {
             for (v, bv) in r.iter_mut().zip(b) {
-                *v = act.apply(*v + bv);
+                *v += bv;
             }
+            act.apply_slice(r);
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -341,11 +378,7 @@ impl CustomOp3 for LinearOp {
         gemm_f32(n, d_out, d_in, &mut y, d_out, true, x, d_in, 1, w, 1, d_in);
         if self.act != Activation::Identity {
             let act = self.act;
-            for_rows(&mut y, d_out, |_, r| {
-                for v in r {
-                    *v = act.apply(*v);
-                }
-            });
+            for_rows(&mut y, d_out, |_, r| act.apply_slice(r));
         }
         Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
     }
@@ -438,10 +471,7 @@ impl candle_core::CustomOp2 for ActivationBackward {
         let act = self.act;
         let (_, row) = super::rows_and_last(l1.shape())?;
         for_rows(&mut out, row, |i, r| {
-            let ys = &y[i * row..(i + 1) * row];
-            for (o, yv) in r.iter_mut().zip(ys) {
-                *o *= act.derivative_from_output(*yv);
-            }
+            act.scale_by_derivative(r, &y[i * row..(i + 1) * row])
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
