@@ -714,3 +714,41 @@ fn r1_is_the_mean_squared_input_gradient_at_the_real_rows() {
         );
     }
 }
+
+/// A resume that changes the loss trains with the new loss (it used to keep the checkpoint's
+/// settings while recording the new ones): the minimax generator loss `-softplus(D(G(z)))` is
+/// negative, the non-saturating `softplus(-D(G(z)))` positive.
+#[test]
+fn a_resume_trains_with_the_loss_it_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = ring_config(tmp.path(), 10, 1024, "loss = \"minimax\"");
+    cfg.train.log_every = 2;
+    let run = tmp.path().join("run");
+    let mut o = options(run.clone(), None);
+    o.max_steps = Some(6);
+    gentrain::train::train(&cfg, &o).unwrap();
+    let g_losses = |from_step: u64| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["event"] == "train" && v["step"].as_u64().unwrap() > from_step)
+            .filter_map(|v| v["g_loss"].as_f64())
+            .collect()
+    };
+    let before = g_losses(0);
+    assert!(
+        !before.is_empty() && before.iter().all(|&g| g < 0.0),
+        "{before:?}"
+    );
+    let mut resumed = cfg.clone();
+    resumed.model.gan.loss = GanLoss::NonSaturating;
+    let mut o = options(run.clone(), Some(run.clone()));
+    o.max_steps = Some(12);
+    gentrain::train::train(&resumed, &o).unwrap();
+    let after = g_losses(6);
+    assert!(
+        !after.is_empty() && after.iter().all(|&g| g > 0.0),
+        "{after:?}"
+    );
+}

@@ -84,12 +84,16 @@ fn eval_reports_ess_the_k_sweep_and_the_prior_estimate() {
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "standard error over images",
-        "Monte-Carlo error of the estimate",
+        "Monte-Carlo error of the estimate at least",
         "effective sample size",
         "NLL by k (same draws): k=1 ",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
+
+    // One draw per image has no Monte-Carlo error to report (it printed 0.0).
+    let one = eval_json(r, &["--k", "1"]);
+    assert!(one["nll_mc_stderr"].is_null(), "{one}");
 }
 
 #[test]

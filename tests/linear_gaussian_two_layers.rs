@@ -211,7 +211,7 @@ fn estimate(vae: &Vae, k: usize, seed: u64) -> (f64, f64) {
     };
     let e = likelihood::estimate(vae, &data, 1, &o).unwrap();
     let s = e.summary(k, Estimator::Importance);
-    (e.log_likelihood[0], s.nll_mc_stderr)
+    (e.log_likelihood[0], s.nll_mc_stderr.unwrap())
 }
 
 #[test]

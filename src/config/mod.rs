@@ -287,6 +287,24 @@ impl Config {
                 m.family
             )));
         }
+        // The sections of the other families: a value other than the default would be ignored.
+        for (section, family, set) in [
+            ("gan", ModelFamily::Gan, m.gan != GanConfig::default()),
+            ("flow", ModelFamily::Flow, m.flow != FlowConfig::default()),
+            (
+                "diffusion",
+                ModelFamily::Diffusion,
+                m.diffusion != DiffusionConfig::default(),
+            ),
+        ] {
+            if set && m.family != family {
+                return Err(Error::Config(format!(
+                    "[model.{section}] is set but model.family = \"{}\": its settings would be \
+                     ignored (set model.family = \"{section}\", or remove them)",
+                    m.family
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -301,6 +319,11 @@ impl Config {
                 "optim.d_lr, g_lr, d_betas and g_betas set the two players of a GAN: this model \
                  is not one"
                     .into(),
+            ));
+        }
+        if (o.d_betas.is_some() || o.g_betas.is_some()) && o.kind != OptimizerKind::Adam {
+            return Err(Error::Config(
+                "optim.d_betas and g_betas are Adam's: optim.kind is not \"adam\"".into(),
             ));
         }
         for (name, lr) in [("d_lr", o.d_lr), ("g_lr", o.g_lr)] {

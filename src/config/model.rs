@@ -442,7 +442,7 @@ pub struct GanConfig {
     /// Discriminator hidden widths (units, LeakyReLU 0.2; `architecture = "mlp"` only).
     /// Default: `[256, 256]`.
     pub disc_hidden: Vec<usize>,
-    /// The adversarial loss: `non_saturating`, `hinge` or `wgan_gp` ([`GanLoss`]). Tunable on
+    /// The adversarial loss: `non_saturating`, `minimax`, `hinge` or `wgan_gp` ([`GanLoss`]). Tunable on
     /// resume. Default: `non_saturating`.
     pub loss: GanLoss,
     /// Discriminator updates (optimizer steps) per generator update. Tunable on resume.

@@ -39,8 +39,9 @@ pub struct EvalReport {
     /// Standard error of `nll` over images (their spread / sqrt(n)), not the estimator's error.
     pub nll_stderr: f64,
     /// The estimator's own Monte-Carlo error of `nll` in nats (delta method from the effective
-    /// sample sizes; see [`likelihood`]).
-    pub nll_mc_stderr: f64,
+    /// sample sizes, a lower bound when they are small; `None` for k = 1; see
+    /// [`likelihood::LikelihoodSummary`]).
+    pub nll_mc_stderr: Option<f64>,
     /// Draws per image.
     pub k: usize,
     /// Images evaluated.

@@ -242,8 +242,35 @@ impl Gan {
         })
     }
 
+    /// The settings the players were built with and the losses use.
     pub fn config(&self) -> &GanConfig {
         &self.cfg
+    }
+
+    /// Replaces the settings that may change on resume (`loss`, `n_critic`, `gp_weight`,
+    /// `sn_iterations`, `penalty`, `r1_gamma`: [`crate::config::is_structural`] says which), so
+    /// that a resumed run trains with the settings it records.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `cfg` differs from the current settings in a structural field
+    /// (the architecture), which a resume refuses before it gets here.
+    pub fn set_tunables(&mut self, cfg: &GanConfig) -> Result<()> {
+        let mut structural = cfg.clone();
+        structural.loss = self.cfg.loss;
+        structural.n_critic = self.cfg.n_critic;
+        structural.gp_weight = self.cfg.gp_weight;
+        structural.sn_iterations = self.cfg.sn_iterations;
+        structural.penalty = self.cfg.penalty;
+        structural.r1_gamma = self.cfg.r1_gamma;
+        if structural != self.cfg {
+            return Err(Error::Config(
+                "model.gan: only the loss, n_critic, gp_weight, sn_iterations, penalty and \
+                 r1_gamma may change on resume"
+                    .into(),
+            ));
+        }
+        self.cfg = cfg.clone();
+        Ok(())
     }
 
     /// The device of the parameters.

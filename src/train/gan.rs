@@ -50,9 +50,12 @@ impl GanTrainee {
     /// The players, spectral-norm vectors and optimizer states of a checkpoint (whose data the
     /// caller has checked, [`session::LoadedCheckpoint::check_data`]).
     pub fn restore(cfg: &Config, ck: session::LoadedCheckpoint, device: &Device) -> Result<Self> {
-        let Model::Gan(gan) = ck.model else {
+        let Model::Gan(mut gan) = ck.model else {
             return Err(Error::checkpoint(&ck.dir, "not a gan checkpoint"));
         };
+        // The model was built from the checkpoint's settings; train with the run's (a resume
+        // may change the loss and the penalties).
+        gan.set_tunables(&cfg.model.gan)?;
         let mut t = Self::with(cfg, gan)?;
         let file = LoadedFile::read(&ck.dir.join(OPTIM_FILE))?;
         restore_optimizer(&mut t.gen_opt, &file, "gen_", device)?;
