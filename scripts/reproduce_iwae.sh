@@ -27,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ARGS="$*"
+ARGS=$(printf "%q " "$@")
 SCHEDULE=full ROWS="" DEVICE=cpu GPUS="" BATCH="" EVAL_LIMIT=0 TRAINER="" OUT="" THREADS=0
 VARIANT=default SEEDS=""
 while [[ $# -gt 0 ]]; do
@@ -157,7 +157,7 @@ for key in dict.fromkeys((r["row"], r["variant"]) for r in runs):
                  "active_units": [r["active_units"] for r in rs], "paper_nll": rs[0]["paper_nll"],
                  "train_minutes": [r["train_minutes"] for r in rs]})
 summary = {"machine": machine(), "device": device, "gpus": gpus, "passes": passes,
-           "eval_limit": limit, "command": "scripts/reproduce_iwae.sh " + sys.argv[6],
+           "eval_limit": limit, "command": "scripts/reproduce_iwae.sh " + sys.argv[6].strip(),
            "rows": rows, "runs": runs}
 (out / "results.json").write_text(json.dumps(summary, indent=2))
 md = [f"IWAE Table 1 reproduction: {passes} passes, {machine()}, eval k = 5000 on "
