@@ -42,8 +42,13 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
+    let hint = if dir.is_relative() {
+        " (a relative data.dir is taken from the working directory; pass --data-dir DIR)"
+    } else {
+        " (pass --data-dir DIR)"
+    };
     Err(Error::Data(format!(
-        "{}: no {stem}[.gz] in this directory",
+        "{}: no {stem}[.gz] in this directory{hint}",
         dir.display()
     )))
 }
