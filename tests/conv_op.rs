@@ -192,6 +192,26 @@ fn a_strided_input_view_gives_the_same_result() {
     assert_eq!(flat_f32(&a), flat_f32(&v));
 }
 
+/// The gradients of `sum(ours * r)` and `sum(theirs * r)` with respect to each of `vars` agree
+/// to a relative error of 1e-4.
+fn assert_same_gradients(
+    ours: &Tensor,
+    theirs: &Tensor,
+    r: &Tensor,
+    vars: [(&str, &Var); 3],
+    what: &str,
+) {
+    let grads = |t: &Tensor| (t * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (g_ours, g_theirs) = (grads(ours), grads(theirs));
+    for (name, v) in vars {
+        let a = g_ours.get(v.as_tensor()).unwrap();
+        let t = g_theirs.get(v.as_tensor()).unwrap();
+        assert_eq!(a.dims(), v.dims());
+        let e = rel_err(&flat_f32(a), &flat_f32(t));
+        assert!(e < 1e-4, "{what} d{name}: {e}");
+    }
+}
+
 #[test]
 fn gradients_match_candles_conv2d_backward() {
     for (n, cs) in CASES.iter().enumerate() {
@@ -211,20 +231,8 @@ fn gradients_match_candles_conv2d_backward() {
         let r = uniform(301 + 10 * n as u64, &[cs.b, cs.o, ho, wo], -1.0, 1.0);
         let ours = conv2d(&x, &w, Some(&b), cs.s, cs.p).unwrap();
         let theirs = conv2d_slow(&x, &w, Some(&b), cs.s, cs.p).unwrap();
-        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_theirs = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-            let a = g_ours.get(v.as_tensor()).unwrap();
-            let t = g_theirs.get(v.as_tensor()).unwrap();
-            assert_eq!(a.dims(), v.dims());
-            let e = rel_err(&flat_f32(a), &flat_f32(t));
-            assert!(e < 1e-4, "{cs:?} d{name}: {e}");
-        }
+        let what = format!("{cs:?}");
+        assert_same_gradients(&ours, &theirs, &r, [("x", &x), ("w", &w), ("b", &b)], &what);
     }
 }
 
@@ -558,20 +566,8 @@ fn transposed_convolution_matches_candles_forward_and_backward() {
         let e = rel_err(&flat_f32(&ours), &flat_f32(&theirs));
         assert!(e < 1e-5, "case {n} forward: {e}");
         let r = uniform(seed + 3, ours.dims(), -1.0, 1.0);
-        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_theirs = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("y", &y), ("w", &w), ("b", &b)] {
-            let a = g_ours.get(v.as_tensor()).unwrap();
-            let t = g_theirs.get(v.as_tensor()).unwrap();
-            assert_eq!(a.dims(), v.dims());
-            let e = rel_err(&flat_f32(a), &flat_f32(t));
-            assert!(e < 1e-4, "case {n} d{name}: {e}");
-        }
+        let what = format!("case {n}");
+        assert_same_gradients(&ours, &theirs, &r, [("y", &y), ("w", &w), ("b", &b)], &what);
     }
     // Mismatched channels and a bias of the wrong length are errors.
     let y = uniform(1, &[1, 3, 5, 5], -1.0, 1.0);

@@ -141,10 +141,7 @@ pub fn conv_transpose2d(
     let x = y
         .contiguous()?
         .apply_op2(&w.contiguous()?, ConvInputGrad(conv))?;
-    match b {
-        Some(b) => x.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-        None => Ok(x),
-    }
+    add_channel_bias(x, b)
 }
 
 /// The reference composition of [`conv_transpose2d`]: candle's `conv_transpose2d` plus the bias
@@ -157,11 +154,7 @@ pub fn conv_transpose2d_slow(
     padding: usize,
 ) -> Result<Tensor> {
     transposed_geometry(y, w, b, stride, padding)?;
-    let x = y.conv_transpose2d(w, padding, 0, stride, 1)?;
-    match b {
-        Some(b) => x.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-        None => Ok(x),
-    }
+    add_channel_bias(y.conv_transpose2d(w, padding, 0, stride, 1)?, b)
 }
 
 /// The forward convolution whose input gradient is the transposed convolution of `y` by `w`
@@ -212,7 +205,11 @@ pub fn conv2d_slow(
     padding: usize,
 ) -> Result<Tensor> {
     Geometry::for_conv(x, w, b, stride, padding)?;
-    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    add_channel_bias(x.conv2d(w, padding, stride, 1, 1)?, b)
+}
+
+/// `y (B, C, H, W)` plus the bias `b (C)` of each channel, if any.
+fn add_channel_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
