@@ -589,14 +589,18 @@ mod tests {
                 "{path}: {d:?}"
             );
         }
-        let c = base
+        // A GAN's tunable field (another family's section would be refused).
+        let mut gan = base.clone();
+        gan.model.family = ModelFamily::Gan;
+        gan.data.binarize = Binarization::None;
+        let c = gan
             .clone()
             .with_overrides(&Overrides {
                 set: vec!["train.seed=99".into(), "model.gan.n_critic=3".into()],
                 ..Default::default()
             })
             .unwrap();
-        let d = c.differences(&base);
+        let d = c.differences(&gan);
         assert_eq!(d.len(), 2, "{d:?}");
         assert!(d.iter().all(|x| !x.structural), "{d:?}");
         assert!(d.iter().any(|x| x.path == "train.seed" && x.new == "99"));
