@@ -751,4 +751,18 @@ fn a_resume_trains_with_the_loss_it_records() {
         !after.is_empty() && after.iter().all(|&g| g > 0.0),
         "{after:?}"
     );
+    // A GAN has no likelihood: `eval --limit` is refused rather than ignored.
+    let out = common::trainer(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--limit",
+        "10",
+        "--samples",
+        "0",
+    ]);
+    common::assert_user_error(
+        &out,
+        "--limit applies to VAE, flow and diffusion models only",
+    );
 }

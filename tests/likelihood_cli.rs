@@ -137,4 +137,15 @@ fn k_sweep_points_outside_one_to_k_are_one_line_errors() {
         "0",
     ]);
     assert_user_error(&out, "--plot");
+    // The plot is a PNG: another extension is refused rather than written as one.
+    let out = trainer(&[
+        "eval",
+        "--checkpoint",
+        r,
+        "--plot",
+        "k.svg",
+        "--samples",
+        "0",
+    ]);
+    assert_user_error(&out, "name it *.png");
 }

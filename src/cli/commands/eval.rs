@@ -311,7 +311,8 @@ fn vae_lines(report: &mut Report, r: &crate::eval::EvalReport, n_test: usize) {
 }
 
 /// Flags that only one family reads are refused for the others (one line, exit 2) rather than
-/// silently ignored; `--plot` also needs an existing directory, checked before any work.
+/// silently ignored (`--limit` too on a GAN, which has no likelihood); `--plot` also needs a
+/// `.png` name in an existing directory, checked before any work.
 fn refuse_flags_of_other_families(a: &EvalArgs, family: crate::config::ModelFamily) -> Result<()> {
     use crate::config::ModelFamily;
     let vae_only = [
@@ -321,6 +322,8 @@ fn refuse_flags_of_other_families(a: &EvalArgs, family: crate::config::ModelFami
         ("--plot", a.plot.is_some()),
     ];
     let diffusion_only = [("--t-draws", a.t_draws.is_some())];
+    // A GAN has no likelihood, so nothing reads the test images' count.
+    let likelihood_only = [("--limit", a.limit.is_some())];
     for (flags, owner, applies) in [
         (&vae_only[..], "VAE-family", family == ModelFamily::Vae),
         (
@@ -328,12 +331,23 @@ fn refuse_flags_of_other_families(a: &EvalArgs, family: crate::config::ModelFami
             "diffusion",
             family == ModelFamily::Diffusion,
         ),
+        (
+            &likelihood_only[..],
+            "VAE, flow and diffusion",
+            family != ModelFamily::Gan,
+        ),
     ] {
         if let Some((flag, _)) = flags.iter().find(|(_, given)| *given).filter(|_| !applies) {
             bail!(
                 "{flag} applies to {owner} models only; this checkpoint is a {} model",
                 family.as_str()
             );
+        }
+    }
+    if let Some(p) = a.plot.as_deref() {
+        let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if !png {
+            bail!("--plot {}: the plot is a PNG; name it *.png", p.display());
         }
     }
     if let Some(dir) = a.plot.as_deref().and_then(|p| p.parent()) {
