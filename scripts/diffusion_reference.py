@@ -79,6 +79,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
@@ -398,16 +401,10 @@ def prior_kl(sch, x0):
 
 def resolve_checkpoint(path: Path) -> Path:
     """A run dir (its `latest`), a ckpt-* dir, or a model.safetensors file."""
-    if path.is_file():
-        return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    if (path / "latest").is_file():
-        p = path / (path / "latest").read_text().strip() / "model.safetensors"
-        if p.is_file():
-            return p
-        die(f"{path}/latest names a checkpoint without model.safetensors ({p})")
-    die(f"{path}: no model.safetensors, and no `latest` file naming a checkpoint")
+    try:
+        return gentrain_files.resolve_checkpoint(path)
+    except ValueError as e:
+        die(str(e))
 
 
 def load_checkpoint(path: Path):

@@ -119,6 +119,9 @@ except ModuleNotFoundError:  # Python < 3.11
         from pip._vendor import tomli as tomllib
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -690,18 +693,10 @@ def cmd_bench(args) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A run dir (uses the name in `latest`), a ckpt-* dir, or a model.safetensors file."""
-    if path.is_file():
-        return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    if (path / "latest").is_file():
-        name = (path / "latest").read_text().strip()
-        p = path / name / "model.safetensors"
-        if not p.is_file():
-            raise BadInput(f"{path}/latest names {name!r} but {p} does not exist")
-        return p
-    raise BadInput(f"{path}: neither a run directory (with `latest`), a ckpt-* directory nor a "
-                   "model.safetensors file")
+    try:
+        return gentrain_files.resolve_checkpoint(path)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
 
 
 def load_flow(path: Path) -> tuple[Flow, dict, dict]:

@@ -158,6 +158,9 @@ except ModuleNotFoundError:  # Python < 3.11
         from pip._vendor import tomli as tomllib
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -897,16 +900,10 @@ def cmd_bench(args) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A run dir (the name in `latest`), a ckpt-* dir or a model.safetensors file."""
-    if path.is_file():
-        return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    if (path / "latest").is_file():
-        p = path / (path / "latest").read_text().strip() / "model.safetensors"
-        if p.is_file():
-            return p
-        die(f"{path}/latest names a checkpoint without {p.name}")
-    die(f"{path}: neither a run directory (with `latest`) nor a ckpt-* directory")
+    try:
+        return gentrain_files.resolve_checkpoint(path)
+    except ValueError as e:
+        die(str(e))
 
 
 def cmd_check_checkpoint(args) -> None:

@@ -134,6 +134,20 @@ fn to_f64(t: &Tensor) -> Vec<f64> {
     flat_f32(t).into_iter().map(|v| v as f64).collect()
 }
 
+/// candle's autograd of `sum_i D(x_i)` with respect to the rows `x` (full width, labels
+/// included), the reference for the discriminator's hand-built input gradient.
+fn autograd_input_gradient(g: &Gan, x: &Tensor) -> Tensor {
+    let xv = Var::from_tensor(x).unwrap();
+    let grads = g
+        .discriminate(xv.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    grads.get(xv.as_tensor()).unwrap().clone()
+}
+
 #[test]
 fn input_gradient_matches_autograd_and_finite_differences() {
     for (sn, mut g, dim) in cases(GanLoss::WganGp, 1) {
@@ -149,17 +163,9 @@ fn input_gradient_matches_autograd_and_finite_differences() {
         for (a, b) in to_f64(&d).iter().zip(to_f64(&d_plain)) {
             assert!((a - b).abs() < 1e-6, "sn {sn}: {a} vs {b}");
         }
-        // Autograd of sum D(x) with respect to x.
-        let xv = Var::from_tensor(&x).unwrap();
-        let grads = g
-            .discriminate(xv.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        // The image part of each row only (labels are not differentiated).
-        let auto: Vec<f64> = to_f64(grads.get(xv.as_tensor()).unwrap())
+        // Autograd of sum D(x) with respect to x, the image part of each row only (labels are
+        // not differentiated).
+        let auto: Vec<f64> = to_f64(&autograd_input_gradient(&g, &x))
             .chunks(width)
             .flat_map(|r| r[..dim].to_vec())
             .collect();
@@ -679,19 +685,7 @@ fn r1_is_the_mean_squared_input_gradient_at_the_real_rows() {
         let t = Tensor::full(0.5f32, (6, 1), &Device::Cpu).unwrap();
         let r = disc_loss(&g, &x, &fake, &t);
         let reported = r.penalty.unwrap().to_scalar::<f32>().unwrap() as f64;
-        let xv = Var::from_tensor(&x).unwrap();
-        let grads = g
-            .discriminate(xv.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gx = grads
-            .get(xv.as_tensor())
-            .unwrap()
-            .narrow(1, 0, dim)
-            .unwrap();
+        let gx = autograd_input_gradient(&g, &x).narrow(1, 0, dim).unwrap();
         let want = to_f64(&gx).iter().map(|v| v * v).sum::<f64>() / 6.0;
         assert!(
             (reported - want).abs() <= 1e-4 * (1.0 + want),

@@ -291,26 +291,18 @@ impl DataSource {
     /// Summed in f64. All zeros for an empty source.
     pub fn column_means(&self) -> Vec<f64> {
         let (d, n) = (self.dim, self.n);
-        let mut sum = vec![0f64; d];
-        let add = |sum: &mut [f64], row_values: &mut dyn Iterator<Item = f64>| {
-            for (s, v) in sum.iter_mut().zip(row_values) {
-                *s += v;
+        let values: Box<dyn Iterator<Item = f64> + '_> = match &self.rows {
+            Rows::Dynamic(p) => Box::new(p.iter().map(|&v| v as f64 / 255.0)),
+            Rows::Bytes { data, scale } => {
+                let scale = *scale as f64;
+                Box::new(data.iter().map(move |&v| v as f64 * scale))
             }
+            Rows::Real(x) => Box::new(x.iter().map(|&v| v as f64)),
+            Rows::Dequantize(p) => Box::new(p.iter().map(|&v| (v as f64 + 0.5) / 256.0)),
         };
-        for r in 0..n {
-            let range = r * d..(r + 1) * d;
-            match &self.rows {
-                Rows::Dynamic(p) => add(&mut sum, &mut p[range].iter().map(|&v| v as f64 / 255.0)),
-                Rows::Bytes { data, scale } => add(
-                    &mut sum,
-                    &mut data[range].iter().map(|&v| v as f64 * *scale as f64),
-                ),
-                Rows::Real(x) => add(&mut sum, &mut x[range].iter().map(|&v| v as f64)),
-                Rows::Dequantize(p) => add(
-                    &mut sum,
-                    &mut p[range].iter().map(|&v| (v as f64 + 0.5) / 256.0),
-                ),
-            }
+        let mut sum = vec![0f64; d];
+        for (i, v) in values.take(n * d).enumerate() {
+            sum[i % d] += v;
         }
         sum.iter().map(|s| s / n.max(1) as f64).collect()
     }

@@ -31,7 +31,7 @@ use crate::config::Activation;
 pub use crate::config::{GanArchitecture, GanConfig, GanLoss};
 use crate::error::{Error, Result};
 use crate::ops::conv::{conv2d, conv_transpose2d};
-use crate::ops::linear::linear;
+use crate::ops::linear::{linear, LEAKY_SLOPE};
 use crate::ops::spectral_norm;
 
 /// One discriminator layer: weight (spectrally normalized or not), bias, and the power-iteration
@@ -247,27 +247,26 @@ impl Gan {
         &self.cfg
     }
 
-    /// Replaces the settings that may change on resume (`loss`, `n_critic`, `gp_weight`,
-    /// `sn_iterations`, `penalty`, `r1_gamma`: [`crate::config::is_structural`] says which), so
-    /// that a resumed run trains with the settings it records.
+    /// Replaces the settings that may change on resume (the loss and the penalties:
+    /// [`crate::config::is_structural`] says which), so that a resumed run trains with the
+    /// settings it records.
     ///
     /// # Errors
-    /// [`Error::Config`] when `cfg` differs from the current settings in a structural field
-    /// (the architecture), which a resume refuses before it gets here.
+    /// [`Error::Config`] naming the first structural field (the architecture) in which `cfg`
+    /// differs, which a resume refuses before it gets here.
     pub fn set_tunables(&mut self, cfg: &GanConfig) -> Result<()> {
-        let mut structural = cfg.clone();
-        structural.loss = self.cfg.loss;
-        structural.n_critic = self.cfg.n_critic;
-        structural.gp_weight = self.cfg.gp_weight;
-        structural.sn_iterations = self.cfg.sn_iterations;
-        structural.penalty = self.cfg.penalty;
-        structural.r1_gamma = self.cfg.r1_gamma;
-        if structural != self.cfg {
-            return Err(Error::Config(
-                "model.gan: only the loss, n_critic, gp_weight, sn_iterations, penalty and \
-                 r1_gamma may change on resume"
-                    .into(),
-            ));
+        let fields =
+            |c: &GanConfig| serde_json::to_value(c).map_err(|e| Error::Config(e.to_string()));
+        let (old, new) = (fields(&self.cfg)?, fields(cfg)?);
+        if let (Some(old), Some(new)) = (old.as_object(), new.as_object()) {
+            for (key, value) in new {
+                let path = format!("model.gan.{key}");
+                if old.get(key) != Some(value) && crate::config::is_structural(&path) {
+                    return Err(Error::Config(format!(
+                        "{path} may not change on resume: it fixes the players' parameters"
+                    )));
+                }
+            }
         }
         self.cfg = cfg.clone();
         Ok(())
@@ -384,7 +383,8 @@ impl Gan {
             h = l.hidden(&h, w)?;
             if want_slopes {
                 // lrelu'(a): 1 where a > 0, else 0.2 (h = lrelu(a) has the sign of a).
-                slopes.push(((h.detach().gt(0f32)?.to_dtype(DType::F32)? * 0.8)? + 0.2)?);
+                let positive = h.detach().gt(0f32)?.to_dtype(DType::F32)?;
+                slopes.push(((positive * (1.0 - LEAKY_SLOPE as f64))? + LEAKY_SLOPE as f64)?);
             }
         }
         let mut d = self.disc[last].affine(&h, &ws[last])?.squeeze(D::Minus1)?;

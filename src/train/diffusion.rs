@@ -244,14 +244,6 @@ impl Trainee for DiffusionTrainee {
         _run_dir: &Path,
         epoch_eval: Option<&[(&'static str, f64)]>,
     ) -> Result<FinalEval> {
-        // The same figures from the same weights: reuse the epoch end's when it was this step.
-        let figures = match epoch_eval {
-            Some(f) => f.to_vec(),
-            None => self.figures(cfg, data)?,
-        };
-        Ok(FinalEval {
-            figures,
-            report: None,
-        })
+        FinalEval::reusing(epoch_eval, || self.figures(cfg, data))
     }
 }

@@ -29,6 +29,12 @@ pub struct GanTrainee {
 }
 
 impl GanTrainee {
+    /// The sample figures of the current generator (MNIST-FID and class balance on images,
+    /// mode coverage on the 2-D mixtures).
+    fn figures(&self, cfg: &Config, data: &Datasets) -> Result<Vec<(&'static str, f64)>> {
+        crate::metrics::quick_sample_figures(&Model::Gan(self.gan.clone()), cfg, data)
+    }
+
     /// Fresh players for `cfg`.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
         let gan = session::build_gan(cfg, data.dim(), (data.rows, data.cols), device)?;
@@ -254,8 +260,7 @@ impl Trainee for GanTrainee {
     }
 
     fn epoch_eval(&self, cfg: &Config, data: &Datasets) -> Result<EpochEval> {
-        let figures =
-            crate::metrics::quick_sample_figures(&Model::Gan(self.gan.clone()), cfg, data)?;
+        let figures = self.figures(cfg, data)?;
         let summary = figures
             .iter()
             .map(|(n, v)| format!("{n} {v:.3}"))
@@ -297,15 +302,6 @@ impl Trainee for GanTrainee {
         _run_dir: &Path,
         epoch_eval: Option<&[(&'static str, f64)]>,
     ) -> Result<FinalEval> {
-        // The same sample figures from the same players: reuse the epoch end's when it was
-        // this step.
-        let figures = match epoch_eval {
-            Some(f) => f.to_vec(),
-            None => crate::metrics::quick_sample_figures(&Model::Gan(self.gan.clone()), cfg, data)?,
-        };
-        Ok(FinalEval {
-            figures,
-            report: None,
-        })
+        FinalEval::reusing(epoch_eval, || self.figures(cfg, data))
     }
 }

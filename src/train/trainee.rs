@@ -112,6 +112,24 @@ pub struct FinalEval {
     pub report: Option<eval::EvalReport>,
 }
 
+impl FinalEval {
+    /// The figures of an end-of-training evaluation that is the epoch-end one: those of the
+    /// epoch end when it ran at this step (same weights, same figures), else `compute()`'s.
+    pub fn reusing(
+        epoch_eval: Option<&[(&'static str, f64)]>,
+        compute: impl FnOnce() -> Result<Vec<(&'static str, f64)>>,
+    ) -> Result<Self> {
+        let figures = match epoch_eval {
+            Some(f) => f.to_vec(),
+            None => compute()?,
+        };
+        Ok(FinalEval {
+            figures,
+            report: None,
+        })
+    }
+}
+
 /// A model of any family with its optimizer(s), as the training loop drives it.
 pub trait Trainee {
     /// Trainable scalars.
