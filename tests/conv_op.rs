@@ -6,8 +6,10 @@ mod common;
 use common::{central_differences, flat_f32};
 
 use candle_core::{Device, Tensor, Var};
+use gentrain::config::Activation;
 use gentrain::ops::conv::{
-    col2im, conv2d, conv2d_slow, conv_transpose2d, conv_transpose2d_slow, im2col,
+    channel_bias_act, col2im, conv2d, conv2d_act, conv2d_slow, conv_transpose2d,
+    conv_transpose2d_act, conv_transpose2d_slow, im2col,
 };
 
 /// One convolution: input (b, c, h, w), `o` output channels, a `k x k` kernel, stride, padding.
@@ -577,4 +579,89 @@ fn transposed_convolution_matches_candles_forward_and_backward() {
     let b = uniform(3, &[3], -1.0, 1.0);
     assert!(conv_transpose2d(&y, &w, Some(&b), 2, 1).is_err());
     assert!(conv_transpose2d(&y, &w, Some(&b.narrow(0, 0, 2).unwrap()), 2, 1).is_ok());
+}
+
+/// The activation fused into the convolution, into the transposed convolution and into a channel
+/// bias against the separate ops (forward, and the gradients of every argument), on the shapes of
+/// the DCGAN players (4x4, stride 2) and on others, with inputs that put values on both sides of
+/// zero; NaN propagates through every activation as through the separate ops.
+#[test]
+fn fused_activations_match_the_separate_ops() {
+    let acts = [
+        Activation::Relu,
+        Activation::LeakyRelu,
+        Activation::Tanh,
+        Activation::Softplus,
+        Activation::Identity,
+    ];
+    for (n, cs) in [
+        case(3, 1, 28, 28, 8, 4, 2, 1),
+        case(4, 8, 14, 14, 16, 4, 2, 1),
+        case(3, 5, 5, 9, 7, 3, 2, 1),
+        case(2, 3, 7, 7, 5, 3, 1, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (a, &act) in acts.iter().enumerate() {
+            let seed = 2000 + 100 * n as u64 + 10 * a as u64;
+            let (x, w, b) = cs.inputs(seed);
+            let (x, w, b) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&w).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let what = format!("{cs:?} {act:?}");
+            let ours = conv2d_act(&x, &w, Some(&b), cs.s, cs.p, act).unwrap();
+            let theirs = act
+                .apply_slow(&conv2d(&x, &w, Some(&b), cs.s, cs.p).unwrap())
+                .unwrap();
+            let e = rel_err(&flat_f32(&ours), &flat_f32(&theirs));
+            assert!(e < 1e-4, "{what} conv2d_act forward: {e}");
+            let r = uniform(seed + 7, ours.dims(), -1.0, 1.0);
+            let vars = [("x", &x), ("w", &w), ("b", &b)];
+            assert_same_gradients(&ours, &theirs, &r, vars, &format!("conv2d_act {what}"));
+
+            // The transposed convolution from the output's shape, with a bias per input channel.
+            let y = Var::from_tensor(&uniform(seed + 3, ours.dims(), -1.0, 1.0)).unwrap();
+            let bt = Var::from_tensor(&uniform(seed + 4, &[cs.c], -0.5, 0.5)).unwrap();
+            let ours = conv_transpose2d_act(&y, &w, Some(&bt), cs.s, cs.p, act).unwrap();
+            let theirs = act
+                .apply_slow(&conv_transpose2d_slow(&y, &w, Some(&bt), cs.s, cs.p).unwrap())
+                .unwrap();
+            let e = rel_err(&flat_f32(&ours), &flat_f32(&theirs));
+            assert!(e < 1e-4, "{what} conv_transpose2d_act forward: {e}");
+            let r = uniform(seed + 8, ours.dims(), -1.0, 1.0);
+            let vars = [("y", &y), ("w", &w), ("b", &bt)];
+            let label = format!("conv_transpose2d_act {what}");
+            assert_same_gradients(&ours, &theirs, &r, vars, &label);
+
+            // The channel bias alone, and NaN through it.
+            let ours = channel_bias_act(&x, &bt, act).unwrap();
+            let bias = bt.reshape((1, cs.c, 1, 1)).unwrap();
+            let theirs = act.apply_slow(&x.broadcast_add(&bias).unwrap()).unwrap();
+            let e = rel_err(&flat_f32(&ours), &flat_f32(&theirs));
+            assert!(e < 1e-4, "{what} channel_bias_act forward: {e}");
+            let r = uniform(seed + 9, ours.dims(), -1.0, 1.0);
+            let vars = [("x", &x), ("b", &bt), ("x", &x)];
+            let label = format!("channel_bias_act {what}");
+            assert_same_gradients(&ours, &theirs, &r, vars, &label);
+        }
+    }
+    // NaN in the input reaches exactly the outputs it feeds, for every activation.
+    let x = Tensor::new(&[[[[f32::NAN, -1.0], [0.5, 2.0]]]], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0.25f32], &Device::Cpu).unwrap();
+    for act in acts {
+        let y = flat_f32(&channel_bias_act(&x, &b, act).unwrap());
+        assert!(y[0].is_nan(), "{act:?}: {y:?}");
+        assert!(y[1..].iter().all(|v| v.is_finite()), "{act:?}: {y:?}");
+    }
+    // A bias that is not one value per channel, and an input that is not (B, C, H, W).
+    assert!(channel_bias_act(
+        &x,
+        &Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Activation::Relu
+    )
+    .is_err());
+    assert!(channel_bias_act(&x.flatten_all().unwrap(), &b, Activation::Relu).is_err());
 }

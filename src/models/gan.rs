@@ -30,7 +30,7 @@ use super::params::ParamStore;
 use crate::config::Activation;
 pub use crate::config::{GanArchitecture, GanConfig, GanLoss};
 use crate::error::{Error, Result};
-use crate::ops::conv::{conv2d, conv_transpose2d};
+use crate::ops::conv::{conv2d, conv2d_act, conv_transpose2d, conv_transpose2d_act};
 use crate::ops::linear::{linear, LEAKY_SLOPE};
 use crate::ops::spectral_norm;
 
@@ -108,7 +108,14 @@ impl DiscLayer {
                 &self.bias,
                 Activation::LeakyRelu,
             )?),
-            Some(_) => Ok(Activation::LeakyRelu.apply_slow(&self.affine(h, w)?)?),
+            Some((c, hh, ww)) => {
+                let b = h.dim(0)?;
+                let x = h.reshape((b, c, hh, ww))?;
+                Ok(
+                    conv2d_act(&x, w, Some(&self.bias), 2, 1, Activation::LeakyRelu)?
+                        .flatten_from(1)?,
+                )
+            }
         }
     }
 
@@ -150,9 +157,16 @@ impl UpConv {
         })
     }
 
-    /// `(B, C_in, H, W) -> (B, C_out, 2H, 2W)`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(conv_transpose2d(x, &self.weight, Some(&self.bias), 2, 1)?)
+    /// `act(.)` of `(B, C_in, H, W) -> (B, C_out, 2H, 2W)`.
+    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Ok(conv_transpose2d_act(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            2,
+            1,
+            act,
+        )?)
     }
 }
 
@@ -291,8 +305,9 @@ impl Gan {
                 let h = fc
                     .forward(z)?
                     .reshape((b, seed_shape.0, seed_shape.1, seed_shape.2))?;
-                let h = up1.forward(&h)?.relu()?;
-                up2.forward(&h)?.reshape((b, self.dim))?
+                let h = up1.forward(&h, Activation::Relu)?;
+                up2.forward(&h, Activation::Identity)?
+                    .reshape((b, self.dim))?
             }
         };
         Ok(if self.sigmoid_output {

@@ -73,7 +73,7 @@ impl Activation {
     /// `match` outside it, so each loop is branch-free and vectorizes (a `match` per element
     /// kept ReLU scalar and mispredicted: a fifth of an MLP GAN step).
     #[inline]
-    fn apply_slice(self, r: &mut [f32]) {
+    pub(crate) fn apply_slice(self, r: &mut [f32]) {
         match self {
             Activation::Identity => {}
             Activation::Relu => r.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
