@@ -100,7 +100,7 @@ fn eval_reports_ess_the_k_sweep_and_the_prior_estimate() {
 fn k_sweep_points_outside_one_to_k_are_one_line_errors() {
     let (_tmp, _cfg, run) = small_trained_run(100, 20, &["--epochs", "1"]);
     let r = run.to_str().unwrap();
-    for bad in ["0,10", "10,51"] {
+    for bad in ["0,10", "10,51", "10,5", "5,5"] {
         let out = trainer(&[
             "eval",
             "--checkpoint",
@@ -114,6 +114,9 @@ fn k_sweep_points_outside_one_to_k_are_one_line_errors() {
         ]);
         assert_user_error(&out, "--k-sweep");
     }
+    // More test images than there are is refused rather than quietly cut to all of them.
+    let out = trainer(&["eval", "--checkpoint", r, "--limit", "21", "--samples", "0"]);
+    assert_user_error(&out, "--limit 21: the test set has only 20");
     let out = trainer(&["eval", "--checkpoint", r, "--estimator", "uniform"]);
     assert_user_error(&out, "uniform");
     // A diffusion model's flag on a VAE is refused, not ignored; so is a plot into nowhere.

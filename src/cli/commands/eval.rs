@@ -50,10 +50,18 @@ impl Settings {
                     if let Some(bad) = v.iter().find(|&&p| p == 0 || p > k) {
                         bail!("--k-sweep {bad}: each point must be between 1 and --k ({k})");
                     }
-                    let mut v = v.clone();
-                    v.sort_unstable();
-                    v.dedup();
-                    v
+                    if let Some(w) = v.windows(2).find(|w| w[0] >= w[1]) {
+                        bail!(
+                            "--k-sweep {}: the points must increase ({} then {})",
+                            v.iter()
+                                .map(|p| p.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            w[0],
+                            w[1]
+                        );
+                    }
+                    v.clone()
                 }
                 None => crate::eval::likelihood::default_sweep(k),
             },
@@ -153,7 +161,8 @@ fn diffusion_bound(
 /// Evaluates the checkpoint on the test set and prints the figures (or one JSON object).
 ///
 /// # Errors
-/// An unknown device, an unreadable checkpoint, `--k 0` or `--max-rows 0`, data that is not what
+/// An unknown device, an unreadable checkpoint, `--k 0` or `--max-rows 0`, a `--limit` above the
+/// test set's size, `--k-sweep` points out of order or above `--k`, data that is not what
 /// the model was trained on, sizes that would not fit in memory, a failure while evaluating, or
 /// a failed write to stdout.
 pub(crate) fn run(a: &EvalArgs) -> Result<()> {
@@ -165,6 +174,19 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
     let s = Settings::resolve(a, &cfg)?;
     let data = crate::session::load_datasets(&cfg)?;
     ck.check_data(&data)?;
+    if s.limit > data.test.len() {
+        let flag = if a.limit.is_some() {
+            "--limit"
+        } else {
+            "eval.limit"
+        };
+        bail!(
+            "{flag} {}: the test set has only {} {} (0 evaluates all of them)",
+            s.limit,
+            data.test.len(),
+            rows_word(&data)
+        );
+    }
     crate::memory::check(
         &format!("--max-rows {}", s.max_rows),
         crate::memory::f32_bytes(&[
