@@ -505,6 +505,13 @@ fn resume_with_a_different_architecture_names_the_field() {
         let out = train_cmd(&cfg, &["--resume", r, "--set", set]);
         assert_user_error(&out, field);
     }
+    // Adam's initial second moment cannot apply to a resumed run (the moment is restored): a
+    // change is refused rather than logged as an override that does nothing.
+    let out = train_cmd(
+        &cfg,
+        &["--resume", r, "--set", "optim.second_moment_init=1.0"],
+    );
+    assert_user_error(&out, "optim.second_moment_init differs");
 }
 
 #[test]

@@ -709,11 +709,11 @@ pub fn write_k_sweep(path: &Path, title: &str, points: &[(usize, f64, f64)]) -> 
                 points: at(&|nll, _| nll),
             },
             Series {
-                name: "+ 1 s.e.".into(),
+                name: "+1 s.e. over images".into(),
                 points: at(&|nll, se| nll + se),
             },
             Series {
-                name: "- 1 s.e.".into(),
+                name: "-1 s.e. over images".into(),
                 points: at(&|nll, se| nll - se),
             },
         ],

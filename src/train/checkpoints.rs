@@ -82,8 +82,9 @@ pub fn restore_optimizer(
         .map_err(|e| file.error(e))
 }
 
-/// Checks that a checkpoint can continue the run `cfg` (same structure and optimizer) and
-/// logs the tunable settings the run overrides.
+/// Checks that a checkpoint can continue the run `cfg` (same structure and optimizer, and the
+/// same `optim.second_moment_init`, which a resume could not apply) and logs the tunable settings
+/// the run overrides.
 pub(super) fn check_resumable(cfg: &Config, ck: &session::LoadedCheckpoint) -> Result<()> {
     let differences = cfg.differences(&ck.config);
     if let Some(d) = differences.iter().find(|d| d.structural) {
@@ -92,6 +93,18 @@ pub(super) fn check_resumable(cfg: &Config, ck: &session::LoadedCheckpoint) -> R
             format!(
                 "structural field {} differs: checkpoint has {}, the run asks for {}",
                 d.path, d.old, d.new
+            ),
+        ));
+    }
+    if let Some(d) = differences
+        .iter()
+        .find(|d| d.path == "optim.second_moment_init")
+    {
+        return Err(Error::checkpoint(
+            &ck.dir,
+            format!(
+                "optim.second_moment_init differs (checkpoint {}, the run {}): it sets Adam's second moment at the start of a run only, and a resume restores that moment from the checkpoint",
+                d.old, d.new
             ),
         ));
     }
