@@ -489,6 +489,13 @@ impl Geometry {
         }
     }
 
+    /// The [`Offset`] of every kernel offset, in row order `i kw + j`.
+    fn offsets(&self) -> Vec<Offset> {
+        (0..self.kh * self.kw)
+            .map(|r| self.offset(r / self.kw, r % self.kw))
+            .collect()
+    }
+
     /// Row `r = (c, i, j)` of the columns of one image `x_b (C, H, W)`, for the output rows
     /// `y0..y1`: `dst[(y - y0) Wo + z] = x_b[c, y s + i - p, z s + j - p]`, 0 on the padding.
     /// Every entry of `dst` (`(y1 - y0) Wo` of them) is written.
@@ -581,9 +588,7 @@ impl Geometry {
     /// row (with the kernel offsets' ranges computed once per call).
     fn im2col_rows(&self, x_b: &[f32], y0: usize, y1: usize, dst: &mut [f32]) {
         let (t, hw) = ((y1 - y0) * self.wo, self.h * self.w);
-        let offsets: Vec<Offset> = (0..self.kh * self.kw)
-            .map(|r| self.offset(r / self.kw, r % self.kw))
-            .collect();
+        let offsets = self.offsets();
         let mut rows = dst.chunks_exact_mut(t);
         for plane in x_b.chunks_exact(hw) {
             for (off, row) in offsets.iter().zip(rows.by_ref()) {
@@ -597,9 +602,7 @@ impl Geometry {
     /// offsets in the order `(i, j)`).
     fn col2im_rows(&self, cols: &[f32], y0: usize, y1: usize, dx_b: &mut [f32]) {
         let (t, hw) = ((y1 - y0) * self.wo, self.h * self.w);
-        let offsets: Vec<Offset> = (0..self.kh * self.kw)
-            .map(|r| self.offset(r / self.kw, r % self.kw))
-            .collect();
+        let offsets = self.offsets();
         let mut rows = cols.chunks_exact(t);
         for plane in dx_b.chunks_exact_mut(hw) {
             for (off, row) in offsets.iter().zip(rows.by_ref()) {
