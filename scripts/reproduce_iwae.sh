@@ -32,6 +32,7 @@ SCHEDULE=full ROWS="" DEVICE=cpu GPUS="" BATCH="" EVAL_LIMIT=0 TRAINER="" OUT=""
 VARIANT=default SEEDS=""
 while [[ $# -gt 0 ]]; do
   case $1 in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --schedule) SCHEDULE=$2; shift 2 ;;
     --rows) ROWS=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;

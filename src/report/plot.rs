@@ -27,6 +27,35 @@ use crate::error::{Error, Result};
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// A bound drawn around the series before it (e.g. +-1 standard error): thin, in that
+    /// series' colour, with no legend entry of its own (the panel's `x_desc` says what it is).
+    pub companion: bool,
+}
+
+impl Series {
+    /// A curve of its own (not a [`Series::companion`]).
+    pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            name: name.into(),
+            points,
+            companion: false,
+        }
+    }
+}
+
+/// The colour index of each series: the curves of their own in order, each companion sharing
+/// the index of the curve before it.
+fn colour_indices(series: &[Series]) -> Vec<usize> {
+    let mut next = 0;
+    series
+        .iter()
+        .map(|s| {
+            if !s.companion || next == 0 {
+                next += 1;
+            }
+            next - 1
+        })
+        .collect()
 }
 
 /// One panel: a title and its curves.
@@ -439,10 +468,14 @@ fn draw_header(area: &Area<'_>, panel: &Panel, skipped: usize) -> Drawn<()> {
         );
         area.draw(&Text::new(note, (x, y + 2), style(TEXT_PX, WARN)))?;
     }
-    if panel.series.len() > 1 {
+    let colours = colour_indices(&panel.series);
+    if panel.series.iter().filter(|s| !s.companion).count() > 1 {
         let st = style(TEXT_PX, INK);
         let mut x = w as i32 - 20;
-        for (i, s) in panel.series.iter().enumerate().rev() {
+        for (s, &i) in panel.series.iter().zip(&colours).rev() {
+            if s.companion {
+                continue;
+            }
             x -= text_width(area, &s.name, &st)?;
             area.draw(&Text::new(s.name.clone(), (x, y + 2), st.clone()))?;
             x -= 26;
@@ -530,8 +563,9 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> Drawn<()> {
         .y_label_formatter(&fy)
         .x_desc(panel.x_desc.as_str())
         .draw()?;
-    for (i, s) in panel.series.iter().enumerate() {
+    for (s, &i) in panel.series.iter().zip(&colour_indices(&panel.series)) {
         let c = colour(i);
+        let width = if s.companion { 1 } else { 2 };
         let n = s
             .points
             .iter()
@@ -541,10 +575,10 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> Drawn<()> {
             if seg.len() > 1 {
                 chart.draw_series(LineSeries::new(
                     seg.iter().copied(),
-                    Color::stroke_width(&c, 2),
+                    Color::stroke_width(&c, width),
                 ))?;
             }
-            if seg.len() == 1 || n <= MARKERS_UP_TO {
+            if !s.companion && (seg.len() == 1 || n <= MARKERS_UP_TO) {
                 chart.draw_series(seg.iter().map(|p| Circle::new(*p, 3, c.filled())))?;
             }
         }
@@ -643,10 +677,7 @@ pub fn panels_from_metrics(jsonl: &str) -> Vec<Panel> {
                     title: title.into(),
                     series: names
                         .iter()
-                        .map(|n| Series {
-                            name: n.to_string(),
-                            points: map.remove(*n).unwrap_or_default(),
-                        })
+                        .map(|n| Series::new(*n, map.remove(*n).unwrap_or_default()))
                         .collect(),
                     x_desc: "step".into(),
                 });
@@ -677,7 +708,7 @@ pub fn panels_from_metrics(jsonl: &str) -> Vec<Panel> {
             };
             panels.push(Panel {
                 title,
-                series: vec![Series { name, points }],
+                series: vec![Series::new(name, points)],
                 x_desc: "step".into(),
             });
         }
@@ -686,7 +717,7 @@ pub fn panels_from_metrics(jsonl: &str) -> Vec<Panel> {
 }
 
 /// Plots a likelihood k-sweep: the estimated NLL (nats, with +- one standard error over images
-/// as two dashed bounds) against `log10 k`, titled with `title` (the estimator and images).
+/// as two thin lines in its colour) against `log10 k`, titled with `title` (the estimator and images).
 /// Each point is `(k, nll, nll_stderr)`.
 ///
 /// # Errors
@@ -704,20 +735,17 @@ pub fn write_k_sweep(path: &Path, title: &str, points: &[(usize, f64, f64)]) -> 
     let panel = Panel {
         title: title.to_string(),
         series: vec![
+            Series::new("NLL (nats)", at(&|nll, _| nll)),
             Series {
-                name: "NLL (nats)".into(),
-                points: at(&|nll, _| nll),
+                companion: true,
+                ..Series::new("+1 s.e.", at(&|nll, se| nll + se))
             },
             Series {
-                name: "+1 s.e. over images".into(),
-                points: at(&|nll, se| nll + se),
-            },
-            Series {
-                name: "-1 s.e. over images".into(),
-                points: at(&|nll, se| nll - se),
+                companion: true,
+                ..Series::new("-1 s.e.", at(&|nll, se| nll - se))
             },
         ],
-        x_desc: "log10 k (draws per image)".into(),
+        x_desc: "log10 k (draws per image); y: NLL (nats), thin lines +-1 s.e. over images".into(),
     };
     write_panels(path, &[panel])
 }
@@ -736,6 +764,20 @@ pub fn write_training_curves(run_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_companion_takes_the_colour_of_the_curve_before_it() {
+        let s = |companion| Series {
+            companion,
+            ..Series::new("s", vec![(0.0, 1.0)])
+        };
+        assert_eq!(
+            colour_indices(&[s(false), s(true), s(true), s(false)]),
+            [0, 0, 0, 1]
+        );
+        // A companion with no curve before it is a curve's colour of its own.
+        assert_eq!(colour_indices(&[s(true), s(false)]), [0, 1]);
+    }
 
     /// Whether `labels` are written in one format: all fixed point with the same number of
     /// decimals, or all scientific (zero aside).
