@@ -19,7 +19,7 @@
 //!   tile), im2col writes the tile's columns into the scratch and one GEMM
 //!   `W (O, K) . cols (K, T)` adds onto `y[b]` in place, already in `(B, O, Ho, Wo)` order. A
 //!   1x1 kernel with stride 1 and no padding takes the image itself as its columns (no copy).
-//! - Columns of a tile are made one of two ways ([`Geometry::gathers`]): row by row (contiguous
+//! - Columns of a tile are made one of two ways (`Geometry::gathers`): row by row (contiguous
 //!   copies of whole output rows, for stride 1 and rows of 16 or more) or through a gather map
 //!   made once per op (for each kernel offset and output position, the input pixel read, or a
 //!   zero past the plane for the padding), one loop over `kh kw t` entries per channel with no

@@ -80,7 +80,7 @@ impl MetricsWriter {
     }
 
     /// Flushes both files (at checkpoints, at the end, and from [`log`](Self::log) when a line
-    /// has waited [`FLUSH_EVERY`]).
+    /// has waited `FLUSH_EVERY`).
     pub fn flush(&mut self) -> Result<()> {
         match self.sinks.as_mut() {
             Some(s) => {
