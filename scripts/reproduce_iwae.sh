@@ -4,7 +4,9 @@
 # schedule (3^i passes at lr 1e-3 * 10^(-i/7), i = 0..7: 3280 passes), test NLL with k = 5000.
 # Every row is trained with `trainer train` (or `trainer launch` across GPUs), then evaluated with
 # `trainer eval --k 5000`; results.json and results.md (our figures next to the paper's, with
-# wall-clock times, the machine and the commands) are written to OUT.
+# wall-clock times, the machine and the commands) are written to OUT. Several invocations may
+# share one OUT (other rows, other seeds): the tables then cover every run in it, and
+# OUT/commands.txt keeps every invocation, which the tables list.
 #
 #   scripts/reproduce_iwae.sh [options]
 #     --schedule full|short|N   full: 3280 passes (the paper); short: the first three stages
@@ -104,6 +106,9 @@ for row in $ROWS; do
   fi
 done
 
+# Every invocation into OUT, in order: the tables read every run in OUT, so they name them all.
+printf 'scripts/reproduce_iwae.sh %s\n' "${ARGS% }" >>"$OUT/commands.txt"
+
 python3 - "$OUT" "$PASSES" "$DEVICE" "$GPUS" "$EVAL_LIMIT" "$ARGS" <<'PY'
 import json, pathlib, platform, subprocess, sys
 out, passes, device, gpus, limit = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -157,13 +162,15 @@ for key in dict.fromkeys((r["row"], r["variant"]) for r in runs):
                  "nll_stderr_over_images": round(max(r["nll_stderr"] for r in rs), 2),
                  "active_units": [r["active_units"] for r in rs], "paper_nll": rs[0]["paper_nll"],
                  "train_minutes": [r["train_minutes"] for r in rs]})
+commands = list(dict.fromkeys((out / "commands.txt").read_text().splitlines()))
 summary = {"machine": machine(), "device": device, "gpus": gpus, "passes": passes,
            "eval_limit": limit, "command": "scripts/reproduce_iwae.sh " + sys.argv[6].strip(),
-           "rows": rows, "runs": runs}
+           "commands": commands, "rows": rows, "runs": runs}
 (out / "results.json").write_text(json.dumps(summary, indent=2))
 md = [f"IWAE Table 1 reproduction: {passes} passes, {machine()}, eval k = 5000 on "
       f"{'all 10,000' if limit == 0 else f'the first {limit}'} test images.",
-      f"Command: `{summary['command']}`", "",
+      "Commands (every invocation into this directory, in order):", "",
+      *[f"- `{c}`" for c in commands], "",
       "| row | variant | seeds | NLL (nats): mean, sd over seeds | each seed | active units per layer | paper (3280 passes) | train (min) |",
       "| --- | --- | --- | ---: | --- | --- | ---: | --- |"]
 for r in rows:
