@@ -496,19 +496,10 @@ impl Geometry {
             .collect()
     }
 
-    /// Row `r = (c, i, j)` of the columns of one image `x_b (C, H, W)`, for the output rows
-    /// `y0..y1`: `dst[(y - y0) Wo + z] = x_b[c, y s + i - p, z s + j - p]`, 0 on the padding.
-    /// Every entry of `dst` (`(y1 - y0) Wo` of them) is written.
-    fn fill_row(&self, x_b: &[f32], r: usize, y0: usize, y1: usize, dst: &mut [f32]) {
-        let (c, off) = (
-            r / (self.kh * self.kw),
-            self.offset(r / self.kw % self.kh, r % self.kw),
-        );
-        let hw = self.h * self.w;
-        self.fill(&x_b[c * hw..][..hw], &off, y0, y1, dst);
-    }
-
-    /// [`Geometry::fill_row`] for one input plane `src (H, W)` and the offset `off` of the row.
+    /// Row `(c, i, j)` of the columns of one input plane `src = x_b[c] (H, W)`, for the output
+    /// rows `y0..y1` and the [`Offset`] `off` of `(i, j)`:
+    /// `dst[(y - y0) Wo + z] = src[y s + i - p, z s + j - p]`, 0 on the padding. Every entry of
+    /// `dst` (`(y1 - y0) Wo` of them) is written.
     #[inline]
     fn fill(&self, src: &[f32], off: &Offset, y0: usize, y1: usize, dst: &mut [f32]) {
         let (wo, s) = (self.wo, self.stride);
@@ -538,20 +529,9 @@ impl Geometry {
         }
     }
 
-    /// The adjoint of [`Geometry::fill_row`]: adds `src` (row `r = (c, i, j)` of the columns
-    /// for the output rows `y0..y1`) onto the input plane `dst = x_b[c] (H, W)`, dropping the
-    /// entries that fell on the padding.
-    fn add_row(&self, src: &[f32], r: usize, y0: usize, y1: usize, dst: &mut [f32]) {
-        self.add(
-            src,
-            &self.offset(r / self.kw % self.kh, r % self.kw),
-            y0,
-            y1,
-            dst,
-        );
-    }
-
-    /// [`Geometry::add_row`] with the offset `off` of the row.
+    /// The adjoint of [`Geometry::fill`]: adds `src` (row `(c, i, j)` of the columns for the
+    /// output rows `y0..y1`, `off` the [`Offset`] of `(i, j)`) onto the input plane
+    /// `dst = x_b[c] (H, W)`, dropping the entries that fell on the padding.
     #[inline]
     fn add(&self, src: &[f32], off: &Offset, y0: usize, y1: usize, dst: &mut [f32]) {
         let (wo, s) = (self.wo, self.stride);
@@ -579,7 +559,7 @@ impl Geometry {
     /// than copied row by row ([`Geometry::im2col_rows`]): with a stride above 1 or output rows
     /// shorter than 16, where the per-row bookkeeping outweighs the copies (the DCGAN's 4x4 /
     /// stride-2 layers: 2x faster whole im2col and col2im). The MNIST U-Net's 3x3 stride-1
-    /// layers at 28 and 14 columns copy rows (a map made its step 15% slower).
+    /// layers at 28 columns copy rows (a map there made its step 15% slower).
     fn gathers(&self) -> bool {
         self.stride != 1 || self.wo < 16
     }
@@ -686,7 +666,7 @@ impl Geometry {
     /// the plane, and a per-pixel sum, were each bound by one chain of dependent additions).
     fn col2im_tile(&self, cols: &[f32], inv: &[u32], m: usize, dx_b: &mut [f32]) {
         let hw = self.h * self.w;
-        let per_channel = self.kh * self.kw * cols.len() / self.rows().max(1);
+        let per_channel = cols.len() / self.c.max(1);
         if m == 0 {
             return;
         }
@@ -708,10 +688,12 @@ impl Geometry {
     fn im2col(&self, x: &[f32]) -> Vec<f32> {
         let g = *self;
         let (n, plane, img) = (g.cols(), g.plane(), g.image());
+        let (offsets, kk, hw) = (g.offsets(), g.kh * g.kw, g.h * g.w);
         let mut cols = zeros(g.rows() * n);
         for_rows(&mut cols, n, |r, row| {
+            let (c, off) = (r / kk, &offsets[r % kk]);
             for (bi, dst) in row.chunks_mut(plane).enumerate() {
-                g.fill_row(&x[bi * img..][..img], r, 0, g.ho, dst);
+                g.fill(&x[bi * img + c * hw..][..hw], off, 0, g.ho, dst);
             }
         });
         cols
@@ -722,11 +704,12 @@ impl Geometry {
     fn col2im(&self, cols: &[f32]) -> Vec<f32> {
         let g = *self;
         let (n, plane) = (g.cols(), g.plane());
+        let (offsets, kk) = (g.offsets(), g.kh * g.kw);
         let mut x = zeros(g.b * g.image());
         for_rows(&mut x, g.h * g.w, |bc, dst| {
             let (bi, c) = (bc / g.c, bc % g.c);
-            for r in c * g.kh * g.kw..(c + 1) * g.kh * g.kw {
-                g.add_row(&cols[r * n + bi * plane..][..plane], r, 0, g.ho, dst);
+            for (r, off) in (c * kk..).zip(&offsets) {
+                g.add(&cols[r * n + bi * plane..][..plane], off, 0, g.ho, dst);
             }
         });
         x
