@@ -30,7 +30,7 @@ use super::params::ParamStore;
 use crate::config::Activation;
 pub use crate::config::{GanArchitecture, GanConfig, GanLoss};
 use crate::error::{Error, Result};
-use crate::ops::conv::{conv2d, conv2d_act, conv_transpose2d, conv_transpose2d_act};
+use crate::ops::conv::{conv2d_act, conv_transpose2d, conv_transpose2d_act};
 use crate::ops::linear::{linear, LEAKY_SLOPE};
 use crate::ops::spectral_norm;
 
@@ -90,11 +90,22 @@ impl DiscLayer {
     fn affine(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok(match self.conv {
             None => h.matmul(&w.t()?)?.broadcast_add(&self.bias)?,
-            Some((c, hh, ww)) => {
-                let b = h.dim(0)?;
-                conv2d(&h.reshape((b, c, hh, ww))?, w, Some(&self.bias), 2, 1)?.flatten_from(1)?
-            }
+            Some(shape) => self.conv(shape, h, w, Activation::Identity)?,
         })
+    }
+
+    /// `act(conv(h) + b)` of a convolutional layer (4x4, stride 2, padding 1) whose input is
+    /// `(c, hh, ww)`, for flattened inputs `h: (B, c hh ww)` and the effective weight `w`;
+    /// flattened output.
+    fn conv(
+        &self,
+        (c, hh, ww): (usize, usize, usize),
+        h: &Tensor,
+        w: &Tensor,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let x = h.reshape((h.dim(0)?, c, hh, ww))?;
+        Ok(conv2d_act(&x, w, Some(&self.bias), 2, 1, act)?.flatten_from(1)?)
     }
 
     /// A hidden layer's output `lrelu(a)`, slope 0.2, for flattened inputs `h: (B, in)` and the
@@ -108,14 +119,7 @@ impl DiscLayer {
                 &self.bias,
                 Activation::LeakyRelu,
             )?),
-            Some((c, hh, ww)) => {
-                let b = h.dim(0)?;
-                let x = h.reshape((b, c, hh, ww))?;
-                Ok(
-                    conv2d_act(&x, w, Some(&self.bias), 2, 1, Activation::LeakyRelu)?
-                        .flatten_from(1)?,
-                )
-            }
+            Some(shape) => self.conv(shape, h, w, Activation::LeakyRelu),
         }
     }
 
