@@ -81,6 +81,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+from torch_common import die  # noqa: E402
 
 try:
     import tomllib
@@ -113,11 +114,6 @@ OPTIM_DEFAULTS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight
 IMAGE_SETS = {"mnist"}           # IDX image sets this script reads
 HALF_BIN = 1.0 / 255.0           # half-width of a pixel bin in [-1, 1]
 LOG_FLOOR = 1e-12                # floor of every probability inside a log (DDPM's code)
-
-
-def die(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------

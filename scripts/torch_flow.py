@@ -121,6 +121,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+from torch_common import die  # noqa: E402
 
 import numpy as np
 import torch
@@ -154,12 +155,6 @@ DEFAULTS = {
 
 class BadInput(Exception):
     """Input this script cannot use: reported as one line on stderr, exit status 2."""
-
-
-def die(msg: str, code: int = 2):
-    """Prints one line on stderr and exits with `code` (2: bad input)."""
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +231,6 @@ def dequantize_exact(pixels: np.ndarray, seed: int) -> np.ndarray:
     r = gentrain_uniforms(seed, STREAM_FIXED_BINARIZE, 0, pixels.size).reshape(pixels.shape)
     return ((pixels.astype(np.float64) + r.astype(np.float64) * (1.0 / 4294967296.0))
             / 256.0).astype(np.float32)
-
 
 
 # --------------------------------------------------------------------------------------------

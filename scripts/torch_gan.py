@@ -145,7 +145,6 @@ import gzip
 import json
 import math
 import os
-import re
 import struct
 import sys
 import time
@@ -160,6 +159,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+from torch_common import die, resolve_device  # noqa: E402
 
 import numpy as np
 import torch
@@ -219,12 +219,6 @@ DATA_DEFAULTS = {
     "synthetic_size": 50_000,
 }
 TRAIN_DEFAULTS = {"batch_size": 128, "seed": 0, "device": "cpu", "tf32": True}
-
-
-def die(msg: str, code: int = 2):
-    """Prints one line on stderr and exits with `code` (2: bad input or environment)."""
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,24 +775,6 @@ class Trainer:
         if applied:
             apply_update(self.gen_opt, self.gen_params, self.o, self.lr("gen", s))
         return applied
-
-
-def resolve_device(spec: str, tf32: bool) -> torch.device:
-    s = (spec or "cpu").strip().lower()
-    if s == "cpu":
-        return torch.device("cpu")
-    m = re.fullmatch(r"cuda(?::(\d+))?", s)
-    if not m:
-        die(f"device {spec!r}: expected cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        die(f"device {spec}: CUDA is not available (torch {torch.__version__})")
-    idx = int(m.group(1) or 0)
-    if idx >= torch.cuda.device_count():
-        die(f"device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    torch.cuda.set_device(idx)
-    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-    torch.backends.cudnn.allow_tf32 = bool(tf32)
-    return torch.device("cuda", idx)
 
 
 def set_threads(threads: int) -> int:

@@ -61,7 +61,6 @@ import gzip
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
@@ -77,6 +76,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gentrain_files  # noqa: E402  (where a run's checkpoint files are)
+from torch_common import die, resolve_device  # noqa: E402
 
 import numpy as np
 import torch
@@ -117,35 +117,6 @@ DEFAULTS = {
 # --------------------------------------------------------------------------------------------
 
 CPU = torch.device("cpu")
-
-
-def die(msg: str, code: int = 2):
-    """Prints one line on stderr and exits with `code` (2: the environment cannot run this)."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def resolve_device(spec: str, tf32: bool = True) -> torch.device:
-    """--device: 'cpu', 'cuda' or 'cuda:N'; on CUDA also sets the TF32 matmul switch.
-
-    Exits with status 2 and one line on stderr when CUDA is asked for but not usable.
-    """
-    s = (spec or "cpu").strip().lower()
-    if s == "cpu":
-        return CPU
-    m = re.fullmatch(r"cuda(?::(\d+))?", s)
-    if not m:
-        die(f"--device {spec!r}: expected cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        die(f"--device {spec}: CUDA is not available (torch {torch.__version__}, built for CUDA "
-            f"{torch.version.cuda or 'none'}; no usable GPU or driver on this machine)")
-    idx = int(m.group(1) or 0)
-    if idx >= torch.cuda.device_count():
-        die(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    torch.cuda.set_device(idx)
-    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-    torch.backends.cudnn.allow_tf32 = bool(tf32)
-    return torch.device("cuda", idx)
 
 
 def is_cuda(device: torch.device) -> bool:
