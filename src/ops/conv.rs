@@ -565,10 +565,9 @@ impl Geometry {
     }
 
     /// The columns `(K, (y1 - y0) Wo)` of output rows `y0..y1` of one image into `dst`, row by
-    /// row (with the kernel offsets' ranges computed once per call).
-    fn im2col_rows(&self, x_b: &[f32], y0: usize, y1: usize, dst: &mut [f32]) {
+    /// row, with the kernel offsets' ranges `offsets` ([`Geometry::offsets`]).
+    fn im2col_rows(&self, x_b: &[f32], offsets: &[Offset], y0: usize, y1: usize, dst: &mut [f32]) {
         let (t, hw) = ((y1 - y0) * self.wo, self.h * self.w);
-        let offsets = self.offsets();
         let mut rows = dst.chunks_exact_mut(t);
         for plane in x_b.chunks_exact(hw) {
             for (off, row) in offsets.iter().zip(rows.by_ref()) {
@@ -580,9 +579,15 @@ impl Geometry {
     /// The adjoint of [`Geometry::im2col_rows`]: the columns `(K, (y1 - y0) Wo)` of output rows
     /// `y0..y1` added onto one image `dx_b (C, H, W)`, row by row (so each pixel sums its kernel
     /// offsets in the order `(i, j)`).
-    fn col2im_rows(&self, cols: &[f32], y0: usize, y1: usize, dx_b: &mut [f32]) {
+    fn col2im_rows(
+        &self,
+        cols: &[f32],
+        offsets: &[Offset],
+        y0: usize,
+        y1: usize,
+        dx_b: &mut [f32],
+    ) {
         let (t, hw) = ((y1 - y0) * self.wo, self.h * self.w);
-        let offsets = self.offsets();
         let mut rows = cols.chunks_exact(t);
         for plane in dx_b.chunks_exact_mut(hw) {
             for (off, row) in offsets.iter().zip(rows.by_ref()) {
@@ -786,6 +791,9 @@ struct Tile {
     y0: usize,
     y1: usize,
     map: Vec<u32>,
+    /// The kernel offsets' ranges ([`Geometry::offsets`]) when the tile's columns are copied row
+    /// by row (no map), made once per op rather than per image.
+    offsets: Vec<Offset>,
     /// The inverse map and its entries per pixel ([`Geometry::inverse_map`]), made only for the
     /// input gradient.
     inv: (Vec<u32>, usize),
@@ -848,7 +856,17 @@ impl Conv {
                     true => self.g.inverse_map(&map),
                     false => (Vec::new(), 0),
                 };
-                Tile { y0, y1, map, inv }
+                let offsets = match map.is_empty() && !self.g.identity() {
+                    true => self.g.offsets(),
+                    false => Vec::new(),
+                };
+                Tile {
+                    y0,
+                    y1,
+                    map,
+                    inv,
+                    offsets,
+                }
             })
             .collect()
     }
@@ -901,7 +919,7 @@ impl Conv {
             .get(g.rows() * t + g.h * g.w + 1)
             .split_at_mut(g.rows() * t);
         match tile.map.is_empty() {
-            true => g.im2col_rows(x_b, tile.y0, tile.y1, cols),
+            true => g.im2col_rows(x_b, &tile.offsets, tile.y0, tile.y1, cols),
             false => g.im2col_tile(x_b, &tile.map, cols, ext),
         }
         (cols, t)
@@ -949,7 +967,7 @@ impl Conv {
                     let dcols = scratch.get(k * t);
                     gemm_f32_on(threads, k, t, o, dcols, t, false, w, 1, k, dy_t, p, 1);
                     match tile.map.is_empty() {
-                        true => g.col2im_rows(dcols, tile.y0, tile.y1, dx_b),
+                        true => g.col2im_rows(dcols, &tile.offsets, tile.y0, tile.y1, dx_b),
                         false => g.col2im_tile(dcols, &tile.inv.0, tile.inv.1, dx_b),
                     }
                 }
@@ -1507,12 +1525,12 @@ mod tests {
                     (vec![f32::NAN; g.rows() * t], vec![1.0; g.rows() * t]);
                 let mut ext = vec![f32::NAN; g.h * g.w + 1];
                 let map = g.tile_map(y0, y1);
-                g.im2col_rows(x_b, y0, y1, &mut rows);
+                g.im2col_rows(x_b, &g.offsets(), y0, y1, &mut rows);
                 g.im2col_tile(x_b, &map, &mut gathered, &mut ext);
                 assert_eq!(rows, gathered, "{c:?} rows {y0}..{y1}");
                 let (inv, m) = g.inverse_map(&map);
                 let (mut a, mut b) = (x_b.to_vec(), x_b.to_vec());
-                g.col2im_rows(&rows, y0, y1, &mut a);
+                g.col2im_rows(&rows, &g.offsets(), y0, y1, &mut a);
                 g.col2im_tile(&rows, &inv, m, &mut b);
                 assert_eq!(a, b, "{c:?} adjoint, rows {y0}..{y1}");
             }
