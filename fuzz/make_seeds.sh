@@ -9,7 +9,7 @@ trainer="${1:-$root/target/release/trainer}"
 seeds="$here/seeds"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$seeds/idx" "$seeds/checkpoint" "$seeds/checkpoint_meta"
+mkdir -p "$seeds/idx" "$seeds/checkpoint" "$seeds/checkpoint_meta" "$seeds/npy" "$seeds/cifar"
 
 # --- checkpoints: tiny models trained for one epoch -------------------------------------------
 common='[train]
@@ -101,5 +101,45 @@ out = seeds / "idx"
 (out / "gzip-mode-images-1x28x28").write_bytes(b"\x13" + idx([1, 28, 28], images[:784]))
 # Raw mode with a gzip stream as payload: read_idx decompresses it.
 (out / "raw-gzip-stream-2x2").write_bytes(b"\x00" + gzip.compress(idx([2, 2], [9, 8, 7, 6]), mtime=0))
+PY
+# --- npy and cifar: mode byte + payload (written by hand, no NumPy needed) ----------------------
+python3 - "$seeds" <<'PY'
+import io, struct, sys, pathlib, zipfile
+seeds = pathlib.Path(sys.argv[1])
+
+def npy(descr, shape, data, fortran=False, version=1):
+    dims = ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "")
+    text = "{'descr': '%s', 'fortran_order': %s, 'shape': (%s), }" % (descr, fortran, dims)
+    prefix = 10 if version == 1 else 12
+    text += " " * ((64 - (prefix + len(text) + 1) % 64) % 64) + "\n"
+    size = struct.pack("<H" if version == 1 else "<I", len(text))
+    return b"\x93NUMPY" + bytes([version, 0]) + size + text.encode() + bytes(data)
+
+def npz(arrays, method):
+    f = io.BytesIO()
+    with zipfile.ZipFile(f, "w") as z:
+        for name, payload in arrays:
+            z.writestr(zipfile.ZipInfo(name + ".npy", (1980, 1, 1, 0, 0, 0)), payload, method)
+    return f.getvalue()
+
+out = seeds / "npy"
+x = npy("|u1", (2, 2, 2, 3), range(24))
+y = npy("<i8", (2,), struct.pack("<2q", 1, 0))
+(out / "u8-2x2x3").write_bytes(b"\x00" + npy("|u1", (2, 2, 3), range(12)))
+(out / "u8-nhwc-2x2x2x3-deflate").write_bytes(b"\x01" + x)
+(out / "u8-fortran-2x2x2x3-file-archive").write_bytes(b"\x02" + npy("|u1", (2, 2, 2, 3), range(24), True))
+(out / "f4-rows-3x2").write_bytes(b"\x00" + npy("<f4", (3, 2), struct.pack("<6f", 0.5, -1, 2, 3.25, 4, 5)))
+(out / "f8-be-rows-2x2").write_bytes(b"\x03" + npy(">f8", (2, 2), struct.pack(">4d", 1, 2, 3, 4)))
+(out / "f2-rows-1x2-v2").write_bytes(b"\x00" + npy("<f2", (1, 2), struct.pack("<2e", 1, -2), version=2))
+(out / "i8-labels-2").write_bytes(b"\x00" + y)
+(out / "npz-xy-stored").write_bytes(b"\x00" + npz([("x", x), ("y", y)], zipfile.ZIP_STORED))
+(out / "npz-xy-deflated").write_bytes(b"\x00" + npz([("x", x), ("y", y)], zipfile.ZIP_DEFLATED))
+
+out = seeds / "cifar"
+record = lambda label, k: bytes([label]) + bytes((k + 3 * i) % 256 for i in range(3072))
+(out / "train-one-record").write_bytes(b"\x00" + record(3, 0))
+(out / "test-two-records").write_bytes(b"\x01" + record(9, 1) + record(0, 2))
+(out / "train-with-meta").write_bytes(b"\x02" + record(1, 5))
+(out / "empty").write_bytes(b"\x00")
 PY
 ls -l "$seeds"/*

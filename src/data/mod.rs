@@ -2,12 +2,19 @@
 //! synthetic 2-D sets.
 
 pub mod batches;
+pub mod cifar;
+pub mod folder;
 pub mod idx;
 pub mod images;
+pub mod npy;
+pub mod raw;
 pub mod synthetic;
 
 pub use batches::{Binarization, DataSource};
+pub use folder::Fit;
 pub use images::ImageSet;
+pub use npy::NpyData;
+pub use raw::{RawImages, RealRows};
 
 use candle_core::{Device, Tensor};
 
