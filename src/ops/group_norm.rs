@@ -216,6 +216,7 @@ impl GroupNorm {
     /// Mean and `1 / sqrt(var + eps)` of group `g` of sample `b` (`xs` is the sample): the sum of
     /// `u`, then of `(u - mean)^2`, each in [`LANES`] f32 partial sums per channel that are added
     /// in f64.
+    #[inline(always)]
     fn stats(&self, p: &Params, xs: &[f32], b: usize, g: usize) -> (f32, f32) {
         let d = self.dims;
         let cg = d.c / d.groups;
@@ -242,6 +243,7 @@ impl GroupNorm {
     }
 
     /// Writes sample `b`'s output into `out` (one sample).
+    #[inline(always)]
     fn forward_sample(&self, p: &Params, xs: &[f32], b: usize, out: &mut [f32]) {
         let d = self.dims;
         let cg = d.c / d.groups;
@@ -260,6 +262,7 @@ impl GroupNorm {
     }
 
     /// Sample `b`'s gradients into `out` (see [`SampleGrads`]).
+    #[inline(always)]
     fn backward_sample(&self, p: &Params, xs: &[f32], dys: &[f32], b: usize, out: SampleGrads) {
         let SampleGrads { dx, dshift, dgb } = out;
         let d = self.dims;
@@ -410,7 +413,11 @@ impl CustomOp2 for GroupNorm {
         out.par_chunks_mut(d.sample().max(1))
             .enumerate()
             .for_each(|(b, o)| {
-                self.forward_sample(&p, &x[b * d.sample()..(b + 1) * d.sample()], b, o)
+                let xs = &x[b * d.sample()..(b + 1) * d.sample()];
+                super::simd::wide(
+                    #[inline(always)]
+                    || self.forward_sample(&p, xs, b, o),
+                )
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -474,16 +481,14 @@ impl CustomOp3 for GroupNormGrad {
             .enumerate()
             .for_each(|(b, ((dxb, dsb), pb))| {
                 let r = b * m..(b + 1) * m;
-                f.backward_sample(
-                    &p,
-                    &x[r.clone()],
-                    &dy[r],
-                    b,
-                    SampleGrads {
-                        dx: dxb,
-                        dshift: dsb,
-                        dgb: pb,
-                    },
+                let grads = SampleGrads {
+                    dx: dxb,
+                    dshift: dsb,
+                    dgb: pb,
+                };
+                super::simd::wide(
+                    #[inline(always)]
+                    || f.backward_sample(&p, &x[r.clone()], &dy[r], b, grads),
                 )
             });
         let (ds_out, dgb_out) = dparams.split_at_mut(dparams.len() - 2 * d.c);

@@ -18,6 +18,7 @@ pub mod group_norm;
 pub mod linear;
 pub mod logsumexp;
 pub mod random;
+pub mod simd;
 pub mod spectral_norm;
 
 use candle_core::backend::BackendStorage;
