@@ -256,14 +256,14 @@ impl Config {
             return err("eval.k and eval.max_rows must be at least 1".into());
         }
         if self.data.synthetic().is_none()
-            && self.data.dataset != "mnist"
-            && self.data.dataset != "idx"
+            && !data::FILE_DATASETS.contains(&self.data.dataset.as_str())
         {
             return err(format!(
-                "data.dataset = {:?}: expected mnist, idx, ring8, grid25, moons or checkerboard",
+                "data.dataset = {:?}: expected mnist, idx, npy, cifar10, folder, ring8, grid25, moons or checkerboard",
                 self.data.dataset
             ));
         }
+        self.data.validate()?;
         if self.model.classes > 0 && self.data.synthetic().is_some() {
             return err(
                 "model.classes: the synthetic 2-D sets have no labels to condition on".into(),
