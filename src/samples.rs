@@ -60,6 +60,9 @@ pub fn write_flow_samples(
     extent: (f32, f32),
 ) -> Result<()> {
     if !crate::session::is_image(shape) {
+        if flow.dim != 2 {
+            return Ok(()); // rows of more than 2 values: nothing to draw
+        }
         let density = flow.density_grid(256, extent.0, extent.1)?;
         let max = density
             .iter()
@@ -150,6 +153,9 @@ pub fn write_model_samples(
 ) -> Result<()> {
     let mut rng = stream_rng(cfg.train.seed, Stream::Sample, index);
     if !crate::session::is_image(shape) {
+        if model.input_dim() != 2 {
+            return Ok(()); // rows of more than 2 values: nothing to draw
+        }
         let extent = cfg
             .data
             .synthetic()

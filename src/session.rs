@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use crate::checkpoint::{self, LoadedFile, FORMAT_VERSION, MODEL_FILE};
-use crate::config::{Config, ModelFamily, Synthetic};
+use crate::config::{Config, DecoderKind, ModelFamily, Synthetic};
 use crate::data::sources::column_stats;
 use crate::data::{DataSource, Loaded, NpyData, SeededSplit};
 use crate::error::{Error, Result};
@@ -109,6 +109,7 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
         train.truncate(cfg.data.limit_train);
     }
     let shape = train.shape();
+    check_decoder(cfg, &train)?;
     let stats = match (&train, cfg.data.standardize) {
         (NpyData::Rows(r), true) => Some(column_stats(r)),
         _ => None,
@@ -146,6 +147,26 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
         num_classes: train.num_classes().max(test.num_classes()),
         split,
     })
+}
+
+/// Refuses a VAE's Bernoulli decoder on data that are not binary: colour images (binarizing
+/// each colour channel is not a model of colour images) and continuous rows.
+///
+/// # Errors
+/// [`Error::Config`] saying what to set instead.
+fn check_decoder(cfg: &Config, train: &NpyData) -> Result<()> {
+    if cfg.model.family != ModelFamily::Vae || cfg.model.decoder != DecoderKind::Bernoulli {
+        return Ok(());
+    }
+    match train {
+        NpyData::Images(s) if s.channels > 1 => Err(Error::Config(
+            "model.decoder = \"bernoulli\" models binary pixels, but these are colour images: set data.binarize = \"dequantize\" and model.decoder = \"gaussian\"".into(),
+        )),
+        NpyData::Rows(_) => Err(Error::Config(
+            "model.decoder = \"bernoulli\" models binary pixels, but this data set holds continuous rows: set model.decoder = \"gaussian\"".into(),
+        )),
+        NpyData::Images(_) => Ok(()),
+    }
 }
 
 /// A freshly initialized VAE for `cfg` (rows of `input_dim` values), with the run seed's
