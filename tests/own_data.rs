@@ -356,3 +356,43 @@ fn bad_own_data_gets_one_line_and_exit_2() {
     // No CIFAR batch.
     assert_user_error(&train_on(t, "cifar10", &empty), "CIFAR-10");
 }
+
+/// `bytes` of a safetensors file with the metadata `key` set to `value`.
+fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    h["__metadata__"][key] = serde_json::json!(value);
+    let mut text = serde_json::to_vec(&h).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
+#[test]
+fn an_old_checkpoint_with_a_two_number_image_shape_still_loads() {
+    // Grey MNIST now writes "1,28,28"; checkpoints written before colour data hold "28,28".
+    let (_tmp, cfg, run) = small_trained_run(100, 20, &["--epochs", "1"]);
+    let model = latest_model(&run);
+    assert_eq!(checkpoint_metadata(&model)["image_shape"], "1,28,28");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, with_metadata(&bytes, "image_shape", "28,28")).unwrap();
+    let ck = gentrain::session::load_checkpoint(&run, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ck.image_shape, (1, 28, 28));
+    let cfg = Config::load(&cfg).unwrap();
+    ck.check_data(&gentrain::session::load_datasets(&cfg).unwrap())
+        .unwrap();
+    let r = run.to_str().unwrap();
+    assert_success(&trainer(&[
+        "eval",
+        "--checkpoint",
+        r,
+        "--k",
+        "2",
+        "--limit",
+        "5",
+    ]));
+}
