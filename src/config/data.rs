@@ -1,5 +1,5 @@
-//! `[data]`: the data set and how its pixels become model inputs. `data.dataset` is structural;
-//! the rest may change on resume.
+//! `[data]`: the data set and how its pixels become model inputs. `data.dataset`, `data.crop`,
+//! `data.resize` and `data.test_fraction` are structural; the rest may change on resume.
 
 use std::path::PathBuf;
 
