@@ -39,6 +39,10 @@ pub enum Stream {
     Metrics = 13,
     /// The diffusion family's time steps `t` (training and the bound's Monte-Carlo estimate).
     Timestep = 14,
+    /// The seeded train/test split of a user data set that has no test split of its own.
+    DataSplit = 15,
+    /// Per-step horizontal flips of training images (`data.flip`).
+    Flip = 16,
 }
 
 /// Which generator draws a training step's per-row randomness: the dynamic binarization bits

@@ -9,8 +9,9 @@ use candle_core::Tensor;
 use crate::data::DataSource;
 use crate::error::Result;
 use crate::models::Vae;
-use crate::report::png::write_grid;
+use crate::report::png::{write_grid, write_image_grid};
 use crate::rng::{stream_rng, Stream};
+use crate::session::ImageShape;
 
 fn rows_of(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2()?)
@@ -27,9 +28,9 @@ pub fn write_samples(
     n: usize,
     seed: u64,
     index: u64,
-    shape: (usize, usize),
+    shape: ImageShape,
 ) -> Result<()> {
-    if shape.0 == 1 {
+    if !crate::session::is_image(shape) {
         return Ok(()); // 2-D data: nothing to draw as images
     }
     let mut rng = stream_rng(seed, Stream::Sample, index);
@@ -40,11 +41,11 @@ pub fn write_samples(
         let labels: Vec<u32> = (0..rows).map(|r| (r / per_class) as u32).collect();
         let y = crate::data::one_hot(&labels, model.classes, model.device())?;
         let images = rows_of(&model.decode_mean(&z, Some(&y))?)?;
-        return write_grid(path, &images, shape.0, shape.1, per_class, 2);
+        return write_image_grid(path, &images, shape, per_class, 2);
     }
     let z = model.sample_z1(n, &mut rng)?;
     let images = rows_of(&model.decode_mean(&z, None)?)?;
-    write_grid(path, &images, shape.0, shape.1, per_row(n), 2)
+    write_image_grid(path, &images, shape, per_row(n), 2)
 }
 
 /// `n` flow samples as an image grid, or for a 2-D flow its density on `extent^2` as a
@@ -55,10 +56,13 @@ pub fn write_flow_samples(
     n: usize,
     seed: u64,
     index: u64,
-    shape: (usize, usize),
+    shape: ImageShape,
     extent: (f32, f32),
 ) -> Result<()> {
-    if shape.0 == 1 {
+    if !crate::session::is_image(shape) {
+        if flow.dim != 2 {
+            return Ok(()); // rows of more than 2 values: nothing to draw
+        }
         let density = flow.density_grid(256, extent.0, extent.1)?;
         let max = density
             .iter()
@@ -69,7 +73,7 @@ pub fn write_flow_samples(
         return write_grid(path, &[image], 256, 256, 1, 1);
     }
     let x = flow.sample_data(n, &mut stream_rng(seed, Stream::Sample, index))?;
-    write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row(n), 2)
+    write_image_grid(path, &rows_of(&x)?, shape, per_row(n), 2)
 }
 
 /// The first `n` images of `data` (left) next to their reconstructions from the posterior mean.
@@ -78,7 +82,7 @@ pub fn write_reconstructions(
     data: &DataSource,
     path: &Path,
     n: usize,
-    shape: (usize, usize),
+    shape: ImageShape,
 ) -> Result<()> {
     let n = n.min(data.len());
     let input = data.range(0, n, model.device())?;
@@ -91,14 +95,7 @@ pub fn write_reconstructions(
         images.push(a);
         images.push(b);
     }
-    write_grid(
-        path,
-        &images,
-        shape.0,
-        shape.1,
-        2 * reconstruction_pairs_per_row(n),
-        2,
-    )
+    write_image_grid(path, &images, shape, 2 * reconstruction_pairs_per_row(n), 2)
 }
 
 /// Pairs (image, reconstruction) per grid row for `n` pairs: at most 8, spread evenly over the
@@ -115,7 +112,7 @@ pub fn write_interpolation(
     path: &Path,
     pairs: usize,
     steps: usize,
-    shape: (usize, usize),
+    shape: ImageShape,
 ) -> Result<()> {
     let pairs = pairs.min(data.len() / 2).max(1);
     let input = data.range(0, 2 * pairs, model.device())?;
@@ -140,7 +137,7 @@ pub fn write_interpolation(
             &model.decode_mean(&Tensor::cat(&zs, 0)?, y_pair.as_ref())?,
         )?);
     }
-    write_grid(path, &images, shape.0, shape.1, steps, 2)
+    write_image_grid(path, &images, shape, steps, 2)
 }
 
 /// Samples of any model: a grid of `n` images (for a conditional model one column per class,
@@ -152,10 +149,13 @@ pub fn write_model_samples(
     path: &Path,
     n: usize,
     index: u64,
-    shape: (usize, usize),
+    shape: ImageShape,
 ) -> Result<()> {
     let mut rng = stream_rng(cfg.train.seed, Stream::Sample, index);
-    if shape.0 == 1 {
+    if !crate::session::is_image(shape) {
+        if model.input_dim() != 2 {
+            return Ok(()); // rows of more than 2 values: nothing to draw
+        }
         let extent = cfg
             .data
             .synthetic()
@@ -172,7 +172,7 @@ pub fn write_model_samples(
         (n, per_row(n))
     };
     let x = model.sample(n, &mut rng)?;
-    write_grid(path, &rows_of(&x)?, shape.0, shape.1, per_row, 2)
+    write_image_grid(path, &rows_of(&x)?, shape, per_row, 2)
 }
 
 /// A diffusion model's denoising trajectories with sampler `s`: `n` rows of 10 images, the
@@ -184,7 +184,7 @@ pub fn write_trajectory(
     path: &Path,
     n: usize,
     seed: u64,
-    shape: (usize, usize),
+    shape: ImageShape,
 ) -> Result<()> {
     let mut rng = stream_rng(seed, Stream::Sample, 0);
     let mut states = Vec::new();
@@ -210,7 +210,7 @@ pub fn write_trajectory(
             images.push(f[r].clone());
         }
     }
-    write_grid(path, &images, shape.0, shape.1, cols, 2)
+    write_image_grid(path, &images, shape, cols, 2)
 }
 
 /// Log-scaled counts of 2-D points on a `size x size` grid over `extent^2` (row 0 at the top),

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use crate::checkpoint::{self, LoadedFile, FORMAT_VERSION, MODEL_FILE};
-use crate::config::{Config, ModelFamily};
-use crate::data::images::Split;
-use crate::data::{DataSource, ImageSet};
+use crate::config::{Config, DecoderKind, ModelFamily, Synthetic};
+use crate::data::sources::column_stats;
+use crate::data::{DataSource, Loaded, NpyData, SeededSplit};
 use crate::error::{Error, Result};
 use crate::models::{Diffusion, Flow, Gan, Vae};
 use crate::rng::{stream_rng, Stream, TEST_BINARIZATION_SEED};
@@ -19,63 +19,87 @@ pub struct Datasets {
     pub train: DataSource,
     pub valid: Option<DataSource>,
     pub test: DataSource,
-    /// Image shape (`1 x 2` for the 2-D sets).
+    /// Image shape `channels x rows x cols` (`1 x 1 x D` for continuous rows and the 2-D sets,
+    /// which are not images).
+    pub channels: usize,
     pub rows: usize,
     pub cols: usize,
     pub num_classes: usize,
+    /// The train/test split drawn with the run seed, for a source without a test split.
+    pub split: Option<SeededSplit>,
 }
 
 impl Datasets {
     /// Values per row.
     pub fn dim(&self) -> usize {
-        self.rows * self.cols
+        self.channels * self.rows * self.cols
+    }
+
+    /// `(C, H, W)`; images have `H > 1`.
+    pub fn image_shape(&self) -> ImageShape {
+        (self.channels, self.rows, self.cols)
     }
 }
 
-/// Loads the data a config names.
-pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
+/// `(channels, height, width)` of the data: images when `height > 1`; rows of `D` values are
+/// `(1, 1, D)`.
+pub type ImageShape = (usize, usize, usize);
+
+/// True when data of `shape` are images (rather than rows).
+pub fn is_image(shape: ImageShape) -> bool {
+    shape.1 > 1
+}
+
+/// The synthetic 2-D set of `cfg`, which must name one.
+fn synthetic_datasets(cfg: &Config, set: Synthetic) -> Result<Datasets> {
     let seed = cfg.train.seed;
+    let flat = |n: usize, index: u64, s: u64| -> Vec<f32> {
+        set.sample(n, &mut stream_rng(s, Stream::Synthetic, index))
+            .into_iter()
+            .flatten()
+            .collect()
+    };
+    let n = cfg.data.synthetic_size.max(1);
+    // Points are drawn as (x, y) pairs of f64 before they are stored as f32.
+    crate::memory::check(
+        &format!("data.synthetic_size = {n}"),
+        crate::memory::f32_bytes(&[n.max(cfg.data.validation), 2, 4]),
+    )?;
+    let valid = (cfg.data.validation > 0)
+        .then(|| DataSource::from_real(flat(cfg.data.validation, 1, seed), 2, seed));
+    Ok(Datasets {
+        train: DataSource::from_real(flat(n, 0, seed), 2, seed),
+        valid,
+        test: DataSource::from_real(
+            flat(10_000, 2, TEST_BINARIZATION_SEED),
+            2,
+            TEST_BINARIZATION_SEED,
+        ),
+        channels: 1,
+        rows: 1,
+        cols: 2,
+        num_classes: 0,
+        split: None,
+    })
+}
+
+/// Loads the data a config names: a synthetic set, or a source read from files
+/// ([`crate::data::load_source`]) whose validation rows are split off the end of the training
+/// rows before `data.limit_train` keeps the first training rows.
+///
+/// # Errors
+/// The readers' [`Error::Data`]; [`Error::Config`] for a validation split that leaves no
+/// training rows, `data.flip` on rows, and a model's labels out of range.
+pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
     if let Some(set) = cfg.data.synthetic() {
-        let flat = |n: usize, index: u64, s: u64| -> Vec<f32> {
-            set.sample(n, &mut stream_rng(s, Stream::Synthetic, index))
-                .into_iter()
-                .flatten()
-                .collect()
-        };
-        let n = cfg.data.synthetic_size.max(1);
-        // Points are drawn as (x, y) pairs of f64 before they are stored as f32.
-        crate::memory::check(
-            &format!("data.synthetic_size = {n}"),
-            crate::memory::f32_bytes(&[n.max(cfg.data.validation), 2, 4]),
-        )?;
-        let valid = (cfg.data.validation > 0)
-            .then(|| DataSource::from_real(flat(cfg.data.validation, 1, seed), 2, seed));
-        return Ok(Datasets {
-            train: DataSource::from_real(flat(n, 0, seed), 2, seed),
-            valid,
-            test: DataSource::from_real(
-                flat(10_000, 2, TEST_BINARIZATION_SEED),
-                2,
-                TEST_BINARIZATION_SEED,
-            ),
-            rows: 1,
-            cols: 2,
-            num_classes: 0,
-        });
+        return synthetic_datasets(cfg, set);
     }
-    let dir = &cfg.data.dir;
-    let mut train = ImageSet::load(dir, Split::Train)?;
-    let test = ImageSet::load(dir, Split::Test)?;
-    if (train.rows, train.cols) != (test.rows, test.cols) {
-        return Err(Error::Data(format!(
-            "{}: training images are {}x{} but test images are {}x{}",
-            dir.display(),
-            train.rows,
-            train.cols,
-            test.rows,
-            test.cols
-        )));
-    }
+    let seed = cfg.train.seed;
+    let Loaded {
+        mut train,
+        test,
+        split,
+    } = crate::data::load_source(&cfg.data, seed)?;
     let valid_set = if cfg.data.validation > 0 {
         Some(train.split_off(cfg.data.validation)?)
     } else {
@@ -84,29 +108,65 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
     if cfg.data.limit_train > 0 {
         train.truncate(cfg.data.limit_train);
     }
+    let shape = train.shape();
+    check_decoder(cfg, &train)?;
+    let stats = match (&train, cfg.data.standardize) {
+        (NpyData::Rows(r), true) => Some(column_stats(r)),
+        _ => None,
+    };
     let mode = cfg.data.binarize;
     let classes = cfg.model.classes;
-    let labelled = |s: DataSource| -> Result<DataSource> {
+    let source = |d: &NpyData, evaluation: bool, seed: u64| -> Result<DataSource> {
+        let s = match d {
+            NpyData::Images(s) if evaluation => DataSource::raw_for_evaluation(s, mode, seed),
+            NpyData::Images(s) => DataSource::from_raw(s, mode, seed),
+            NpyData::Rows(r) => DataSource::from_rows(r, stats.as_ref(), seed),
+        };
         if classes > 0 {
             s.with_one_hot(classes)
         } else {
             Ok(s)
         }
     };
+    let mut train_rows = source(&train, false, seed)?;
+    if cfg.data.flip {
+        if !matches!(train, NpyData::Images(_)) {
+            return Err(Error::Config(
+                "data.flip flips images: this data set holds rows".into(),
+            ));
+        }
+        train_rows = train_rows.with_flip(shape)?;
+    }
     Ok(Datasets {
-        train: labelled(DataSource::from_images(&train, mode, seed))?,
-        valid: valid_set
-            .map(|v| labelled(DataSource::for_evaluation(&v, mode, seed)))
-            .transpose()?,
-        test: labelled(DataSource::for_evaluation(
-            &test,
-            mode,
-            TEST_BINARIZATION_SEED,
-        ))?,
-        rows: train.rows,
-        cols: train.cols,
+        train: train_rows,
+        valid: valid_set.map(|v| source(&v, true, seed)).transpose()?,
+        test: source(&test, true, TEST_BINARIZATION_SEED)?,
+        channels: shape.0,
+        rows: shape.1,
+        cols: shape.2,
         num_classes: train.num_classes().max(test.num_classes()),
+        split,
     })
+}
+
+/// Refuses a VAE's Bernoulli decoder on data that are not binary: colour images (binarizing
+/// each colour channel is not a model of colour images) and continuous rows.
+///
+/// # Errors
+/// [`Error::Config`] saying what to set instead.
+fn check_decoder(cfg: &Config, train: &NpyData) -> Result<()> {
+    if cfg.model.family != ModelFamily::Vae || cfg.model.decoder != DecoderKind::Bernoulli {
+        return Ok(());
+    }
+    match train {
+        NpyData::Images(s) if s.channels > 1 => Err(Error::Config(
+            "model.decoder = \"bernoulli\" models binary pixels, but these are colour images: set data.binarize = \"dequantize\" and model.decoder = \"gaussian\"".into(),
+        )),
+        NpyData::Rows(_) => Err(Error::Config(
+            "model.decoder = \"bernoulli\" models binary pixels, but this data set holds continuous rows: set model.decoder = \"gaussian\"".into(),
+        )),
+        NpyData::Images(_) => Ok(()),
+    }
 }
 
 /// A freshly initialized VAE for `cfg` (rows of `input_dim` values), with the run seed's
@@ -132,13 +192,14 @@ pub fn model_metadata(
         "scheme": "chacha8 keyed by (seed, stream, index); index = epoch for shuffling, global step for binarization and noise",
         "next_step": step,
     });
-    HashMap::from([
+    let (c, h, w) = data.image_shape();
+    let mut meta = HashMap::from([
         ("format".into(), "pt".into()),
         ("gentrain_format_version".into(), FORMAT_VERSION.into()),
         ("gentrain_version".into(), env!("CARGO_PKG_VERSION").into()),
         ("model_family".into(), cfg.model.family.to_string()),
         ("input_dim".into(), data.dim().to_string()),
-        ("image_shape".into(), format!("{},{}", data.rows, data.cols)),
+        ("image_shape".into(), format!("{c},{h},{w}")),
         ("num_classes".into(), data.num_classes.to_string()),
         (
             "config".into(),
@@ -147,7 +208,33 @@ pub fn model_metadata(
         ("step".into(), step.to_string()),
         ("epoch".into(), epoch.to_string()),
         ("rng_state".into(), rng_state.to_string()),
-    ])
+    ]);
+    if let Some(split) = &data.split {
+        let split = serde_json::json!({
+            "seed": split.seed,
+            "test_fraction": split.test_fraction,
+            "train": split.train,
+            "test": split.test,
+        });
+        meta.insert("data_split".into(), split.to_string());
+    }
+    meta
+}
+
+/// Parses metadata `image_shape`: `"C,H,W"`, or `"H,W"` (checkpoints before colour data, one
+/// channel); the product must be `input_dim`.
+pub fn parse_image_shape(text: &str, input_dim: usize) -> Option<ImageShape> {
+    let dims: Vec<usize> = text
+        .split(',')
+        .map(|d| d.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    let shape = match dims[..] {
+        [h, w] => (1, h, w),
+        [c, h, w] => (c, h, w),
+        _ => return None,
+    };
+    let product = shape.0.checked_mul(shape.1)?.checked_mul(shape.2)?;
+    (product == input_dim).then_some(shape)
 }
 
 /// A model of any family.
@@ -217,7 +304,7 @@ impl Model {
 }
 
 /// A fresh flow for `cfg` on data of `shape`.
-pub fn build_flow(cfg: &Config, shape: (usize, usize), device: &Device) -> Result<Flow> {
+pub fn build_flow(cfg: &Config, shape: ImageShape, device: &Device) -> Result<Flow> {
     Flow::new(
         &cfg.model.flow,
         shape,
@@ -227,12 +314,12 @@ pub fn build_flow(cfg: &Config, shape: (usize, usize), device: &Device) -> Resul
 }
 
 /// Fresh GAN players for `cfg` on rows of `dim` values of data of `shape` (images when
-/// `shape.0 > 1`: sigmoid outputs).
-pub fn build_gan(cfg: &Config, dim: usize, shape: (usize, usize), device: &Device) -> Result<Gan> {
+/// [`is_image`]: sigmoid outputs).
+pub fn build_gan(cfg: &Config, dim: usize, shape: ImageShape, device: &Device) -> Result<Gan> {
     Gan::new(
         &cfg.model.gan,
         dim,
-        (shape.0 > 1).then_some(shape),
+        is_image(shape).then_some(shape),
         cfg.model.classes,
         device,
         &mut stream_rng(cfg.train.seed, Stream::Init, 0),
@@ -240,17 +327,17 @@ pub fn build_gan(cfg: &Config, dim: usize, shape: (usize, usize), device: &Devic
 }
 
 /// A fresh diffusion model for `cfg` on rows of `dim` values of data of `shape` (images when
-/// `shape.0 > 1`).
+/// [`is_image`]).
 pub fn build_diffusion(
     cfg: &Config,
     dim: usize,
-    shape: (usize, usize),
+    shape: ImageShape,
     device: &Device,
 ) -> Result<Diffusion> {
     Diffusion::new(
         &cfg.model.diffusion,
         dim,
-        (shape.0 > 1).then_some(shape),
+        is_image(shape).then_some(shape),
         device,
         &mut stream_rng(cfg.train.seed, Stream::Init, 0),
     )
@@ -263,7 +350,8 @@ pub struct LoadedCheckpoint {
     pub config: Config,
     pub step: u64,
     pub epoch: u64,
-    pub image_shape: (usize, usize),
+    /// `(C, H, W)` of the training data.
+    pub image_shape: ImageShape,
     pub file: LoadedFile,
 }
 
@@ -275,17 +363,22 @@ impl LoadedCheckpoint {
     /// # Errors
     /// [`Error::Checkpoint`] naming both shapes.
     pub fn check_data(&self, data: &Datasets) -> Result<()> {
-        let have = (data.rows, data.cols);
+        let have = data.image_shape();
         if have != self.image_shape || data.dim() != self.model.input_dim() {
+            let text = |(c, h, w): ImageShape| {
+                if c == 1 {
+                    format!("{h}x{w}")
+                } else {
+                    format!("{c}x{h}x{w}")
+                }
+            };
             return Err(Error::checkpoint(
                 &self.dir,
                 format!(
-                    "the model was trained on {}x{} data ({} values per row), this data is {}x{} ({} values per row)",
-                    self.image_shape.0,
-                    self.image_shape.1,
+                    "the model was trained on {} data ({} values per row), this data is {} ({} values per row)",
+                    text(self.image_shape),
                     self.model.input_dim(),
-                    have.0,
-                    have.1,
+                    text(have),
                     data.dim()
                 ),
             ));
@@ -333,15 +426,11 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         return Err(file.error("metadata `input_dim` is 0"));
     }
     let shape = file.meta("image_shape")?;
-    let image_shape = shape
-        .split_once(',')
-        .and_then(|(r, c)| Some((r.trim().parse().ok()?, c.trim().parse().ok()?)))
-        .filter(|(r, c): &(usize, usize)| r.checked_mul(*c) == Some(input_dim))
-        .ok_or_else(|| {
-            file.error(format!(
-                "metadata `image_shape` = {shape:?} does not match input_dim {input_dim}"
-            ))
-        })?;
+    let image_shape = parse_image_shape(shape, input_dim).ok_or_else(|| {
+        file.error(format!(
+            "metadata `image_shape` = {shape:?} does not match input_dim {input_dim}"
+        ))
+    })?;
     let step = parse_num(&file, "step")?;
     let epoch = parse_num(&file, "epoch")?;
     // The config must not describe more parameters than the file holds: a corrupt or hostile
@@ -393,4 +482,28 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         image_shape,
         file,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_shape_metadata_reads_both_formats() {
+        // Checkpoints written before colour data hold "H,W": one channel.
+        assert_eq!(parse_image_shape("28,28", 784), Some((1, 28, 28)));
+        assert_eq!(parse_image_shape("1,2", 2), Some((1, 1, 2)));
+        assert_eq!(parse_image_shape("3, 8, 8", 192), Some((3, 8, 8)));
+        assert_eq!(parse_image_shape("1,28,28", 784), Some((1, 28, 28)));
+        for bad in [
+            "28,28",
+            "3,8",
+            "1,2,3,4",
+            "a,b",
+            "",
+            "4294967296,4294967296,4",
+        ] {
+            assert_eq!(parse_image_shape(bad, 192), None, "{bad}");
+        }
+    }
 }

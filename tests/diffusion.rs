@@ -499,7 +499,7 @@ fn parameter_counts_match_the_built_networks() {
         let m = Diffusion::new(
             &cfg,
             dim,
-            image,
+            image.map(|(h, w)| (1, h, w)),
             &Device::Cpu,
             &mut stream_rng(0, Stream::Init, 0),
         )
@@ -537,7 +537,7 @@ fn images_the_unet_cannot_halve_are_refused() {
     let e = Diffusion::new(
         &cfg,
         784,
-        Some((28, 28)),
+        Some((1, 28, 28)),
         &Device::Cpu,
         &mut stream_rng(0, Stream::Init, 0),
     )

@@ -42,7 +42,7 @@ fn perturbed_flow(
 ) -> Flow {
     let flow = Flow::new(
         cfg,
-        shape,
+        (1, shape.0, shape.1),
         &Device::Cpu,
         &mut stream_rng(seed, Stream::Init, 0),
     )
@@ -203,7 +203,7 @@ fn logit_map_jacobian_inverse_and_bits_per_dim() {
     };
     let flow = Flow::new(
         &cfg,
-        (2, 2),
+        (1, 2, 2),
         &Device::Cpu,
         &mut stream_rng(0, Stream::Init, 0),
     )
@@ -274,7 +274,7 @@ fn training_lowers_the_nll_of_two_moons() {
     let x = Tensor::from_vec(pts, (512, 2), &Device::Cpu).unwrap();
     let flow = Flow::new(
         &small_cfg(6, 64),
-        (1, 2),
+        (1, 1, 2),
         &Device::Cpu,
         &mut stream_rng(0, Stream::Init, 0),
     )

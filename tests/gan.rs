@@ -66,7 +66,7 @@ fn cases_with(loss: GanLoss, penalty: GanPenalty, seed: u64) -> Vec<(String, Gan
         let g = Gan::new(
             &cfg,
             64,
-            Some((8, 8)),
+            Some((1, 8, 8)),
             0,
             &Device::Cpu,
             &mut stream_rng(seed, Stream::Init, 0),

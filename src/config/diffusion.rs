@@ -265,15 +265,16 @@ impl DiffusionConfig {
         }
     }
 
-    /// Checks that images of `shape = (H, W)` suit the U-Net: both sides divisible by
-    /// `2^(levels - 1)`.
+    /// Checks that images of `shape = (C, H, W)` suit the U-Net: both sides divisible by
+    /// `2^(levels - 1)` (any number of channels).
     ///
     /// # Errors
     /// [`Error::Config`] naming the shape and the levels.
-    pub fn check_image_shape(&self, shape: (usize, usize)) -> Result<()> {
+    pub fn check_image_shape(&self, (_, h, w): (usize, usize, usize)) -> Result<()> {
         if self.denoiser != DenoiserKind::Unet {
             return Ok(());
         }
+        let shape = (h, w);
         let f = 1usize << (self.channel_mult.len() - 1).min(30);
         if shape.0 < f || shape.1 < f || shape.0 % f != 0 || shape.1 % f != 0 {
             return Err(Error::Config(format!(

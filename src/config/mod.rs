@@ -256,14 +256,14 @@ impl Config {
             return err("eval.k and eval.max_rows must be at least 1".into());
         }
         if self.data.synthetic().is_none()
-            && self.data.dataset != "mnist"
-            && self.data.dataset != "idx"
+            && !data::FILE_DATASETS.contains(&self.data.dataset.as_str())
         {
             return err(format!(
-                "data.dataset = {:?}: expected mnist, idx, ring8, grid25, moons or checkerboard",
+                "data.dataset = {:?}: expected mnist, idx, npy, cifar10, folder, ring8, grid25, moons or checkerboard",
                 self.data.dataset
             ));
         }
+        self.data.validate()?;
         if self.model.classes > 0 && self.data.synthetic().is_some() {
             return err(
                 "model.classes: the synthetic 2-D sets have no labels to condition on".into(),
@@ -507,10 +507,15 @@ fn is_tunable_model_field(path: &str) -> bool {
 /// `model.` (they fix the parameters and their meaning) except those of `TUNABLE_MODEL_FIELDS`
 /// (the GAN's `loss`, `n_critic`, `gp_weight` and `sn_iterations`) and of
 /// `TUNABLE_DIFFUSION_FIELDS` (the diffusion model's sampler, EMA and loss weight), and
-/// `data.dataset`. Decided by path, not by a list of structural fields, so a field added to a
-/// model config is structural without anyone remembering to list it.
+/// the data fields that decide which rows train: `data.dataset`, `data.crop`, `data.resize` and
+/// `data.test_fraction`. Decided by path, not by a list of structural fields, so a field added
+/// to a model config is structural without anyone remembering to list it.
 pub fn is_structural(path: &str) -> bool {
-    (path.starts_with("model.") && !is_tunable_model_field(path)) || path == "data.dataset"
+    (path.starts_with("model.") && !is_tunable_model_field(path))
+        || matches!(
+            path,
+            "data.dataset" | "data.crop" | "data.resize" | "data.test_fraction"
+        )
 }
 
 #[cfg(test)]
@@ -567,7 +572,7 @@ mod tests {
         // gan.conv_channels could change on resume.
         let base = Config::default();
         type Change = (&'static str, fn(&mut Config));
-        let changes: [Change; 5] = [
+        let changes: [Change; 6] = [
             ("model.gan.architecture", |c| {
                 c.model.gan.architecture = GanArchitecture::Dcgan
             }),
@@ -579,6 +584,7 @@ mod tests {
             }),
             ("model.classes", |c| c.model.classes = 10),
             ("data.dataset", |c| c.data.dataset = "moons".into()),
+            ("data.test_fraction", |c| c.data.test_fraction = 0.2),
         ];
         for (path, change) in changes {
             let mut c = base.clone();

@@ -521,8 +521,25 @@ impl GanConfig {
         Ok(())
     }
 
+    /// The DCGAN players' parameters for `c`-channel images of `dim` values.
+    fn dcgan_count(&self, g_in: usize, dim: usize, c: usize) -> Option<usize> {
+        let [c1, c2] = self.conv_channels;
+        // (H/4) (W/4) cells; a 4x4 (transposed) convolution between a and b channels has
+        // 16 a b weights and b biases.
+        let quarter = dim / (16 * c);
+        let conv = |a: usize, b: usize| a.checked_mul(b)?.checked_mul(16)?.checked_add(b);
+        let fc_g = (g_in + 1).checked_mul(c2.checked_mul(quarter)?)?;
+        let fc_d = c2.checked_mul(quarter)?.checked_add(1)?;
+        fc_g.checked_add(conv(c2, c1)?)?
+            .checked_add(conv(c1, c)?)?
+            .checked_add(conv(c, c1)?)?
+            .checked_add(conv(c1, c2)?)?
+            .checked_add(fc_d)
+    }
+
     /// Parameters of both players for data of `dim` values (`None` on overflow). A DCGAN is
-    /// counted for square images (its true shape is checked when it is built).
+    /// counted for one-channel images, or when `dim` is divisible by 48 as the smaller count of
+    /// one and three channels (its true shape is checked when it is built).
     pub fn parameter_count(&self, dim: usize, classes: usize) -> Option<usize> {
         fn mlp(d_in: usize, hidden: &[usize], d_out: usize) -> Option<usize> {
             let mut total = 0usize;
@@ -539,18 +556,14 @@ impl GanConfig {
                 mlp(g_in, &self.gen_hidden, dim)?.checked_add(mlp(dim, &self.disc_hidden, 1)?)?
             }
             GanArchitecture::Dcgan => {
-                let [c1, c2] = self.conv_channels;
-                // (H/4) (W/4) cells; a 4x4 (transposed) convolution between a and b channels has
-                // 16 a b weights and b biases.
-                let quarter = dim / 16;
-                let conv = |a: usize, b: usize| a.checked_mul(b)?.checked_mul(16)?.checked_add(b);
-                let fc_g = (g_in + 1).checked_mul(c2.checked_mul(quarter)?)?;
-                let fc_d = c2.checked_mul(quarter)?.checked_add(1)?;
-                fc_g.checked_add(conv(c2, c1)?)?
-                    .checked_add(conv(c1, 1)?)?
-                    .checked_add(conv(1, c1)?)?
-                    .checked_add(conv(c1, c2)?)?
-                    .checked_add(fc_d)?
+                // Grey images, or (when `dim` could be either) the smaller of the grey and the
+                // colour count: the checkpoint loader needs a lower bound.
+                let grey = self.dcgan_count(g_in, dim, 1)?;
+                if dim % 48 == 0 {
+                    grey.min(self.dcgan_count(g_in, dim, 3)?)
+                } else {
+                    grey
+                }
             }
         };
         let last_hidden = match self.architecture {

@@ -16,7 +16,7 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, RngCore};
 
-use super::ImageSet;
+use super::{ImageSet, RawImages, RealRows};
 use crate::error::Result;
 use crate::rng::{stream_rng, Draws, Stream};
 
@@ -30,13 +30,15 @@ pub struct DataSource {
     rows: Rows,
     seed: u64,
     /// Labels, if the data set has them.
-    pub labels: Option<Vec<u8>>,
+    pub labels: Option<Vec<u32>>,
     /// Evaluation rows dequantized once (stored as real rows).
     dequantized_eval: bool,
     /// Classes of the one-hot label appended to every row (0: none), for conditional models.
     one_hot: usize,
     /// Pixels uploaded once to a CUDA device for on-device binarization (dynamic rows only).
     device_pixels: std::sync::OnceLock<Tensor>,
+    /// `(C, H, W)` of images flipped horizontally at random in every batch (`data.flip`).
+    flip: Option<(usize, usize, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,8 +82,15 @@ pub fn binarize(pixels: &[u8], rng: &mut impl RngCore) -> Vec<u8> {
 }
 
 impl DataSource {
-    /// Training rows from an image set with a binarization mode.
+    /// Training rows from a grey IDX image set with a binarization mode (as
+    /// [`DataSource::from_raw`] of the same pixels in one channel).
     pub fn from_images(set: &ImageSet, mode: Binarization, seed: u64) -> Self {
+        Self::from_raw(&grey(set), mode, seed)
+    }
+
+    /// Training rows from 8-bit images (`dim = C * H * W` values per row, planar) with a
+    /// binarization mode.
+    pub fn from_raw(set: &RawImages, mode: Binarization, seed: u64) -> Self {
         let rows = match mode {
             Binarization::Dynamic => Rows::Dynamic(set.pixels.clone()),
             Binarization::Fixed => Rows::Bytes {
@@ -103,15 +112,22 @@ impl DataSource {
             dequantized_eval: false,
             one_hot: 0,
             device_pixels: std::sync::OnceLock::new(),
+            flip: None,
         }
     }
 
-    /// Evaluation rows: binarized once with `seed` (any binarizing mode), or scaled (`None`).
+    /// Evaluation rows of a grey IDX image set (as [`DataSource::raw_for_evaluation`]).
     pub fn for_evaluation(set: &ImageSet, mode: Binarization, seed: u64) -> Self {
+        Self::raw_for_evaluation(&grey(set), mode, seed)
+    }
+
+    /// Evaluation rows: binarized once with `seed` (any binarizing mode), or scaled (`None`),
+    /// or dequantized once with `seed` (`Dequantize`).
+    pub fn raw_for_evaluation(set: &RawImages, mode: Binarization, seed: u64) -> Self {
         let mode = match mode {
             Binarization::None => Binarization::None,
             Binarization::Dequantize => {
-                let mut src = Self::from_images(set, Binarization::None, seed);
+                let mut src = Self::from_raw(set, Binarization::None, seed);
                 src.rows = Rows::Real(dequantize(
                     &set.pixels,
                     &mut stream_rng(seed, Stream::FixedBinarize, 0),
@@ -121,7 +137,43 @@ impl DataSource {
             }
             _ => Binarization::Fixed,
         };
-        Self::from_images(set, mode, seed)
+        Self::from_raw(set, mode, seed)
+    }
+
+    /// Continuous rows with their labels; `standardize` is the per-column `(mean, std)` to
+    /// apply (`(x - mean) / std`), if any.
+    pub fn from_rows(
+        set: &RealRows,
+        standardize: Option<&(Vec<f32>, Vec<f32>)>,
+        seed: u64,
+    ) -> Self {
+        let mut values = set.values.clone();
+        if let Some((mean, std)) = standardize {
+            for row in values.chunks_exact_mut(set.dim.max(1)) {
+                for ((v, m), s) in row.iter_mut().zip(mean).zip(std) {
+                    *v = (*v - m) / s;
+                }
+            }
+        }
+        let mut src = Self::from_real(values, set.dim, seed);
+        src.labels = set.labels.clone();
+        src
+    }
+
+    /// Flips every row of a batch, seen as a `(C, H, W)` image, horizontally with probability
+    /// 1/2, drawn from the `(seed, Flip, step)` stream (training augmentation, `data.flip`).
+    ///
+    /// # Errors
+    /// [`crate::error::Error::Data`] when `C * H * W` is not the row width.
+    pub fn with_flip(mut self, shape: (usize, usize, usize)) -> Result<Self> {
+        if shape.0 * shape.1 * shape.2 != self.dim {
+            return Err(crate::error::Error::Data(format!(
+                "data.flip: rows of {} values are not {}x{}x{} images",
+                self.dim, shape.0, shape.1, shape.2
+            )));
+        }
+        self.flip = Some(shape);
+        Ok(self)
     }
 
     /// Real-valued rows of dimension `dim`.
@@ -135,6 +187,7 @@ impl DataSource {
             dequantized_eval: false,
             one_hot: 0,
             device_pixels: std::sync::OnceLock::new(),
+            flip: None,
         }
     }
 
@@ -205,12 +258,15 @@ impl DataSource {
                 self.n
             )));
         }
-        let x = self.batch_values(idx, step, device, draws)?;
+        let mut x = self.batch_values(idx, step, device, draws)?;
+        if let Some(shape) = self.flip {
+            x = flip_rows(&x, shape, self.seed, step)?;
+        }
         if self.one_hot == 0 {
             return Ok(x);
         }
         let labels = self.labels.as_ref().expect("checked by with_one_hot");
-        let rows: Vec<u32> = idx.iter().map(|&i| labels[i as usize] as u32).collect();
+        let rows: Vec<u32> = idx.iter().map(|&i| labels[i as usize]).collect();
         let y = super::one_hot(&rows, self.one_hot, device)?;
         Ok(Tensor::cat(&[&x, &y], 1)?)
     }
@@ -322,9 +378,100 @@ impl DataSource {
     }
 }
 
+/// One channel of a grey IDX image set.
+fn grey(set: &ImageSet) -> RawImages {
+    RawImages {
+        pixels: set.pixels.clone(),
+        n: set.n,
+        channels: 1,
+        height: set.rows,
+        width: set.cols,
+        labels: set
+            .labels
+            .as_ref()
+            .map(|l| l.iter().map(|&v| v as u32).collect()),
+        classes: Vec::new(),
+    }
+}
+
+/// Rows `x` `(B, C*H*W)` with each row's image flipped horizontally when a bit of the
+/// `(seed, Flip, step)` stream says so (probability 1/2).
+fn flip_rows(x: &Tensor, (c, h, w): (usize, usize, usize), seed: u64, step: u64) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let mut rng = stream_rng(seed, Stream::Flip, step);
+    let mask: Vec<f32> = (0..b).map(|_| (rng.next_u32() >> 31) as f32).collect();
+    let mask = Tensor::from_vec(mask, (b, 1), x.device())?;
+    let rev: Vec<u32> = (0..w as u32).rev().collect();
+    let rev = Tensor::from_vec(rev, w, x.device())?;
+    let flipped = x
+        .reshape((b, c, h, w))?
+        .index_select(&rev, 3)?
+        .reshape((b, c * h * w))?;
+    let keep = (1.0 - &mask)?;
+    Ok((x.broadcast_mul(&keep)? + flipped.broadcast_mul(&mask)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flips_reverse_columns_of_every_channel_and_depend_on_the_step() {
+        // 8 images of 2 channels x 1 row x 3 columns.
+        let set = RawImages {
+            pixels: (0..8u8).flat_map(|i| [i, 1, 2, 3, 4, 5]).collect(),
+            n: 8,
+            channels: 2,
+            height: 1,
+            width: 3,
+            labels: None,
+            classes: Vec::new(),
+        };
+        let src = DataSource::from_raw(&set, Binarization::None, 5)
+            .with_flip((2, 1, 3))
+            .unwrap();
+        let idx: Vec<u32> = (0..8).collect();
+        let rows = |step| {
+            src.batch(&idx, step, &Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let a = rows(1);
+        let s = 1.0 / 255.0;
+        let mut flipped = 0;
+        for (i, r) in a.iter().enumerate() {
+            let plain = [i as f32 * s, s, 2.0 * s, 3.0 * s, 4.0 * s, 5.0 * s];
+            let mirror = [2.0 * s, s, i as f32 * s, 5.0 * s, 4.0 * s, 3.0 * s];
+            assert!(r[..] == plain || r[..] == mirror, "{r:?}");
+            flipped += (r[..] == mirror && i != 2) as usize;
+        }
+        assert!(flipped > 0 && flipped < 8, "{flipped} of 8 flipped");
+        assert_eq!(a, rows(1));
+        assert!((2..6).any(|step| rows(step) != a));
+        assert!(DataSource::from_raw(&set, Binarization::None, 5)
+            .with_flip((1, 1, 5))
+            .is_err());
+    }
+
+    #[test]
+    fn standardized_rows_have_zero_mean_and_keep_labels() {
+        let set = RealRows {
+            values: vec![1.0, 10.0, 3.0, 30.0],
+            n: 2,
+            dim: 2,
+            labels: Some(vec![1, 0]),
+        };
+        let stats = (vec![2.0, 20.0], vec![1.0, 10.0]);
+        let src = DataSource::from_rows(&set, Some(&stats), 0);
+        let x = src
+            .range(0, 2, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(x, vec![vec![-1.0, -1.0], vec![1.0, 1.0]]);
+        assert_eq!(src.labels, Some(vec![1, 0]));
+    }
 
     #[test]
     fn column_means_are_in_model_input_units() {

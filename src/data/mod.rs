@@ -1,5 +1,5 @@
-//! Data: the IDX reader, image data sets (MNIST and any IDX image set), binarization, and the
-//! synthetic 2-D sets.
+//! Data: the IDX, NumPy, CIFAR-10 and image-folder readers, the sources `data.dataset` names
+//! (`sources`), binarization and minibatches, and the synthetic 2-D sets.
 
 pub mod batches;
 pub mod cifar;
@@ -8,6 +8,7 @@ pub mod idx;
 pub mod images;
 pub mod npy;
 pub mod raw;
+pub mod sources;
 pub mod synthetic;
 
 pub use batches::{Binarization, DataSource};
@@ -15,6 +16,7 @@ pub use folder::Fit;
 pub use images::ImageSet;
 pub use npy::NpyData;
 pub use raw::{RawImages, RealRows};
+pub use sources::{load_source, Loaded, SeededSplit};
 
 use candle_core::{Device, Tensor};
 

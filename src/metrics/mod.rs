@@ -167,6 +167,12 @@ pub fn draw_samples(model: &Model, n: usize, seed: u64) -> Result<Tensor> {
     Ok(x)
 }
 
+/// True when `cfg` reads an IDX image set (MNIST and the like), the data the feature classifier
+/// of the image metrics learns; other sources get the metrics that need no classifier.
+fn is_idx(cfg: &Config) -> bool {
+    matches!(cfg.data.dataset.as_str(), "mnist" | "idx")
+}
+
 /// Every sample metric that applies to `model` on the data of `cfg`, from `n` samples.
 pub fn sample_metrics(
     model: &Model,
@@ -191,7 +197,7 @@ pub fn sample_metrics(
         None => None,
     };
     // The real rows in model space: `[0, 1]` test images, or the 2-D test points.
-    let (real, images) = if cfg.data.synthetic().is_none() {
+    let (real, images) = if is_idx(cfg) {
         let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
         let real = classifier::scaled(&test, 0, test.n)?;
         let images = if test.labels.is_some() {
@@ -314,6 +320,9 @@ pub fn quick_sample_figures(
         ]);
     }
     let n = cfg.eval.epoch_samples;
+    if !is_idx(cfg) {
+        return Ok(Vec::new()); // the feature classifier is trained on grey IDX images only
+    }
     let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
     if test.labels.is_none() || n == 0 {
         return Ok(Vec::new());

@@ -74,22 +74,28 @@ pub struct Flow {
     couplings: Vec<Coupling>,
     /// Values per row.
     pub dim: usize,
-    /// Data shape: images (`rows > 1`) are modelled through the logit transform.
-    pub shape: (usize, usize),
+    /// Data shape `(C, H, W)`: images (`H > 1`) are modelled through the logit transform; rows
+    /// of `D` values are `(1, 1, D)`.
+    pub shape: (usize, usize, usize),
     cfg: FlowConfig,
 }
 
 impl Flow {
-    /// A flow for data of `rows x cols` values, drawn from `rng` (PyTorch's default
-    /// initialization, the couplings' last layers at zero).
+    /// A flow for data of `(C, H, W)` values, drawn from `rng` (PyTorch's default
+    /// initialization, the couplings' last layers at zero). Layer `l` masks value `i` (channel
+    /// `c`, row `y`, column `x`) with the checkerboard `(c * H + y + x + l) mod 2`, the same
+    /// checkerboard in every channel when `H` is even.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config or fewer than 2 values per row.
     pub fn new(
         cfg: &FlowConfig,
-        shape: (usize, usize),
+        shape: (usize, usize, usize),
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         cfg.validate()?;
-        let dim = shape.0 * shape.1;
+        let dim = shape.0 * shape.1 * shape.2;
         if dim < 2 {
             return Err(Error::Config(format!(
                 "a coupling flow needs at least 2 values per row, the data has {dim}"
@@ -109,7 +115,7 @@ impl Flow {
                 None
             });
             let mask: Vec<f32> = (0..dim)
-                .map(|i| ((i / shape.1 + i % shape.1 + l) % 2) as f32)
+                .map(|i| ((i / shape.2 + i % shape.2 + l) % 2) as f32)
                 .collect();
             let mask = Tensor::from_vec(mask, (1, dim), device)?;
             let inv_mask = (1.0 - &mask)?;
@@ -257,7 +263,7 @@ impl Flow {
     /// True when the flow models images through the logit transform (`rows > 1`); 2-D points
     /// are modelled directly.
     pub fn uses_logit(&self) -> bool {
-        self.shape.0 > 1
+        self.shape.1 > 1
     }
 
     /// The model-space input of data rows `x` and the per-row log-Jacobian of that map.
@@ -379,7 +385,7 @@ mod tests {
         };
         Flow::new(
             &cfg,
-            (1, dim),
+            (1, 1, dim),
             &Device::Cpu,
             &mut stream_rng(0, Stream::Init, 0),
         )

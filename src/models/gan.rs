@@ -212,12 +212,16 @@ pub struct Gan {
 
 impl Gan {
     /// Both players with PyTorch's default initialization, for rows of `dim` values; `image`
-    /// (the `(rows, cols)` of one-channel images) selects the sigmoid output and allows the
-    /// DCGAN architecture.
+    /// (the `(C, H, W)` of images) selects the sigmoid output and allows the DCGAN
+    /// architecture.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config, no values per row, or a DCGAN on data that are
+    /// not images of a height and width divisible by 4.
     pub fn new(
         cfg: &GanConfig,
         dim: usize,
-        image: Option<(usize, usize)>,
+        image: Option<(usize, usize, usize)>,
         classes: usize,
         device: &Device,
         rng: &mut ChaCha8Rng,
@@ -235,8 +239,8 @@ impl Gan {
         let (generator, disc) = match cfg.architecture {
             GanArchitecture::Mlp => mlp_players(cfg, g_in, dim, &mut stores, rng)?,
             GanArchitecture::Dcgan => {
-                let (h, w) = dcgan_image(dim, image)?;
-                dcgan_players(cfg, g_in, (h, w), &mut stores, rng)?
+                let shape = dcgan_image(dim, image)?;
+                dcgan_players(cfg, g_in, shape, &mut stores, rng)?
             }
         };
         let embed = if classes > 0 {
@@ -521,31 +525,38 @@ fn mlp_players(
     Ok((Generator::Mlp { trunk, out }, disc))
 }
 
-/// The `(height, width)` of one-channel images a DCGAN can take: both multiples of 4 (two
-/// stride-2 convolutions), else a config error saying what the data is.
-fn dcgan_image(dim: usize, image: Option<(usize, usize)>) -> Result<(usize, usize)> {
+/// The `(C, H, W)` of images a DCGAN can take: height and width multiples of 4 (two stride-2
+/// convolutions), else a config error saying what the data is.
+fn dcgan_image(dim: usize, image: Option<(usize, usize, usize)>) -> Result<(usize, usize, usize)> {
     match image {
-        Some((h, w)) if h % 4 == 0 && w % 4 == 0 && h * w == dim => Ok((h, w)),
+        Some((c, h, w)) if h % 4 == 0 && w % 4 == 0 && c * h * w == dim => Ok((c, h, w)),
         _ => {
+            let text = |c: usize, h: usize, w: usize| {
+                if c == 1 {
+                    format!("{h}x{w} images")
+                } else {
+                    format!("{c}x{h}x{w} images")
+                }
+            };
             let got = match image {
-                Some((h, w)) if h * w == dim => format!("{h}x{w} images"),
-                Some((h, w)) => format!("{h}x{w} images stored as {dim} values per row"),
+                Some((c, h, w)) if c * h * w == dim => text(c, h, w),
+                Some((c, h, w)) => format!("{} stored as {dim} values per row", text(c, h, w)),
                 None => format!("rows of {dim} values that are not images"),
             };
             Err(Error::Config(format!(
-                "model.gan.architecture = \"dcgan\" needs one-channel images whose height and width are multiples of 4; this data has {got} (use model.gan.architecture = \"mlp\")"
+                "model.gan.architecture = \"dcgan\" needs images whose height and width are multiples of 4; this data has {got} (use model.gan.architecture = \"mlp\")"
             )))
         }
     }
 }
 
-/// DCGAN players for `(h, w)` images: a generator `g_in -> (c2, h/4, w/4) -> (c1, h/2, w/2) ->
-/// (1, h, w)` (dense seed, two transposed convolutions) and a discriminator of two strided
-/// 4x4 convolutions and a dense output.
+/// DCGAN players for `(c, h, w)` images: a generator `g_in -> (c2, h/4, w/4) -> (c1, h/2,
+/// w/2) -> (c, h, w)` (dense seed, two transposed convolutions) and a discriminator of two
+/// strided 4x4 convolutions (the first takes `c` channels) and a dense output.
 fn dcgan_players(
     cfg: &GanConfig,
     g_in: usize,
-    (h, w): (usize, usize),
+    (c, h, w): (usize, usize, usize),
     (gen_store, disc_store): &mut Stores,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Generator, Vec<DiscLayer>)> {
@@ -560,10 +571,10 @@ fn dcgan_players(
         rng,
     )?;
     let up1 = UpConv::new(gen_store, "gen.net.3", c2, c1, rng)?;
-    let up2 = UpConv::new(gen_store, "gen.net.5", c1, 1, rng)?;
+    let up2 = UpConv::new(gen_store, "gen.net.5", c1, c, rng)?;
     let mut disc = Vec::new();
     for (name, shape, input) in [
-        ("disc.net.0", [c1, 1, 4, 4], (1, h, w)),
+        ("disc.net.0", [c1, c, 4, 4], (c, h, w)),
         ("disc.net.2", [c2, c1, 4, 4], (c1, h / 2, w / 2)),
     ] {
         disc.push(DiscLayer::new(

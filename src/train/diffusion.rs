@@ -42,7 +42,7 @@ pub struct DiffusionTrainee {
 impl DiffusionTrainee {
     /// A fresh model for `cfg`.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
-        let model = session::build_diffusion(cfg, data.dim(), (data.rows, data.cols), device)?;
+        let model = session::build_diffusion(cfg, data.dim(), data.image_shape(), device)?;
         let opt = Optimizer::new(&cfg.optim, &model.store)?;
         Ok(DiffusionTrainee { model, opt })
     }
@@ -223,7 +223,7 @@ impl Trainee for DiffusionTrainee {
             path,
             64,
             epoch,
-            (data.rows, data.cols),
+            data.image_shape(),
         )
     }
 

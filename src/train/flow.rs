@@ -46,7 +46,7 @@ impl FlowTrainee {
                 }
             )));
         }
-        let flow = session::build_flow(cfg, (data.rows, data.cols), device)?;
+        let flow = session::build_flow(cfg, data.image_shape(), device)?;
         let opt = Optimizer::new(&cfg.optim, &flow.store)?;
         Ok(FlowTrainee {
             needs_init: cfg.model.flow.actnorm,
@@ -201,7 +201,7 @@ impl Trainee for FlowTrainee {
             64,
             cfg.train.seed,
             epoch,
-            (data.rows, data.cols),
+            data.image_shape(),
             extent,
         )
     }

@@ -37,7 +37,7 @@ impl GanTrainee {
 
     /// Fresh players for `cfg`.
     pub fn fresh(cfg: &Config, data: &Datasets, device: &Device) -> Result<Self> {
-        let gan = session::build_gan(cfg, data.dim(), (data.rows, data.cols), device)?;
+        let gan = session::build_gan(cfg, data.dim(), data.image_shape(), device)?;
         Self::with(cfg, gan)
     }
 
@@ -280,7 +280,7 @@ impl Trainee for GanTrainee {
             path,
             64,
             epoch,
-            (data.rows, data.cols),
+            data.image_shape(),
         )
     }
 

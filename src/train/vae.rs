@@ -108,7 +108,7 @@ impl Trainee for VaeTrainee {
             64,
             cfg.train.seed,
             epoch,
-            (data.rows, data.cols),
+            data.image_shape(),
         )
     }
 
@@ -147,13 +147,13 @@ impl Trainee for VaeTrainee {
             ];
             fin.report = Some(r);
         }
-        if data.rows > 1 {
+        if crate::session::is_image(data.image_shape()) {
             samples::write_reconstructions(
                 &self.model,
                 &data.test,
                 &run_dir.join("reconstructions.png"),
                 32,
-                (data.rows, data.cols),
+                data.image_shape(),
             )?;
         }
         Ok(fin)

@@ -110,7 +110,7 @@ impl Report {
 
 /// What a test row is: an image, or a point of a 2-D set.
 fn rows_word(data: &Datasets) -> &'static str {
-    if data.rows * data.cols > 2 {
+    if crate::session::is_image(data.image_shape()) {
         "images"
     } else {
         "points"
@@ -203,7 +203,11 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
     likelihood(&mut report, &ck.model, &data, &s, a.plot.as_deref())?;
     let n = a
         .samples
-        .unwrap_or(if ck.image_shape.0 > 1 { 10_000 } else { 2_500 });
+        .unwrap_or(if crate::session::is_image(ck.image_shape) {
+            10_000
+        } else {
+            2_500
+        });
     crate::memory::check(
         &format!("--samples {n}"),
         crate::memory::f32_bytes(&[n, ck.model.input_dim(), 4]),

@@ -29,12 +29,23 @@ pub(crate) fn run(a: &ExportArgs) -> Result<()> {
         .test
         .bytes()
         .context("export-data: the evaluation rows are real values, not bytes")?;
-    let encoded = encode_idx(&[data.test.len(), data.rows, data.cols], bytes);
+    // Grey images stay `(n, rows, cols)` as MNIST's; colour images are `(n, C, H, W)`.
+    let dims = if data.channels == 1 {
+        vec![data.test.len(), data.rows, data.cols]
+    } else {
+        vec![data.test.len(), data.channels, data.rows, data.cols]
+    };
+    let encoded = encode_idx(&dims, bytes);
     std::fs::write(&a.out, encoded).with_context(|| format!("{}", a.out.display()))?;
     outln!(
-        "wrote {} ({} images, {}x{})",
+        "wrote {} ({} images, {}{}x{})",
         a.out.display(),
         data.test.len(),
+        if data.channels == 1 {
+            String::new()
+        } else {
+            format!("{}x", data.channels)
+        },
         data.rows,
         data.cols
     );

@@ -34,7 +34,7 @@ pub(crate) fn run(a: &SampleArgs) -> Result<()> {
         &format!("sampling {images} images"),
         crate::memory::f32_bytes(&[images, ck.model.input_dim(), 4]),
     )?;
-    if ck.image_shape.0 == 1 && matches!(ck.model, Model::Vae(_)) {
+    if !crate::session::is_image(ck.image_shape) && matches!(ck.model, Model::Vae(_)) {
         bail!("this model was trained on 2-D points, not images");
     }
     crate::device::with_cpu_threads(a.threads.unwrap_or(0), || draw(a, &ck, n))?;
@@ -48,7 +48,7 @@ fn draw(a: &SampleArgs, ck: &LoadedCheckpoint, n: usize) -> Result<()> {
     match (&ck.model, a.kind) {
         (Model::Vae(model), _) => write_vae_grid(a, ck, model, n)?,
         (Model::Diffusion(m), SampleKind::Trajectory) => {
-            if shape.0 == 1 {
+            if !crate::session::is_image(shape) {
                 bail!("--kind trajectory draws images; this model was trained on 2-D points");
             }
             let s = m.sampler_settings();

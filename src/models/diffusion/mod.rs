@@ -41,14 +41,14 @@ pub struct Diffusion {
     pub cfg: DiffusionConfig,
     /// Values per data row `D`.
     pub dim: usize,
-    /// `(H, W)` of images (`None`: 2-D points, modelled as they are).
-    pub image: Option<(usize, usize)>,
+    /// `(C, H, W)` of images (`None`: points or rows, modelled as they are).
+    pub image: Option<(usize, usize, usize)>,
     /// `[sqrt(abar_t), sqrt(1 - abar_t)]`, (T, 2), on the model's device.
     pub q_table: Tensor,
 }
 
 impl Diffusion {
-    /// A fresh model for rows of `dim` values (`image = Some((H, W))` for images).
+    /// A fresh model for rows of `dim` values (`image = Some((C, H, W))` for images).
     ///
     /// # Errors
     /// A schedule with a beta outside (0, 1); a U-Net for 2-D points or for images its levels
@@ -56,7 +56,7 @@ impl Diffusion {
     pub fn new(
         cfg: &DiffusionConfig,
         dim: usize,
-        image: Option<(usize, usize)>,
+        image: Option<(usize, usize, usize)>,
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {

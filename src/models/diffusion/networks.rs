@@ -402,10 +402,11 @@ impl Builder<'_> {
 }
 
 impl Unet {
-    /// Creates every parameter for one-channel images with `out` output channels.
+    /// Creates every parameter for `input`-channel images with `out` output channels.
     fn new(
         store: &mut ParamStore,
         cfg: &DiffusionConfig,
+        input: usize,
         out: usize,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
@@ -422,7 +423,7 @@ impl Unet {
             b.conv("time_mlp.0", &[emb, e], false)?,
             b.conv("time_mlp.2", &[emb, emb], false)?,
         );
-        let conv_in = b.conv("conv_in", &[ch, 1, 3, 3], false)?;
+        let conv_in = b.conv("conv_in", &[ch, input, 3, 3], false)?;
         let chans: Vec<usize> = cfg.channel_mult.iter().map(|m| ch * m).collect();
         let (down, skips, c) = b.down(&chans, ch)?;
         let mid1 = b.block("mid.block1", c, c)?;
@@ -552,7 +553,9 @@ pub enum Denoiser {
 
 impl Denoiser {
     /// Creates the network's parameters in `store` for rows of `dim` values (images of
-    /// `image = (H, W)` for the U-Net), with `dim * cfg.output_multiplier()` outputs.
+    /// `image = (C, H, W)` for the U-Net, whose first and last convolutions take and give `C`
+    /// and `C * cfg.output_multiplier()` channels), with `dim * cfg.output_multiplier()`
+    /// outputs.
     ///
     /// # Errors
     /// [`Error::Config`] when the U-Net is asked for 2-D points or for images its levels
@@ -561,7 +564,7 @@ impl Denoiser {
         store: &mut ParamStore,
         cfg: &DiffusionConfig,
         dim: usize,
-        image: Option<(usize, usize)>,
+        image: Option<(usize, usize, usize)>,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let m = cfg.output_multiplier();
@@ -578,7 +581,14 @@ impl Denoiser {
                     Error::Config("model.diffusion.denoiser = \"unet\" needs images".into())
                 })?;
                 cfg.check_image_shape(shape)?;
-                Ok(Denoiser::Unet(Box::new(Unet::new(store, cfg, m, rng)?)))
+                let c = shape.0;
+                Ok(Denoiser::Unet(Box::new(Unet::new(
+                    store,
+                    cfg,
+                    c,
+                    c * m,
+                    rng,
+                )?)))
             }
         }
     }
@@ -591,15 +601,15 @@ impl Denoiser {
         w: &[Tensor],
         x: &Tensor,
         t: &[u32],
-        image: Option<(usize, usize)>,
+        image: Option<(usize, usize, usize)>,
     ) -> Result<Tensor> {
         match self {
             Denoiser::Mlp(m) => m.forward(w, x, t),
             Denoiser::Unet(u) => {
-                let (h, wd) = image.expect("a U-Net is only built for images");
+                let (c, h, wd) = image.expect("a U-Net is only built for images");
                 let b = x.dim(0)?;
-                let out = u.forward(w, &x.reshape((b, 1, h, wd))?, t)?;
-                // (B, m, H, W) -> (B, m H W): eps's pixels first, then v's.
+                let out = u.forward(w, &x.reshape((b, c, h, wd))?, t)?;
+                // (B, m C, H, W) -> (B, m C H W): eps's C H W values first, then v's.
                 Ok(out.flatten_from(1)?)
             }
         }
