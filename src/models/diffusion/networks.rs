@@ -30,6 +30,7 @@ use crate::config::{DenoiserKind, DiffusionConfig};
 use crate::error::{Error, Result};
 use crate::models::ParamStore;
 use crate::ops::group_norm::group_norm;
+use crate::ops::upsample::upsample_nearest;
 
 /// GroupNorm's epsilon (PyTorch's default).
 const GROUP_NORM_EPS: f64 = 1e-5;
@@ -480,8 +481,7 @@ impl Unet {
                 h = b.forward(w, &h, &emb)?;
             }
             if let Some(u) = &level.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = u.conv(w, &h.upsample_nearest2d(2 * hh, 2 * ww)?, 1)?;
+                h = u.conv(w, &upsample_nearest(&h, 2)?, 1)?;
             }
         }
         let h = self.norm_out.forward(w, &h, None, true)?;
