@@ -356,27 +356,9 @@ fn checkpoint_case(mutate: impl Fn(&[u8]) -> Vec<u8>, needle: &str) {
     );
 }
 
-fn header(bytes: &[u8]) -> (usize, serde_json::Value) {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    (n, serde_json::from_slice(&bytes[8..8 + n]).unwrap())
-}
-
-fn with_header(bytes: &[u8], f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
-    let (n, mut h) = header(bytes);
-    f(&mut h);
-    let mut text = serde_json::to_vec(&h).unwrap();
-    while text.len() % 8 != 0 {
-        text.push(b' ');
-    }
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend(text);
-    out.extend_from_slice(&bytes[8 + n..]);
-    out
-}
-
 /// [`checkpoint_case`] with the model file's JSON header edited by `edit`.
 fn header_case(edit: impl Fn(&mut serde_json::Value), needle: &str) {
-    checkpoint_case(|b| with_header(b, &edit), needle);
+    checkpoint_case(|b| safetensors_with_header(b, &edit), needle);
 }
 
 #[test]
@@ -601,7 +583,7 @@ fn fuzz_reproducers_are_refused_with_exit_2() {
 
 /// `bytes` with the first value of tensor `name` set to `v`.
 fn with_value(bytes: &[u8], name: &str, v: f32) -> Vec<u8> {
-    let (n, h) = header(bytes);
+    let (n, h) = safetensors_header(bytes);
     let start = 8 + n + h[name]["data_offsets"][0].as_u64().unwrap() as usize;
     let mut b = bytes.to_vec();
     b[start..start + 4].copy_from_slice(&v.to_le_bytes());

@@ -359,17 +359,7 @@ fn bad_own_data_gets_one_line_and_exit_2() {
 
 /// `bytes` of a safetensors file with the metadata `key` set to `value`.
 fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    h["__metadata__"][key] = serde_json::json!(value);
-    let mut text = serde_json::to_vec(&h).unwrap();
-    while text.len() % 8 != 0 {
-        text.push(b' ');
-    }
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend(text);
-    out.extend_from_slice(&bytes[8 + n..]);
-    out
+    safetensors_with_header(bytes, |h| h["__metadata__"][key] = serde_json::json!(value))
 }
 
 #[test]

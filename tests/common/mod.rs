@@ -409,3 +409,23 @@ pub fn var_function<'a>(
     };
     (entries, f)
 }
+
+/// The JSON header of safetensors `bytes` and its length in bytes.
+pub fn safetensors_header(bytes: &[u8]) -> (usize, serde_json::Value) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (n, serde_json::from_slice(&bytes[8..8 + n]).unwrap())
+}
+
+/// Safetensors `bytes` with their JSON header edited by `f` (padded to 8 bytes, data unchanged).
+pub fn safetensors_with_header(bytes: &[u8], f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let (n, mut h) = safetensors_header(bytes);
+    f(&mut h);
+    let mut text = serde_json::to_vec(&h).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
