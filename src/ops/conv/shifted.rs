@@ -178,6 +178,14 @@ impl Geometry {
 }
 
 impl Conv {
+    /// The two scratch buffers of one image: the shifted copies `(kw, C, L)` and a wide grid
+    /// `(O, Ho Wp)`.
+    fn buffers<'a>(&self, scratch: &'a mut Scratch) -> (&'a mut [f32], &'a mut [f32]) {
+        let g = self.g;
+        let copies = g.span() * g.padded();
+        scratch.get(copies + self.o * g.wide()).split_at_mut(copies)
+    }
+
     /// `y_b = act(bias + conv(x_b, w))` for one image, as `kh` GEMMs over its shifted copies;
     /// `rows` is [`Geometry::kernel_rows`] of `w`.
     pub(super) fn forward_shifted(
@@ -192,7 +200,7 @@ impl Conv {
         let (g, o) = (self.g, self.o);
         let (span, l, q, wp) = (g.span(), g.padded(), g.wide(), g.wp());
         let mut scratch = Scratch::take();
-        let (xs, wide) = scratch.get(span * l + o * q).split_at_mut(span * l);
+        let (xs, wide) = self.buffers(&mut scratch);
         g.shifted_copies(x_b, xs);
         for (row, b) in wide.chunks_exact_mut(q).zip(bias) {
             row.fill(*b);
@@ -218,7 +226,7 @@ impl Conv {
         let (g, o) = (self.g, self.o);
         let (span, l, q, wp) = (g.span(), g.padded(), g.wide(), g.wp());
         let mut scratch = Scratch::take();
-        let (dxs, dyw) = scratch.get(span * l + o * q).split_at_mut(span * l);
+        let (dxs, dyw) = self.buffers(&mut scratch);
         g.widen(dy_b, dyw);
         for (i, lhs) in rows.chunks_exact(o * span).enumerate() {
             // The first kernel row writes `[0, Q)` of every copy, the others add from `i Wp` on;
@@ -244,7 +252,7 @@ impl Conv {
         let (g, o) = (self.g, self.o);
         let (span, l, q, wp) = (g.span(), g.padded(), g.wide(), g.wp());
         let mut scratch = Scratch::take();
-        let (xs, dyw) = scratch.get(span * l + o * q).split_at_mut(span * l);
+        let (xs, dyw) = self.buffers(&mut scratch);
         g.shifted_copies(x_b, xs);
         g.widen(dy_b, dyw);
         for (i, dst) in acc.chunks_exact_mut(span * o).enumerate() {
