@@ -5,13 +5,21 @@
 //! - [`duplicates`]: the birthday-paradox duplicate test;
 //! - [`classifier`], [`frechet`], [`classes`]: MNIST-FID, the Inception-Score analogue and the
 //!   class histogram under gentrain's own MNIST classifier;
-//! - [`spectrum`]: PCA spectra of generated and real data.
+//! - [`spectrum`]: PCA spectra of generated and real data;
+//! - [`own_data`]: for data other than MNIST and the 2-D sets, metrics that need no pretrained
+//!   network: improved precision and recall ([`precision_recall`]) and MMD^2_u ([`mmd`]) on
+//!   the pixels or rows ([`features`]), from exact distances ([`distances`]).
 
 pub mod classes;
 pub mod classifier;
+pub mod distances;
 pub mod duplicates;
+pub mod features;
 pub mod frechet;
+pub mod mmd;
 pub mod modes;
+pub mod own_data;
+pub mod precision_recall;
 pub mod spectrum;
 
 use candle_core::{Device, Tensor};
@@ -26,6 +34,7 @@ use crate::session::{Datasets, Model};
 use self::classifier::Classifier;
 use self::duplicates::DuplicateReport;
 use self::modes::ModeCoverage;
+use self::own_data::OwnDataMetrics;
 use self::spectrum::SpectrumReport;
 
 /// Largest sample of the duplicate test (its cost grows with the square).
@@ -68,6 +77,9 @@ pub struct SampleReport {
     pub modes: Option<ModeCoverage>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub images: Option<ImageMetrics>,
+    /// Data other than IDX images and the 2-D sets, with more than `k` test rows.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub own_data: Option<OwnDataMetrics>,
     /// Absent when the test data has fewer than 2 rows.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub duplicates: Option<DuplicateReport>,
@@ -128,6 +140,9 @@ impl SampleReport {
                 i.spectrum.pca_spectrum_l1,
                 i.spectrum.total_variance_ratio
             ));
+        }
+        if let Some(o) = &self.own_data {
+            out.extend(o.lines());
         }
         let Some(d) = &self.duplicates else {
             return out;
@@ -197,6 +212,11 @@ pub fn sample_metrics(
         None => None,
     };
     // The real rows in model space: `[0, 1]` test images, or the 2-D test points.
+    let own_data = if is_idx(cfg) || cfg.data.synthetic().is_some() {
+        None
+    } else {
+        own_data::own_data_metrics(&generated, data, cfg.data.standardize, seed)?
+    };
     let (real, images) = if is_idx(cfg) {
         let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
         let real = classifier::scaled(&test, 0, test.n)?;
@@ -224,6 +244,7 @@ pub fn sample_metrics(
         samples: n,
         modes,
         images,
+        own_data,
         duplicates,
     })
 }
