@@ -280,13 +280,18 @@ fn cifar_layout_and_image_folder_train() {
     assert!(json.to_string().contains("duplicate"), "{json}");
     // Improved precision / recall and MMD^2 in pixel space (12 test images, 16 samples).
     for key in ["precision", "recall", "mmd2"] {
-        let v = json[key].as_f64().unwrap_or_else(|| panic!("{key}: {json}"));
+        let v = json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {json}"));
         assert!(v.is_finite(), "{key}: {json}");
     }
     assert_eq!(json["pr_k"], 3, "{json}");
     assert_eq!(json["metric_rows_real"], 12, "{json}");
     let space = json["feature_space"].as_str().unwrap();
-    assert!(space.starts_with("pixels in [0, 1], 3x8x8 = 192 values"), "{space}");
+    assert!(
+        space.starts_with("pixels in [0, 1], 3x8x8 = 192 values"),
+        "{space}"
+    );
     assert!(json.get("fid_mnist").is_none(), "{json}");
     let out = trainer(&[
         "eval",
@@ -297,7 +302,10 @@ fn cifar_layout_and_image_folder_train() {
     ]);
     assert_success(&out);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("improved precision / recall (k = 3)"), "{text}");
+    assert!(
+        text.contains("improved precision / recall (k = 3)"),
+        "{text}"
+    );
     assert!(text.contains("MMD^2 (unbiased, Gaussian kernel"), "{text}");
     assert!(text.contains("feature space: pixels in [0, 1]"), "{text}");
     // The colour sample grid of `trainer sample` is RGB too.
