@@ -190,8 +190,8 @@ fn train(tmp: &Path, label: &str, cfg: &Config, steps: u64, colour: bool) -> Pat
     };
     let s = gentrain::train::train(cfg, &opts).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert_eq!(s.steps, steps, "{label}");
-    // A GAN has no likelihood; its quick figures need the MNIST feature classifier, so on other
-    // data its evaluation is `trainer eval` (below).
+    // A GAN has no likelihood; its quick figures are sample metrics, skipped here
+    // (`eval.epoch_samples = 0`), so its evaluation is `trainer eval` (below).
     if cfg.model.family != gentrain::config::ModelFamily::Gan {
         assert!(
             !s.final_figures.is_empty() || s.final_eval.is_some(),
@@ -266,6 +266,33 @@ fn cifar_layout_and_image_folder_train() {
         let meta = checkpoint_metadata(&latest_model(&run));
         assert_eq!(meta["image_shape"], "3,8,8", "{name}");
         assert_eq!(meta["num_classes"], "3", "{name}");
+    }
+    // With epoch samples, a colour GAN's epoch-end figures are precision, recall and MMD^2.
+    let mut cfg = config(
+        tmp.path(),
+        "folder",
+        &folder,
+        "gan",
+        true,
+        "crop = [8, 8]\n",
+    );
+    cfg.eval.epoch_samples = 16;
+    let opts = gentrain::train::TrainOptions {
+        out: tmp.path().join("folder-gan-figures"),
+        resume: None,
+        progress: false,
+        max_steps: None,
+        handle_signals: false,
+        parallel: None,
+    };
+    let s = gentrain::train::train(&cfg, &opts).unwrap();
+    for key in ["precision_quick", "recall_quick", "mmd2_quick"] {
+        let v = s.final_figures.get(key).copied();
+        assert!(
+            v.is_some_and(f64::is_finite),
+            "{key}: {:?}",
+            s.final_figures
+        );
     }
     // `trainer eval` of a colour GAN: the sample metrics that need no classifier.
     let run = tmp.path().join("folder-gan");

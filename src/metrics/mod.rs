@@ -321,12 +321,14 @@ pub fn image_metrics(
 }
 
 /// Cheap figures of a model's samples for epoch-end logs: mode coverage on the 2-D mixtures
-/// (2,500 samples); MNIST-FID and the smallest class share on labelled images
-/// (`eval.epoch_samples` samples, 2,000 by default; 0 skips them).
+/// (2,500 samples); MNIST-FID and the smallest class share on labelled IDX images
+/// (`eval.epoch_samples` samples, 2,000 by default; 0 skips them); on other data, improved
+/// precision and recall and MMD^2_u ([`own_data`], `eval.epoch_samples` samples, at most
+/// [`own_data::MAX_ROWS`]; 0 skips them).
 pub fn quick_sample_figures(
     model: &Model,
     cfg: &Config,
-    _data: &Datasets,
+    data: &Datasets,
 ) -> Result<Vec<(&'static str, f64)>> {
     let seed = cfg.train.seed;
     if let Some(set) = cfg.data.synthetic() {
@@ -342,7 +344,8 @@ pub fn quick_sample_figures(
     }
     let n = cfg.eval.epoch_samples;
     if !is_idx(cfg) {
-        return Ok(Vec::new()); // the feature classifier is trained on grey IDX images only
+        // The feature classifier is trained on grey IDX images only: the metrics without it.
+        return quick_own_data_figures(model, cfg, data, n.min(own_data::MAX_ROWS));
     }
     let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
     if test.labels.is_none() || n == 0 {
@@ -363,5 +366,28 @@ pub fn quick_sample_figures(
             "min_class_fraction",
             hist.iter().copied().fold(1.0, f64::min),
         ),
+    ])
+}
+
+/// [`own_data::own_data_metrics`] of `n` samples as epoch-end figures (`precision_quick`,
+/// `recall_quick`, `mmd2_quick`); none when `n` or the test split is too small.
+fn quick_own_data_figures(
+    model: &Model,
+    cfg: &Config,
+    data: &Datasets,
+    n: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    if n <= precision_recall::K || data.test.len() <= precision_recall::K {
+        return Ok(Vec::new());
+    }
+    let seed = cfg.train.seed;
+    let x = draw_samples(model, n, seed)?;
+    let Some(m) = own_data::own_data_metrics(&x, data, cfg.data.standardize, seed)? else {
+        return Ok(Vec::new());
+    };
+    Ok(vec![
+        ("precision_quick", m.precision_recall.precision),
+        ("recall_quick", m.precision_recall.recall),
+        ("mmd2_quick", m.mmd.mmd2),
     ])
 }
