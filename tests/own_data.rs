@@ -242,6 +242,22 @@ fn npz_rows_with_labels_train_the_row_families() {
         assert_eq!(meta["image_shape"], "1,1,4", "{name}");
         assert!(!meta.contains_key("data_split"), "{name}");
     }
+    // `trainer eval` of a GAN on rows: precision, recall and MMD^2 on the standardized rows.
+    let run = tmp.path().join("npz-gan");
+    let json = trainer_json(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--json",
+        "--samples",
+        "32",
+    ]);
+    assert_eq!(
+        json["feature_space"], "standardized rows, 4 values, no projection",
+        "{json}"
+    );
+    assert_eq!(json["metric_rows_real"], 16, "{json}");
+    assert!(json["precision"].as_f64().is_some() && json["mmd2"].as_f64().is_some());
     // A conditional VAE uses the labels.
     let mut cfg = config(tmp.path(), "npy", &dir, "vae", false, "");
     cfg.model.classes = 2;
