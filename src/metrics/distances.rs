@@ -91,7 +91,7 @@ pub fn distance_matrix(a: &Features, b: &Features) -> Result<Vec<f64>> {
 }
 
 /// `a . b` in f64 with four running sums (so the loop vectorizes); `a` and `b` of one length.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0.0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = ca

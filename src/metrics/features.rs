@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use super::distances::Features;
+use super::distances::{dot, Features};
 use crate::error::{Error, Result};
 
 /// Widest feature vector: wider data are projected to this many dimensions.
@@ -92,7 +92,7 @@ pub fn features(
         .for_each(|(o, row)| {
             let row: Vec<f64> = row.iter().map(|&v| value(v)).collect();
             for (c, dir) in o.iter_mut().zip(p.chunks_exact(d)) {
-                *c = dir.iter().zip(&row).map(|(a, b)| a * b).sum();
+                *c = dot(dir, &row);
             }
         });
     Features::new(out, n, k)
