@@ -283,6 +283,13 @@ fn cifar_layout_and_image_folder_train() {
         assert_eq!(meta["image_shape"], "3,8,8", "{name}");
         assert_eq!(meta["num_classes"], "3", "{name}");
     }
+    // Each split's decoded images were cached on the first load and read back since.
+    for split in ["train", "test"] {
+        let cache = folder
+            .join(split)
+            .join(".gentrain-cache/decoded-crop-8x8.bin");
+        assert!(cache.is_file(), "{}", cache.display());
+    }
     // With epoch samples, a colour GAN's epoch-end figures are precision, recall and MMD^2.
     let mut cfg = config(
         tmp.path(),
