@@ -249,7 +249,10 @@ fn read_cache(path: &Path, key: &[u8]) -> Result<Option<RawImages>> {
     }
     let mut images = parse_header(&mut c)?;
     let start = c.at;
-    if body - start != images.dim().saturating_mul(images.n) {
+    let size = [images.n, images.channels, images.height]
+        .iter()
+        .try_fold(images.width, |acc, &d| acc.checked_mul(d));
+    if size != Some(body - start) {
         return Err(Error::Data("pixel data of the wrong size".into()));
     }
     bytes.truncate(body);
@@ -402,6 +405,14 @@ mod tests {
         images.n += 1;
         let head = header(&key, &images);
         let mut bytes = head.clone();
+        bytes.extend(&want.pixels);
+        bytes.extend(crc32(&[&bytes]).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read_cache(&path, &key).is_err());
+        // Sizes whose product overflows are refused, not multiplied.
+        images.n = usize::MAX / 2;
+        images.labels = None;
+        let mut bytes = header(&key, &images);
         bytes.extend(&want.pixels);
         bytes.extend(crc32(&[&bytes]).to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
