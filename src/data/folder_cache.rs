@@ -26,6 +26,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use super::folder::{check_fit, decode_listing, list_folder, Fit, Listing};
 use super::raw::RawImages;
 use crate::error::{Error, Result};
@@ -122,24 +124,37 @@ pub fn cache_dirs(root: &Path) -> Vec<PathBuf> {
 }
 
 /// The fingerprint of the source: the fit, then per file its relative path, size and
-/// modification time (nanoseconds since the epoch; `u64::MAX` pairs when unavailable).
+/// modification time (nanoseconds since the epoch; `u64::MAX` pairs when unavailable). The
+/// files are examined in parallel (many `stat` calls on a network file system), in order.
 fn fingerprint(root: &Path, listing: &Listing, fit: Fit) -> Vec<u8> {
+    let entries: Vec<Vec<u8>> = listing
+        .files
+        .par_iter()
+        .map(|f| file_key(root, f))
+        .collect();
     let mut key = format!("{fit:?}\n").into_bytes();
-    for file in &listing.files {
-        let rel = file.strip_prefix(root).unwrap_or(file);
-        let rel = rel.as_os_str().as_encoded_bytes();
-        key.extend((rel.len() as u64).to_le_bytes());
-        key.extend(rel);
-        let meta = std::fs::metadata(file).ok();
-        let size = meta.as_ref().map_or(u64::MAX, |m| m.len());
-        let time = meta
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or((u64::MAX, u32::MAX), |d| (d.as_secs(), d.subsec_nanos()));
-        key.extend(size.to_le_bytes());
-        key.extend(time.0.to_le_bytes());
-        key.extend(time.1.to_le_bytes());
+    for e in entries {
+        key.extend(e);
     }
+    key
+}
+
+/// The fingerprint bytes of one file: its relative path (length-prefixed), size and time.
+fn file_key(root: &Path, file: &Path) -> Vec<u8> {
+    let rel = file.strip_prefix(root).unwrap_or(file);
+    let rel = rel.as_os_str().as_encoded_bytes();
+    let mut key = Vec::with_capacity(rel.len() + 28);
+    key.extend((rel.len() as u64).to_le_bytes());
+    key.extend(rel);
+    let meta = std::fs::metadata(file).ok();
+    let size = meta.as_ref().map_or(u64::MAX, |m| m.len());
+    let time = meta
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or((u64::MAX, u32::MAX), |d| (d.as_secs(), d.subsec_nanos()));
+    key.extend(size.to_le_bytes());
+    key.extend(time.0.to_le_bytes());
+    key.extend(time.1.to_le_bytes());
     key
 }
 
