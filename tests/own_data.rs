@@ -190,8 +190,8 @@ fn train(tmp: &Path, label: &str, cfg: &Config, steps: u64, colour: bool) -> Pat
     };
     let s = gentrain::train::train(cfg, &opts).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert_eq!(s.steps, steps, "{label}");
-    // A GAN has no likelihood; its quick figures need the MNIST feature classifier, so on other
-    // data its evaluation is `trainer eval` (below).
+    // A GAN has no likelihood; its quick figures are sample metrics, skipped here
+    // (`eval.epoch_samples = 0`), so its evaluation is `trainer eval` (below).
     if cfg.model.family != gentrain::config::ModelFamily::Gan {
         assert!(
             !s.final_figures.is_empty() || s.final_eval.is_some(),
@@ -242,6 +242,22 @@ fn npz_rows_with_labels_train_the_row_families() {
         assert_eq!(meta["image_shape"], "1,1,4", "{name}");
         assert!(!meta.contains_key("data_split"), "{name}");
     }
+    // `trainer eval` of a GAN on rows: precision, recall and MMD^2 on the standardized rows.
+    let run = tmp.path().join("npz-gan");
+    let json = trainer_json(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--json",
+        "--samples",
+        "32",
+    ]);
+    assert_eq!(
+        json["feature_space"], "standardized rows, 4 values, no projection",
+        "{json}"
+    );
+    assert_eq!(json["metric_rows_real"], 16, "{json}");
+    assert!(json["precision"].as_f64().is_some() && json["mmd2"].as_f64().is_some());
     // A conditional VAE uses the labels.
     let mut cfg = config(tmp.path(), "npy", &dir, "vae", false, "");
     cfg.model.classes = 2;
@@ -267,6 +283,40 @@ fn cifar_layout_and_image_folder_train() {
         assert_eq!(meta["image_shape"], "3,8,8", "{name}");
         assert_eq!(meta["num_classes"], "3", "{name}");
     }
+    // Each split's decoded images were cached on the first load and read back since.
+    for split in ["train", "test"] {
+        let cache = folder
+            .join(split)
+            .join(".gentrain-cache/decoded-crop-8x8.bin");
+        assert!(cache.is_file(), "{}", cache.display());
+    }
+    // With epoch samples, a colour GAN's epoch-end figures are precision, recall and MMD^2.
+    let mut cfg = config(
+        tmp.path(),
+        "folder",
+        &folder,
+        "gan",
+        true,
+        "crop = [8, 8]\n",
+    );
+    cfg.eval.epoch_samples = 16;
+    let opts = gentrain::train::TrainOptions {
+        out: tmp.path().join("folder-gan-figures"),
+        resume: None,
+        progress: false,
+        max_steps: None,
+        handle_signals: false,
+        parallel: None,
+    };
+    let s = gentrain::train::train(&cfg, &opts).unwrap();
+    for key in ["precision_quick", "recall_quick", "mmd2_quick"] {
+        let v = s.final_figures.get(key).copied();
+        assert!(
+            v.is_some_and(f64::is_finite),
+            "{key}: {:?}",
+            s.final_figures
+        );
+    }
     // `trainer eval` of a colour GAN: the sample metrics that need no classifier.
     let run = tmp.path().join("folder-gan");
     let json = trainer_json(&[
@@ -278,6 +328,36 @@ fn cifar_layout_and_image_folder_train() {
         "16",
     ]);
     assert!(json.to_string().contains("duplicate"), "{json}");
+    // Improved precision / recall and MMD^2 in pixel space (12 test images, 16 samples).
+    for key in ["precision", "recall", "mmd2"] {
+        let v = json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {json}"));
+        assert!(v.is_finite(), "{key}: {json}");
+    }
+    assert_eq!(json["pr_k"], 3, "{json}");
+    assert_eq!(json["metric_rows_real"], 12, "{json}");
+    let space = json["feature_space"].as_str().unwrap();
+    assert!(
+        space.starts_with("pixels in [0, 1], 3x8x8 = 192 values"),
+        "{space}"
+    );
+    assert!(json.get("fid_mnist").is_none(), "{json}");
+    let out = trainer(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--samples",
+        "16",
+    ]);
+    assert_success(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("improved precision / recall (k = 3)"),
+        "{text}"
+    );
+    assert!(text.contains("MMD^2 (unbiased, Gaussian kernel"), "{text}");
+    assert!(text.contains("feature space: pixels in [0, 1]"), "{text}");
     // The colour sample grid of `trainer sample` is RGB too.
     let png = tmp.path().join("grid.png");
     let out = trainer(&[

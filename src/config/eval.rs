@@ -21,8 +21,9 @@ pub struct EvalConfig {
     /// Test images of that estimate (0: all). Default: 2000.
     pub final_limit: usize,
     /// Samples behind the sample figures logged at epoch ends and at the end of training
-    /// (MNIST-FID on labelled images; mode coverage uses 2,500 on the 2-D mixtures); 0 skips
-    /// them on images. A diffusion model's samples cost a network pass per sampler step each,
+    /// (MNIST-FID on labelled IDX images; precision, recall and MMD^2 on other data, from at
+    /// most 2,000; mode coverage uses 2,500 on the 2-D mixtures); 0 skips them on images and
+    /// other data. A diffusion model's samples cost a network pass per sampler step each,
     /// so its configs lower this. Default: 2000.
     pub epoch_samples: usize,
 }

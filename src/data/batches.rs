@@ -341,6 +341,36 @@ impl DataSource {
         self.batch(&idx, 0, device)
     }
 
+    /// The rows `idx` without random draws, one-hot labels or flips: `idx.len() * dim` values,
+    /// raw pixels (dynamically binarized or dequantized sources) as `pixel / 255`, every other
+    /// kind as stored (scaled pixels, fixed bits, real rows).
+    ///
+    /// # Errors
+    /// [`crate::error::Error::Data`] for an index out of range.
+    pub fn plain_rows(&self, idx: &[usize]) -> Result<Vec<f32>> {
+        if let Some(&bad) = idx.iter().find(|&&i| i >= self.n) {
+            return Err(crate::error::Error::Data(format!(
+                "row index {bad} is out of range for {} rows",
+                self.n
+            )));
+        }
+        let d = self.dim;
+        let mut out = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            let range = i * d..(i + 1) * d;
+            match &self.rows {
+                Rows::Dynamic(px) | Rows::Dequantize(px) => {
+                    out.extend(px[range].iter().map(|&p| p as f32 / 255.0));
+                }
+                Rows::Bytes { data, scale } => {
+                    out.extend(data[range].iter().map(|&b| b as f32 * scale));
+                }
+                Rows::Real(data) => out.extend_from_slice(&data[range]),
+            }
+        }
+        Ok(out)
+    }
+
     /// The per-dimension mean of the rows' data values (`dim` values, a conditional model's
     /// one-hot labels left out), in model-input units: for dynamically binarized rows
     /// `pixel / 255`, the expected value of the bits; for dequantized rows `(pixel + 0.5) / 256`.

@@ -54,10 +54,13 @@ pub enum Fit {
 
 /// The image files of a folder, in order, with their labels and class names.
 #[derive(Debug)]
-struct Listing {
-    files: Vec<PathBuf>,
-    labels: Option<Vec<u32>>,
-    classes: Vec<String>,
+pub(crate) struct Listing {
+    /// Image files, sorted (class by class for class folders).
+    pub(crate) files: Vec<PathBuf>,
+    /// The label of each file, for class folders.
+    pub(crate) labels: Option<Vec<u32>>,
+    /// Class names, indexed by label.
+    pub(crate) classes: Vec<String>,
 }
 
 /// Size and colour of one image, read from its header.
@@ -79,6 +82,12 @@ struct Probe {
 /// differ under [`Fit::Exact`] (naming two files and their sizes), or an image is smaller
 /// than a [`Fit::CenterCrop`] window (naming the file).
 pub fn load_image_folder(root: &Path, fit: Fit) -> Result<RawImages> {
+    check_fit(fit)?;
+    decode_listing(root, list_folder(root)?, fit)
+}
+
+/// Refuses a [`Fit`] with a zero size or one that does not fit in 32 bits.
+pub(crate) fn check_fit(fit: Fit) -> Result<()> {
     if let Fit::CenterCrop(h, w) | Fit::Resize(h, w) = fit {
         if h == 0 || w == 0 || u32::try_from(h).is_err() || u32::try_from(w).is_err() {
             return Err(Error::Config(format!(
@@ -86,7 +95,11 @@ pub fn load_image_folder(root: &Path, fit: Fit) -> Result<RawImages> {
             )));
         }
     }
-    let listing = list_folder(root)?;
+    Ok(())
+}
+
+/// Decodes the images of `listing` (the folder `root`) in parallel and assembles the set.
+pub(crate) fn decode_listing(root: &Path, listing: Listing, fit: Fit) -> Result<RawImages> {
     let probes: Vec<Probe> = in_order(listing.files.par_iter().map(|p| probe(p)).collect())?;
     let (height, width) = target_size(&listing.files, &probes, fit)?;
     let channels = if probes.iter().all(|p| p.grey) { 1 } else { 3 };
@@ -175,7 +188,8 @@ fn walk(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>) -> Resu
     Ok(())
 }
 
-fn list_folder(root: &Path) -> Result<Listing> {
+/// The image files under `root` (see the module documentation), with labels for class folders.
+pub(crate) fn list_folder(root: &Path) -> Result<Listing> {
     let (dirs, images) = entries(root)?;
     let exts = IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", ");
     if dirs.is_empty() {

@@ -4,6 +4,7 @@
 pub mod batches;
 pub mod cifar;
 pub mod folder;
+pub mod folder_cache;
 pub mod idx;
 pub mod images;
 pub mod npy;

@@ -10,7 +10,8 @@
 use std::path::Path;
 
 use super::cifar::load_cifar10;
-use super::folder::{load_image_folder, Fit};
+use super::folder::Fit;
+use super::folder_cache::load_image_folder_cached;
 use super::images::{ImageSet, Split};
 use super::npy::{read_npy, read_npy_labels, read_npz, read_numpy, NpyData};
 use super::raw::{RawImages, RealRows};
@@ -236,8 +237,8 @@ fn fit(cfg: &DataConfig) -> Fit {
 fn load_folder(dir: &Path, fit: Fit) -> Result<(NpyData, Option<NpyData>)> {
     let (train, test) = (dir.join("train"), dir.join("test"));
     if train.is_dir() && test.is_dir() {
-        let train = load_image_folder(&train, fit)?;
-        let test = load_image_folder(&test, fit)?;
+        let train = load_image_folder_cached(&train, fit)?.0;
+        let test = load_image_folder_cached(&test, fit)?.0;
         if train.classes != test.classes {
             return Err(Error::Data(format!(
                 "{}: train/ has the classes {:?} but test/ has {:?}",
@@ -248,7 +249,7 @@ fn load_folder(dir: &Path, fit: Fit) -> Result<(NpyData, Option<NpyData>)> {
         }
         return Ok((NpyData::Images(train), Some(NpyData::Images(test))));
     }
-    Ok((NpyData::Images(load_image_folder(dir, fit)?), None))
+    Ok((NpyData::Images(load_image_folder_cached(dir, fit)?.0), None))
 }
 
 /// A `.npy`/`.npz` file (no test split), or a directory holding `train.npz` [+ `test.npz`] or

@@ -5,13 +5,21 @@
 //! - [`duplicates`]: the birthday-paradox duplicate test;
 //! - [`classifier`], [`frechet`], [`classes`]: MNIST-FID, the Inception-Score analogue and the
 //!   class histogram under gentrain's own MNIST classifier;
-//! - [`spectrum`]: PCA spectra of generated and real data.
+//! - [`spectrum`]: PCA spectra of generated and real data;
+//! - [`own_data`]: for data other than MNIST and the 2-D sets, metrics that need no pretrained
+//!   network: improved precision and recall ([`precision_recall`]) and MMD^2_u ([`mmd`]) on
+//!   the pixels or rows ([`features`]), from exact distances ([`distances`]).
 
 pub mod classes;
 pub mod classifier;
+pub mod distances;
 pub mod duplicates;
+pub mod features;
 pub mod frechet;
+pub mod mmd;
 pub mod modes;
+pub mod own_data;
+pub mod precision_recall;
 pub mod spectrum;
 
 use candle_core::{Device, Tensor};
@@ -26,6 +34,7 @@ use crate::session::{Datasets, Model};
 use self::classifier::Classifier;
 use self::duplicates::DuplicateReport;
 use self::modes::ModeCoverage;
+use self::own_data::OwnDataMetrics;
 use self::spectrum::SpectrumReport;
 
 /// Largest sample of the duplicate test (its cost grows with the square).
@@ -68,6 +77,9 @@ pub struct SampleReport {
     pub modes: Option<ModeCoverage>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub images: Option<ImageMetrics>,
+    /// Data other than IDX images and the 2-D sets, with more than `k` test rows.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub own_data: Option<OwnDataMetrics>,
     /// Absent when the test data has fewer than 2 rows.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub duplicates: Option<DuplicateReport>,
@@ -128,6 +140,9 @@ impl SampleReport {
                 i.spectrum.pca_spectrum_l1,
                 i.spectrum.total_variance_ratio
             ));
+        }
+        if let Some(o) = &self.own_data {
+            out.extend(o.lines());
         }
         let Some(d) = &self.duplicates else {
             return out;
@@ -197,6 +212,11 @@ pub fn sample_metrics(
         None => None,
     };
     // The real rows in model space: `[0, 1]` test images, or the 2-D test points.
+    let own_data = if is_idx(cfg) || cfg.data.synthetic().is_some() {
+        None
+    } else {
+        own_data::own_data_metrics(&generated, data, cfg.data.standardize, seed)?
+    };
     let (real, images) = if is_idx(cfg) {
         let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
         let real = classifier::scaled(&test, 0, test.n)?;
@@ -224,6 +244,7 @@ pub fn sample_metrics(
         samples: n,
         modes,
         images,
+        own_data,
         duplicates,
     })
 }
@@ -300,12 +321,14 @@ pub fn image_metrics(
 }
 
 /// Cheap figures of a model's samples for epoch-end logs: mode coverage on the 2-D mixtures
-/// (2,500 samples); MNIST-FID and the smallest class share on labelled images
-/// (`eval.epoch_samples` samples, 2,000 by default; 0 skips them).
+/// (2,500 samples); MNIST-FID and the smallest class share on labelled IDX images
+/// (`eval.epoch_samples` samples, 2,000 by default; 0 skips them); on other data, improved
+/// precision and recall and MMD^2_u ([`own_data`], `eval.epoch_samples` samples, at most
+/// [`own_data::MAX_ROWS`]; 0 skips them).
 pub fn quick_sample_figures(
     model: &Model,
     cfg: &Config,
-    _data: &Datasets,
+    data: &Datasets,
 ) -> Result<Vec<(&'static str, f64)>> {
     let seed = cfg.train.seed;
     if let Some(set) = cfg.data.synthetic() {
@@ -321,7 +344,8 @@ pub fn quick_sample_figures(
     }
     let n = cfg.eval.epoch_samples;
     if !is_idx(cfg) {
-        return Ok(Vec::new()); // the feature classifier is trained on grey IDX images only
+        // The feature classifier is trained on grey IDX images only: the metrics without it.
+        return quick_own_data_figures(model, cfg, data, n.min(own_data::MAX_ROWS));
     }
     let test = ImageSet::load(&cfg.data.dir, Split::Test)?;
     if test.labels.is_none() || n == 0 {
@@ -342,5 +366,28 @@ pub fn quick_sample_figures(
             "min_class_fraction",
             hist.iter().copied().fold(1.0, f64::min),
         ),
+    ])
+}
+
+/// [`own_data::own_data_metrics`] of `n` samples as epoch-end figures (`precision_quick`,
+/// `recall_quick`, `mmd2_quick`); none when `n` or the test split is too small.
+fn quick_own_data_figures(
+    model: &Model,
+    cfg: &Config,
+    data: &Datasets,
+    n: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    if n <= precision_recall::K || data.test.len() <= precision_recall::K {
+        return Ok(Vec::new());
+    }
+    let seed = cfg.train.seed;
+    let x = draw_samples(model, n, seed)?;
+    let Some(m) = own_data::own_data_metrics(&x, data, cfg.data.standardize, seed)? else {
+        return Ok(Vec::new());
+    };
+    Ok(vec![
+        ("precision_quick", m.precision_recall.precision),
+        ("recall_quick", m.precision_recall.recall),
+        ("mmd2_quick", m.mmd.mmd2),
     ])
 }

@@ -29,8 +29,8 @@ pub struct GanTrainee {
 }
 
 impl GanTrainee {
-    /// The sample figures of the current generator (MNIST-FID and class balance on images,
-    /// mode coverage on the 2-D mixtures).
+    /// The sample figures of the current generator (MNIST-FID and class balance on IDX
+    /// images, mode coverage on the 2-D mixtures, precision, recall and MMD^2 on other data).
     fn figures(&self, cfg: &Config, data: &Datasets) -> Result<Vec<(&'static str, f64)>> {
         crate::metrics::quick_sample_figures(&Model::Gan(self.gan.clone()), cfg, data)
     }
