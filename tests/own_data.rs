@@ -97,15 +97,17 @@ fn write_npz_rows(path: &Path, n: usize) {
     std::fs::write(path, w.finish().unwrap().into_inner()).unwrap();
 }
 
-/// A CIFAR-10 layout: `data_batch_1.bin` (64 images) and `test_batch.bin` (32), 32x32 as the
-/// format requires.
+/// A CIFAR-10 layout: two training batches, `data_batch_1.bin` and `data_batch_2.bin` (32 images
+/// each), and `test_batch.bin` (32), 32x32 as the format requires.
 fn write_cifar(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("data_batch_1.bin"),
-        encode_cifar(&shapes(64, 32, 0)).unwrap(),
-    )
-    .unwrap();
+    for (i, seed) in [(1, 0), (2, 3)] {
+        std::fs::write(
+            dir.join(format!("data_batch_{i}.bin")),
+            encode_cifar(&shapes(32, 32, seed)).unwrap(),
+        )
+        .unwrap();
+    }
     std::fs::write(
         dir.join("test_batch.bin"),
         encode_cifar(&shapes(32, 32, 1)).unwrap(),
@@ -191,12 +193,19 @@ fn train(tmp: &Path, label: &str, cfg: &Config, steps: u64, colour: bool) -> Pat
     let s = gentrain::train::train(cfg, &opts).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert_eq!(s.steps, steps, "{label}");
     // A GAN has no likelihood; its quick figures are sample metrics, skipped here
-    // (`eval.epoch_samples = 0`), so its evaluation is `trainer eval` (below).
+    // (`eval.epoch_samples = 0`), so its evaluation is `trainer eval`: the sample metrics on
+    // data of its own (precision, recall, MMD^2).
     if cfg.model.family != gentrain::config::ModelFamily::Gan {
         assert!(
             !s.final_figures.is_empty() || s.final_eval.is_some(),
             "{label}: no final evaluation"
         );
+    } else {
+        let out = opts.out.to_str().unwrap();
+        let json = trainer_json(&["eval", "--checkpoint", out, "--json", "--samples", "16"]);
+        for key in ["precision", "recall", "mmd2"] {
+            assert!(json[key].as_f64().is_some(), "{label} {key}: {json}");
+        }
     }
     let ck = gentrain::session::load_checkpoint(&opts.out, &candle_core::Device::Cpu)
         .unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -269,14 +278,17 @@ fn cifar_layout_and_image_folder_train() {
     let tmp = tempfile::tempdir().unwrap();
     let cifar = tmp.path().join("cifar");
     write_cifar(&cifar);
-    for name in ["vae", "dcgan", "unet"] {
+    for name in ["vae", "flow", "gan", "dcgan", "diffusion", "unet"] {
         let cfg = config(tmp.path(), "cifar10", &cifar, name, true, "");
-        train(tmp.path(), &format!("cifar-{name}"), &cfg, 2, true);
+        let run = train(tmp.path(), &format!("cifar-{name}"), &cfg, 2, true);
+        let meta = checkpoint_metadata(&latest_model(&run));
+        assert_eq!(meta["image_shape"], "3,32,32", "{name}");
+        assert_eq!(meta["num_classes"], "10", "{name}");
     }
     let folder = tmp.path().join("folder");
     write_folder(&folder.join("train"), 64, 12);
     write_folder(&folder.join("test"), 12, 12);
-    for name in ["vae", "flow", "gan"] {
+    for name in ["vae", "flow", "gan", "dcgan", "diffusion", "unet"] {
         let cfg = config(tmp.path(), "folder", &folder, name, true, "crop = [8, 8]\n");
         let run = train(tmp.path(), &format!("folder-{name}"), &cfg, 2, true);
         let meta = checkpoint_metadata(&latest_model(&run));
