@@ -27,7 +27,14 @@ pub struct Datasets {
     pub num_classes: usize,
     /// The train/test split drawn with the run seed, for a source without a test split.
     pub split: Option<SeededSplit>,
+    /// The per-column `(mean, std)` every split of continuous rows was standardized with
+    /// (`data.standardize`), written into checkpoints so that evaluation applies the training
+    /// run's statistics.
+    pub standardization: Option<Standardization>,
 }
+
+/// Per-column `(mean, std)` of continuous rows: `x -> (x - mean) / std`, `D` values each.
+pub type Standardization = (Vec<f32>, Vec<f32>);
 
 impl Datasets {
     /// Values per row.
@@ -80,6 +87,7 @@ fn synthetic_datasets(cfg: &Config, set: Synthetic) -> Result<Datasets> {
         cols: 2,
         num_classes: 0,
         split: None,
+        standardization: None,
     })
 }
 
@@ -91,6 +99,16 @@ fn synthetic_datasets(cfg: &Config, set: Synthetic) -> Result<Datasets> {
 /// The readers' [`Error::Data`]; [`Error::Config`] for a validation split that leaves no
 /// training rows, `data.flip` on rows, and a model's labels out of range.
 pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
+    load_datasets_with(cfg, None)
+}
+
+/// [`load_datasets`] for a trained model: continuous rows are standardized with `stored` (a
+/// checkpoint's [`LoadedCheckpoint::standardization`]) rather than with statistics of the
+/// training split as read now.
+///
+/// # Errors
+/// As [`load_datasets`]; [`Error::Data`] when `stored` does not have one value per column.
+pub fn load_datasets_with(cfg: &Config, stored: Option<&Standardization>) -> Result<Datasets> {
     if let Some(set) = cfg.data.synthetic() {
         return synthetic_datasets(cfg, set);
     }
@@ -110,8 +128,16 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
     }
     let shape = train.shape();
     check_decoder(cfg, &train)?;
-    let stats = match (&train, cfg.data.standardize) {
-        (NpyData::Rows(r), true) => Some(column_stats(r)),
+    let stats = match (&train, cfg.data.standardize, stored) {
+        (NpyData::Rows(r), true, Some(st)) if st.0.len() != r.dim || st.1.len() != r.dim => {
+            return Err(Error::Data(format!(
+                "the checkpoint standardizes {} columns but the rows have {}",
+                st.0.len(),
+                r.dim
+            )))
+        }
+        (NpyData::Rows(_), true, Some(st)) => Some(st.clone()),
+        (NpyData::Rows(r), true, None) => Some(column_stats(r)),
         _ => None,
     };
     let mode = cfg.data.binarize;
@@ -146,6 +172,7 @@ pub fn load_datasets(cfg: &Config) -> Result<Datasets> {
         cols: shape.2,
         num_classes: train.num_classes().max(test.num_classes()),
         split,
+        standardization: stats,
     })
 }
 
@@ -218,7 +245,47 @@ pub fn model_metadata(
         });
         meta.insert("data_split".into(), split.to_string());
     }
+    if let Some((mean, std)) = &data.standardization {
+        let st = serde_json::json!({ "mean": mean, "std": std });
+        meta.insert("standardization".into(), st.to_string());
+    }
     meta
+}
+
+/// Parses metadata `standardization` (`{"mean": [..], "std": [..]}`, `input_dim` finite values
+/// each, every `std` positive); `None` when the checkpoint has none.
+fn parse_standardization(file: &LoadedFile, input_dim: usize) -> Result<Option<Standardization>> {
+    let Ok(text) = file.meta("standardization") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| file.error(format!("metadata `standardization`: {why}"));
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
+    let column = |key: &str| -> Result<Vec<f32>> {
+        let values = v[key]
+            .as_array()
+            .ok_or_else(|| bad(&format!("no `{key}` array")))?;
+        let out: Vec<f32> = values
+            .iter()
+            .map(|x| x.as_f64().map(|x| x as f32).filter(|x| x.is_finite()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                bad(&format!(
+                    "`{key}` holds a value that is not a finite number"
+                ))
+            })?;
+        if out.len() != input_dim {
+            return Err(bad(&format!(
+                "`{key}` has {} values for input_dim {input_dim}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    };
+    let (mean, std) = (column("mean")?, column("std")?);
+    if std.iter().any(|s| *s <= 0.0) {
+        return Err(bad("a standard deviation is not positive"));
+    }
+    Ok(Some((mean, std)))
 }
 
 /// Parses metadata `image_shape`: `"C,H,W"`, or `"H,W"` (checkpoints before colour data, one
@@ -352,6 +419,9 @@ pub struct LoadedCheckpoint {
     pub epoch: u64,
     /// `(C, H, W)` of the training data.
     pub image_shape: ImageShape,
+    /// The standardization of the training rows (metadata `standardization`), if any: data
+    /// for this model is loaded with it ([`load_datasets_with`]).
+    pub standardization: Option<Standardization>,
     pub file: LoadedFile,
 }
 
@@ -433,6 +503,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
     })?;
     let step = parse_num(&file, "step")?;
     let epoch = parse_num(&file, "epoch")?;
+    let standardization = parse_standardization(&file, input_dim)?;
     // The config must not describe more parameters than the file holds: a corrupt or hostile
     // config would otherwise make us allocate a huge model before any tensor is compared.
     let wanted = config
@@ -480,6 +551,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         step,
         epoch,
         image_shape,
+        standardization,
         file,
     })
 }

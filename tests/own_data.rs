@@ -271,6 +271,41 @@ fn npz_rows_with_labels_train_the_row_families() {
     let mut cfg = config(tmp.path(), "npy", &dir, "vae", false, "");
     cfg.model.classes = 2;
     train(tmp.path(), "npz-cvae", &cfg, 2, false);
+    the_training_standardization_is_stored_and_applied(tmp.path(), &dir);
+}
+
+/// The rows' standardization is written into the checkpoint and evaluation applies it: after
+/// the training file changes (other column statistics), `trainer eval` of the VAE trained on
+/// `dir` gives the same figures; a corrupt stored standardization is refused (exit 2).
+fn the_training_standardization_is_stored_and_applied(tmp: &Path, dir: &Path) {
+    let run = tmp.join("npz-vae");
+    let meta = checkpoint_metadata(&latest_model(&run));
+    let st: serde_json::Value = serde_json::from_str(&meta["standardization"]).unwrap();
+    assert_eq!(st["mean"].as_array().unwrap().len(), 4, "{st}");
+    assert!(st["std"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v.as_f64().unwrap() > 0.0));
+    let eval = || {
+        let args = ["eval", "--checkpoint", run.to_str().unwrap(), "--json"];
+        let j = trainer_json(&[&args[..], &["--k", "5", "--seed", "3"]].concat());
+        (j["test_elbo"].clone(), j["nll"].clone())
+    };
+    let before = eval();
+    assert!(before.0.as_f64().is_some(), "{before:?}");
+    // Other training rows (twice as many, other statistics); the test rows are unchanged.
+    write_npz_rows(&dir.join("train.npz"), 128);
+    assert_eq!(eval(), before);
+    let model = latest_model(&run);
+    let bytes = std::fs::read(&model).unwrap();
+    let bad = r#"{"mean": [0, 0, 0], "std": [1, 1, 1]}"#;
+    std::fs::write(&model, with_metadata(&bytes, "standardization", bad)).unwrap();
+    let out = trainer(&["eval", "--checkpoint", run.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`mean` has 3 values for input_dim 4"), "{err}");
+    std::fs::write(&model, bytes).unwrap();
 }
 
 #[test]

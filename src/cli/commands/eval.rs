@@ -172,7 +172,7 @@ pub(crate) fn run(a: &EvalArgs) -> Result<()> {
     let cfg = with_data_dir(ck.config.clone(), a.data_dir.as_deref());
     refuse_flags_of_other_families(a, cfg.model.family)?;
     let s = Settings::resolve(a, &cfg)?;
-    let data = crate::session::load_datasets(&cfg)?;
+    let data = crate::session::load_datasets_with(&cfg, ck.standardization.as_ref())?;
     ck.check_data(&data)?;
     if s.limit > data.test.len() {
         let flag = if a.limit.is_some() {

@@ -88,7 +88,7 @@ fn write_vae_grid(a: &SampleArgs, ck: &LoadedCheckpoint, model: &Vae, n: usize) 
         }
         SampleKind::Reconstructions | SampleKind::Interpolation => {
             let cfg = with_data_dir(ck.config.clone(), a.data_dir.as_deref());
-            let data = crate::session::load_datasets(&cfg)?;
+            let data = crate::session::load_datasets_with(&cfg, ck.standardization.as_ref())?;
             ck.check_data(&data)?;
             if let SampleKind::Reconstructions = a.kind {
                 crate::samples::write_reconstructions(model, &data.test, &a.out, n, shape)?
