@@ -8,7 +8,7 @@ mod common;
 use common::{central_differences, flat_f32, var_function};
 
 use candle_core::{DType, Device, Tensor, Var};
-use gentrain::config::{FlowConfig, OptimConfig};
+use gentrain::config::{FlowConfig, FlowMasks, OptimConfig};
 use gentrain::models::flow::{inverse_logit_transform, logit_transform};
 use gentrain::models::Flow;
 use gentrain::optim::Optimizer;
@@ -35,14 +35,14 @@ fn randn(seed: u64, shape: (usize, usize)) -> Tensor {
 /// identity), with ActNorm initialized on `x`.
 fn perturbed_flow(
     cfg: &FlowConfig,
-    shape: (usize, usize),
+    shape: (usize, usize, usize),
     seed: u64,
     x: &Tensor,
     amount: f64,
 ) -> Flow {
     let flow = Flow::new(
         cfg,
-        (1, shape.0, shape.1),
+        shape,
         &Device::Cpu,
         &mut stream_rng(seed, Stream::Init, 0),
     )
@@ -68,10 +68,21 @@ fn small_cfg(layers: usize, hidden: usize) -> FlowConfig {
 
 #[test]
 fn x_to_z_to_x_round_trips() {
-    for (shape, layers) in [((1, 2), 6), ((2, 3), 6), ((28, 28), 4)] {
-        let d = shape.0 * shape.1;
+    // Checkerboard masks, and channel masks on colour shapes.
+    let channel = |layers| FlowConfig {
+        masks: FlowMasks::Channel,
+        ..small_cfg(layers, 32)
+    };
+    for (shape, cfg) in [
+        ((1, 1, 2), small_cfg(6, 32)),
+        ((1, 2, 3), small_cfg(6, 32)),
+        ((1, 28, 28), small_cfg(4, 32)),
+        ((3, 2, 3), channel(6)),
+        ((2, 4, 4), channel(4)),
+    ] {
+        let d = shape.0 * shape.1 * shape.2;
         let x = randn(d as u64, (64, d));
-        let flow = perturbed_flow(&small_cfg(layers, 32), shape, 3, &x, 0.05);
+        let flow = perturbed_flow(&cfg, shape, 3, &x, 0.05);
         let (z, log_det) = flow.forward(&x).unwrap();
         assert!(
             log_det
@@ -116,10 +127,19 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
 
 #[test]
 fn log_det_matches_a_brute_force_jacobian() {
-    for shape in [(1, 2), (1, 3), (2, 3)] {
-        let d = shape.0 * shape.1;
+    let channel = FlowConfig {
+        masks: FlowMasks::Channel,
+        ..small_cfg(4, 16)
+    };
+    for (shape, cfg) in [
+        ((1, 1, 2), small_cfg(4, 16)),
+        ((1, 1, 3), small_cfg(4, 16)),
+        ((1, 2, 3), small_cfg(4, 16)),
+        ((3, 1, 2), channel.clone()),
+    ] {
+        let d = shape.0 * shape.1 * shape.2;
         let data = randn(7 + d as u64, (32, d));
-        let flow = perturbed_flow(&small_cfg(4, 16), shape, 11, &data, 0.1);
+        let flow = perturbed_flow(&cfg, shape, 11, &data, 0.1);
         let x = Var::from_tensor(&randn(5, (3, d))).unwrap();
         let (z, log_det) = flow.forward(x.as_tensor()).unwrap();
         let log_det: Vec<f32> = log_det.to_vec1().unwrap();
@@ -155,7 +175,7 @@ fn log_det_matches_a_brute_force_jacobian() {
 #[test]
 fn a_2d_density_integrates_to_one() {
     let data = randn(21, (256, 2));
-    let flow = perturbed_flow(&small_cfg(6, 32), (1, 2), 4, &data, 0.05);
+    let flow = perturbed_flow(&small_cfg(6, 32), (1, 1, 2), 4, &data, 0.05);
     let (n, lo, hi) = (400usize, -8f32, 8f32);
     let h = (hi - lo) / n as f32;
     let mut pts = Vec::with_capacity(2 * n * n);
@@ -223,7 +243,7 @@ fn logit_map_jacobian_inverse_and_bits_per_dim() {
 #[test]
 fn nll_gradient_matches_finite_differences() {
     let data = randn(3, (16, 3));
-    let flow = perturbed_flow(&small_cfg(2, 6), (1, 3), 8, &data, 0.2);
+    let flow = perturbed_flow(&small_cfg(2, 6), (1, 1, 3), 8, &data, 0.2);
     let nll = |f: &Flow| -> f64 {
         -f.log_prob(&data)
             .unwrap()
@@ -311,4 +331,37 @@ fn training_lowers_the_nll_of_two_moons() {
     // Standardized moons under N(0, I) cost about 2.8 nats; a trained flow is far below that.
     assert!(after < before - 0.8, "NLL {before} -> {after}");
     assert!(after < 1.6, "NLL after training {after}");
+}
+
+#[test]
+fn channel_masks_pass_alternate_channels_through() {
+    // One coupling, no ActNorm: layer 0 passes the odd channels through unchanged and transforms
+    // the even ones (their values depend on the odd ones after the perturbation).
+    let cfg = FlowConfig {
+        actnorm: false,
+        masks: FlowMasks::Channel,
+        ..small_cfg(1, 8)
+    };
+    let (c, h, w) = (3, 2, 2);
+    let d = c * h * w;
+    let x = randn(31, (4, d));
+    let flow = perturbed_flow(&cfg, (c, h, w), 5, &x, 0.3);
+    let (z, _) = flow.forward(&x).unwrap();
+    let (xs, zs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (x.to_vec2().unwrap(), z.to_vec2().unwrap());
+    for (xr, zr) in xs.iter().zip(&zs) {
+        for i in 0..d {
+            let passed = (i / (h * w)) % 2 == 1;
+            assert_eq!(xr[i] == zr[i], passed, "value {i}: x {} z {}", xr[i], zr[i]);
+        }
+    }
+    // One channel has nothing to alternate with.
+    let e = Flow::new(
+        &cfg,
+        (1, 4, 4),
+        &Device::Cpu,
+        &mut stream_rng(0, Stream::Init, 0),
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("at least 2 channels"), "{e}");
 }

@@ -35,9 +35,9 @@ pub use diffusion::{
 };
 pub use eval::EvalConfig;
 pub use model::{
-    Activation, DecoderKind, FlowConfig, GanArchitecture, GanConfig, GanLoss, GanPenalty,
-    GaussianScale, LayerConfig, ModelConfig, ModelFamily, OutputBias, UnknownModelFamily,
-    WeightInit,
+    Activation, DecoderKind, FlowConfig, FlowMasks, GanArchitecture, GanConfig, GanLoss,
+    GanPenalty, GaussianScale, LayerConfig, ModelConfig, ModelFamily, OutputBias,
+    UnknownModelFamily, WeightInit,
 };
 pub use objective::{KlEstimator, ObjectiveConfig, ObjectiveKind};
 pub use optim::{OptimConfig, OptimizerKind, Player, ScheduleKind};

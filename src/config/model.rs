@@ -327,6 +327,23 @@ pub struct FlowConfig {
     /// (MAF's MNIST setting; RealNVP used 0.05 on natural images). Unused on 2-D data.
     /// Default: `1e-6`.
     pub alpha: f64,
+    /// The coupling masks ([`FlowMasks`]): `checkerboard` or `channel`. Default:
+    /// `checkerboard`.
+    pub masks: FlowMasks,
+}
+
+/// Which values a coupling layer passes through (`model.flow.masks`), RealNVP's two masks
+/// (Dinh et al. 2017, section 3.3 and figure 3), alternating from layer to layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowMasks {
+    /// Layer `l` passes value `(c, y, x)` through when `(c H + y + x + l)` is odd: a
+    /// checkerboard over the image (on 2-D points, the two coordinates in turn).
+    #[default]
+    Checkerboard,
+    /// Layer `l` passes channel `c` through when `(c + l)` is odd: channel-wise masking, for
+    /// images of at least 2 channels (colour images).
+    Channel,
 }
 
 impl Default for FlowConfig {
@@ -336,6 +353,7 @@ impl Default for FlowConfig {
             hidden: vec![512, 512],
             actnorm: true,
             alpha: 1e-6,
+            masks: FlowMasks::Checkerboard,
         }
     }
 }

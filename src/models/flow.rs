@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use super::mlp::{Dense, Trunk};
 use super::params::ParamStore;
 use crate::config::Activation;
-pub use crate::config::FlowConfig;
+pub use crate::config::{FlowConfig, FlowMasks};
 use crate::error::{Error, Result};
 use crate::ops::gaussian::standard_normal_log_density;
 
@@ -84,10 +84,12 @@ impl Flow {
     /// A flow for data of `(C, H, W)` values, drawn from `rng` (PyTorch's default
     /// initialization, the couplings' last layers at zero). Layer `l` masks value `i` (channel
     /// `c`, row `y`, column `x`) with the checkerboard `(c * H + y + x + l) mod 2`, the same
-    /// checkerboard in every channel when `H` is even.
+    /// checkerboard in every channel when `H` is even, or with `masks = "channel"` by channel,
+    /// `(c + l) mod 2`.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid config or fewer than 2 values per row.
+    /// [`Error::Config`] for an invalid config, fewer than 2 values per row, or channel masks on
+    /// data of one channel.
     pub fn new(
         cfg: &FlowConfig,
         shape: (usize, usize, usize),
@@ -96,6 +98,12 @@ impl Flow {
     ) -> Result<Self> {
         cfg.validate()?;
         let dim = shape.0 * shape.1 * shape.2;
+        if cfg.masks == FlowMasks::Channel && shape.0 < 2 {
+            return Err(Error::Config(format!(
+                "model.flow.masks = \"channel\" needs images of at least 2 channels, the data has {}",
+                shape.0
+            )));
+        }
         if dim < 2 {
             return Err(Error::Config(format!(
                 "a coupling flow needs at least 2 values per row, the data has {dim}"
@@ -114,8 +122,12 @@ impl Flow {
             } else {
                 None
             });
+            let plane = shape.1 * shape.2;
             let mask: Vec<f32> = (0..dim)
-                .map(|i| ((i / shape.2 + i % shape.2 + l) % 2) as f32)
+                .map(|i| match cfg.masks {
+                    FlowMasks::Checkerboard => ((i / shape.2 + i % shape.2 + l) % 2) as f32,
+                    FlowMasks::Channel => ((i / plane + l) % 2) as f32,
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (1, dim), device)?;
             let inv_mask = (1.0 - &mask)?;
