@@ -482,6 +482,14 @@ fn bad_own_data_gets_one_line_and_exit_2() {
     assert_user_error(&train_on(t, "npy", &empty), "no train.npy");
     // No CIFAR batch.
     assert_user_error(&train_on(t, "cifar10", &empty), "CIFAR-10");
+    // A data.dir that does not exist: the source says what it reads (it was the bare OS error).
+    let missing = t.join("missing");
+    for (dataset, what) in [
+        ("folder", "an image folder"),
+        ("cifar10", "CIFAR-10 binary"),
+    ] {
+        assert_user_error(&train_on(t, dataset, &missing), what);
+    }
 }
 
 /// `bytes` of a safetensors file with the metadata `key` set to `value`.

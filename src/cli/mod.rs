@@ -147,7 +147,8 @@ pub struct EvalArgs {
     /// CPU threads (0: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Directory with IDX image files (default: the one the model was trained on).
+    /// `data.dir`: the data (IDX directory, `.npy`/`.npz` file or directory, CIFAR-10 batches or
+    /// image folder; docs/data.md). Default: the one the model was trained on.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Seed of the importance samples and of the generated samples.
@@ -235,7 +236,7 @@ pub struct SampleArgs {
     /// Seed of the prior samples (reconstructions and interpolations use no randomness).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Directory with IDX image files (for reconstructions and interpolations).
+    /// `data.dir` for reconstructions and interpolations (any source of docs/data.md).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N.
@@ -333,7 +334,8 @@ pub struct ExportArgs {
     /// Take the config from this run or checkpoint directory instead of --config.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// Directory with IDX image files (MNIST layout).
+    /// `data.dir`: the data (IDX directory, `.npy`/`.npz` file or directory, CIFAR-10 batches or
+    /// image folder; docs/data.md).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Any config value as section.key=value (TOML syntax), repeatable; the `data` section is

@@ -25,7 +25,8 @@ pub struct ConfigFlags {
     /// Random seed of the run.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Directory with IDX image files (MNIST layout).
+    /// `data.dir`: the data (IDX directory, `.npy`/`.npz` file or directory, CIFAR-10 batches or
+    /// image folder; docs/data.md).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Minibatch size.

@@ -43,9 +43,26 @@ pub use objective::{KlEstimator, ObjectiveConfig, ObjectiveKind};
 pub use optim::{OptimConfig, OptimizerKind, Player, ScheduleKind};
 pub use train::{parse_device_spec, DeviceSpec, NonFinitePolicy, TrainConfig};
 
-/// Keys of optional settings: absent from a serialized config while unset, yet valid for
-/// `--set`.
-const OPTIONAL_KEYS: &[&str] = &["optim.d_lr", "optim.g_lr", "optim.d_betas", "optim.g_betas"];
+/// Checks one `--set` item against the config type itself: a table holding only `last` (with
+/// `value`) under `sections` must deserialize. This accepts the optional settings (`Option`
+/// fields such as `optim.d_lr` or `data.crop`, absent from a serialized config while unset)
+/// without a list of them, and names the key in a type error.
+///
+/// # Errors
+/// The deserializer's message: an unknown field, or a value of the wrong type.
+fn check_setting(
+    sections: &[&str],
+    last: &str,
+    value: &toml::Value,
+) -> std::result::Result<(), String> {
+    let mut v = toml::Value::Table(toml::Table::from_iter([(last.to_string(), value.clone())]));
+    for section in sections.iter().rev() {
+        v = toml::Value::Table(toml::Table::from_iter([(section.to_string(), v)]));
+    }
+    v.try_into::<Config>()
+        .map(|_| ())
+        .map_err(|e| e.message().replace('\n', " "))
+}
 
 /// The whole resolved configuration of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -120,6 +137,7 @@ impl Config {
                 let (path, raw) = item.split_once('=').ok_or_else(|| {
                     Error::Config(format!("--set {item}: expected section.key=value"))
                 })?;
+                let (path, raw) = (path.trim(), raw.trim());
                 let parsed: toml::Value = toml::from_str(&format!("v = {raw}"))
                     .map(|t: toml::Table| t["v"].clone())
                     .unwrap_or_else(|_| toml::Value::String(raw.to_string()));
@@ -134,8 +152,12 @@ impl Config {
                 let table = cur
                     .as_table_mut()
                     .ok_or_else(|| Error::Config(format!("--set {path}: not a table")))?;
-                if !table.contains_key(*last) && !OPTIONAL_KEYS.contains(&path) {
-                    return Err(Error::Config(format!("--set {path}: unknown key `{last}`")));
+                match check_setting(sections, last, &parsed) {
+                    Err(e) if e.contains("unknown field") && !table.contains_key(*last) => {
+                        return Err(Error::Config(format!("--set {path}: unknown key `{last}`")))
+                    }
+                    Err(e) => return Err(Error::Config(format!("--set {path}: {e}"))),
+                    Ok(()) => {}
                 }
                 table.insert(last.to_string(), parsed);
             }
@@ -543,6 +565,55 @@ mod tests {
             (c.train.epochs, c.train.seed, c.objective.k, c.optim.lr),
             (7, 4, 5, 0.01)
         );
+    }
+
+    #[test]
+    fn every_optional_setting_can_be_set() {
+        // Optional settings are absent from a serialized config while unset; `--set` used to
+        // accept only a hand-kept list of them (and refused `data.crop`, `data.resize`).
+        let o = Overrides {
+            set: vec![
+                "model.family=\"gan\"".into(),
+                "data.binarize=\"none\"".into(),
+                "data.dataset=\"folder\"".into(),
+                " data.crop = [8, 8] ".into(),
+                "optim.d_lr=0.0002".into(),
+                "optim.g_betas=[0.5, 0.9]".into(),
+            ],
+            ..Default::default()
+        };
+        let c = Config::default().with_overrides(&o).unwrap();
+        assert_eq!(c.data.crop, Some([8, 8]));
+        assert_eq!(
+            (c.optim.d_lr, c.optim.g_betas),
+            (Some(2e-4), Some([0.5, 0.9]))
+        );
+        let o = Overrides {
+            set: vec![
+                "data.dataset=\"folder\"".into(),
+                "data.resize=[8, 8]".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::default().with_overrides(&o).unwrap().data.resize,
+            Some([8, 8])
+        );
+        for (set, needle) in [
+            ("data.cropp=[8, 8]", "--set data.cropp: unknown key `cropp`"),
+            ("model.flow.maskz=1", "unknown key `maskz`"),
+            ("data.crop=\"big\"", "--set data.crop: invalid type"),
+        ] {
+            let o = Overrides {
+                set: vec![set.into()],
+                ..Default::default()
+            };
+            let e = Config::default()
+                .with_overrides(&o)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{set}: {e}");
+        }
     }
 
     #[test]

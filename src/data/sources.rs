@@ -199,11 +199,17 @@ pub fn load_source(cfg: &DataConfig, seed: u64) -> Result<Loaded> {
             let test = RawImages::from_image_set(ImageSet::load(dir, Split::Test)?)?;
             (NpyData::Images(train), Some(NpyData::Images(test)))
         }
-        "cifar10" => (
-            NpyData::Images(load_cifar10(dir, Split::Train)?),
-            Some(NpyData::Images(load_cifar10(dir, Split::Test)?)),
-        ),
-        "folder" => load_folder(dir, fit(cfg))?,
+        "cifar10" => {
+            require_dir(dir, "cifar10", "the CIFAR-10 binary batches")?;
+            (
+                NpyData::Images(load_cifar10(dir, Split::Train)?),
+                Some(NpyData::Images(load_cifar10(dir, Split::Test)?)),
+            )
+        }
+        "folder" => {
+            require_dir(dir, "folder", "an image folder")?;
+            load_folder(dir, fit(cfg))?
+        }
         "npy" => load_numpy(dir)?,
         other => {
             return Err(Error::Config(format!(
@@ -250,6 +256,23 @@ fn load_folder(dir: &Path, fit: Fit) -> Result<(NpyData, Option<NpyData>)> {
         return Ok((NpyData::Images(train), Some(NpyData::Images(test))));
     }
     Ok((NpyData::Images(load_image_folder_cached(dir, fit)?.0), None))
+}
+
+/// Refuses a `data.dir` that is not a directory, saying what the source reads (the readers'
+/// own error would be the bare OS message).
+fn require_dir(dir: &Path, dataset: &str, what: &str) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let hint = if dir.is_relative() {
+        "; a relative data.dir is taken from the working directory"
+    } else {
+        ""
+    };
+    Err(Error::Data(format!(
+        "{}: no such directory (data.dataset = \"{dataset}\" reads {what} in data.dir{hint})",
+        dir.display()
+    )))
 }
 
 /// A `.npy`/`.npz` file (no test split), or a directory holding `train.npz` [+ `test.npz`] or
