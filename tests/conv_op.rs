@@ -72,6 +72,15 @@ const CASES: &[Case] = &[
     case(3, 4, 6, 13, 5, 5, 1, 2),
     case(2, 5, 7, 13, 4, 4, 1, 1),
     case(2, 6, 4, 9, 3, 3, 1, 3),
+    // 16 or more input channels without shifted GEMMs: channels-last columns, several images per
+    // GEMM (`ops::conv::channels_last`; 8 per GEMM on 7x7 outputs, so 11 images make a run of 8
+    // and one of 3), a 4x4 / stride-2 kernel on a rectangular image, padding past the kernel's
+    // reach, a strided 1x1 kernel and a 1x1 output.
+    case(11, 16, 7, 7, 5, 3, 1, 1),
+    case(3, 20, 9, 6, 7, 4, 2, 1),
+    case(2, 18, 4, 5, 3, 3, 1, 3),
+    case(3, 16, 6, 6, 4, 1, 2, 0),
+    case(2, 17, 3, 3, 2, 3, 1, 0),
 ];
 
 fn uniform(seed: u64, shape: &[usize], lo: f32, hi: f32) -> Tensor {
@@ -362,6 +371,8 @@ fn nan_reaches_exactly_the_outputs_whose_receptive_field_holds_it() {
         case(2, 3, 5, 5, 4, 1, 1, 0),
         case(2, 3, 5, 5, 4, 1, 2, 0),
         case(2, 5, 28, 28, 6, 3, 1, 1),
+        case(11, 16, 7, 7, 5, 3, 1, 1),
+        case(3, 16, 9, 7, 5, 4, 2, 1),
     ];
     for (n, cs) in cases.iter().enumerate() {
         let (x, w, b) = cs.inputs(700 + n as u64);
@@ -467,6 +478,7 @@ fn fused_gradients_equal_the_im2col_matmul_composition() {
         case(2, 3, 4, 5, 3, 2, 3, 2),
         case(9, 96, 28, 28, 5, 3, 1, 1),
         case(17, 16, 14, 15, 8, 3, 2, 1),
+        case(19, 32, 7, 7, 16, 3, 1, 1),
     ]
     .iter()
     .enumerate()
@@ -534,6 +546,7 @@ fn convolutions_running_at_once_on_the_rayon_pool_match_one_at_a_time() {
         case(8, 16, 14, 14, 8, 3, 1, 1),
         case(8, 8, 28, 28, 16, 3, 2, 1),
         case(4, 32, 7, 7, 4, 1, 1, 0),
+        case(24, 16, 7, 7, 8, 3, 1, 1),
     ];
     let run = |i: usize| {
         let cs = shapes[i % shapes.len()];
@@ -564,6 +577,9 @@ fn transposed_convolution_matches_candles_forward_and_backward() {
         (1, 2, 4, 6, 3, 3, 1, 1),
         (4, 6, 14, 14, 3, 4, 2, 1),
         (2, 5, 3, 3, 4, 3, 2, 0),
+        // The DCGAN generator's 4x4 / stride-2 up-sampling with 16 or more output channels:
+        // the input gradient of a channels-last convolution.
+        (5, 12, 4, 5, 16, 4, 2, 1),
     ];
     for (n, &(bs, ci, hi, wi, co, k, s, p)) in cases.iter().enumerate() {
         let seed = 900 + 10 * n as u64;

@@ -20,6 +20,7 @@ pub mod logsumexp;
 pub mod random;
 pub mod simd;
 pub mod spectral_norm;
+pub mod transpose;
 pub mod upsample;
 
 use candle_core::backend::BackendStorage;

@@ -39,12 +39,15 @@ const SHIFT_MIN_SPAN: usize = 16;
 
 impl Geometry {
     /// Whether this convolution runs as shifted GEMMs: stride 1, a kernel other than 1x1 without
-    /// padding (which needs no columns at all), and output rows of at least `SHIFT_MIN_WO`.
+    /// padding (which needs no columns at all), output rows of at least `SHIFT_MIN_WO`, and not
+    /// on channels-last columns ([`Geometry::channels_last`], which takes the narrower rows of
+    /// inputs with many channels).
     pub(super) fn shifts(&self) -> bool {
         self.stride == 1
             && !self.identity()
             && self.wo >= SHIFT_MIN_WO
             && self.c * self.kw >= SHIFT_MIN_SPAN
+            && !self.channels_last()
     }
 
     /// `Wp = W + 2p`, the columns of a padded plane and of the wide output grid.
