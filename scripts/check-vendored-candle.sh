@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks vendor/candle-core against the crates.io release of the same version in the cargo
-# registry: every source file identical except src/backprop.rs, which must be the release's with
-# vendor/candle-core/gentrain-backprop.patch applied. Exit 0 when so, 1 with the differences
+# registry: every source file identical except those that vendor/candle-core/gentrain-*.patch
+# change, which must be the release's with those patches applied (in name order). Exit 0 when so, 1 with the differences
 # otherwise, 2 when the release is not in the registry (run `cargo fetch` first).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,9 +15,11 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r "$registry/src" "$tmp/src"
-(cd "$tmp" && patch -s -p1 < "$vendored/gentrain-backprop.patch")
+for p in "$vendored"/gentrain-*.patch; do
+    (cd "$tmp" && patch -s -p1 < "$p")
+done
 if ! diff -r "$tmp/src" "$vendored/src"; then
-    echo "check-vendored-candle: vendor/candle-core/src differs from candle-core $version + the patch" >&2
+    echo "check-vendored-candle: vendor/candle-core/src differs from candle-core $version + the patches" >&2
     exit 1
 fi
-echo "vendor/candle-core: candle-core $version + gentrain-backprop.patch"
+echo "vendor/candle-core: candle-core $version + $(cd "$vendored" && echo gentrain-*.patch)"

@@ -120,8 +120,9 @@ pub fn set_cpu_threads(threads: usize) -> usize {
     // candle sizes its GEMM parallelism from RAYON_NUM_THREADS.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     // candle's own elementwise pool spins while it waits; beside the rayon pool that runs GEMMs
-    // and our fused kernels it only competes for the same cores, so it gets one thread unless
-    // the user asks otherwise.
+    // and our fused kernels it only competes for the same cores, so it gets no workers unless
+    // the user asks otherwise (the vendored candle then hands its large elementwise ops to the
+    // caller's rayon pool: vendor/candle-core/GENTRAIN.md).
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
-    check_row_input_sizes, for_rows, map_rows, reduced_shape, rows_and_last, sigmoid, slice,
+    check_row_input_sizes, map_rows, reduced_shape, rows_and_last, rows_filled, sigmoid, slice,
     softplus,
 };
 
@@ -130,8 +130,7 @@ impl CustomOp3 for BernoulliBackward {
         let g = slice(s3, l3, self.name())?;
         let (rows, d) = rows_and_last(l1.shape())?;
         check_row_input_sizes(self.name(), &[logits.len(), x.len(), g.len()], 2, rows, d)?;
-        let mut out = vec![0f32; logits.len()];
-        for_rows(&mut out, d, |i, r| {
+        let out = rows_filled(logits.len(), d, |i, r| {
             let (l, xs, gi) = (&logits[i * d..(i + 1) * d], &x[i * d..(i + 1) * d], g[i]);
             for ((o, lv), xv) in r.iter_mut().zip(l).zip(xs) {
                 *o = gi * (xv - sigmoid(*lv));

@@ -108,11 +108,10 @@
 use std::cell::Cell;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::linear::{gemm_f32_on, Activation, ActivationBackward, Threads};
 use super::transpose::transpose_into;
-use super::{for_rows, map_rows, slice};
+use super::{filled, for_rows, map_rows, rows_filled, slice, zeros};
 
 mod channels_last;
 mod shifted;
@@ -908,37 +907,22 @@ impl Conv {
         pool > 1 && g.b >= 2 * pool && g.b * self.o * g.rows() * g.plane() >= 1 << 20
     }
 
-    /// `f(b, out_b, threads)` for each image `b`, where `out_b` is its `per` values of `out`.
-    fn per_image(
-        &self,
-        out: &mut [f32],
-        per: usize,
-        f: impl Fn(usize, &mut [f32], Threads) + Sync,
-    ) {
-        self.per_chunk(out, per, 1, f)
-    }
-
-    /// `f(b0, out_n, threads)` for each run of `n` consecutive images from `b0` on (the last
-    /// run may be shorter), where `out_n` is their `per` values each of `out`.
+    /// A new buffer of `per` values per image, made by `f(b0, out_n, threads)` for each run of
+    /// `n` consecutive images from `b0` on (the last run may be shorter), where `out_n` is their
+    /// values, zeroed ([`filled`]): the runs are the rayon tasks (each GEMM on its task's thread)
+    /// when there are enough of them, otherwise they run one after another with their GEMMs
+    /// split across the pool.
     fn per_chunk(
         &self,
-        out: &mut [f32],
         per: usize,
         n: usize,
-        f: impl Fn(usize, &mut [f32], Threads) + Sync,
-    ) {
-        if per == 0 {
-            return;
-        }
-        if self.images_in_parallel() && self.g.b.div_ceil(n) >= rayon::current_num_threads() {
-            out.par_chunks_mut(n * per)
-                .enumerate()
-                .for_each(|(ci, out_n)| f(ci * n, out_n, Threads::One));
-        } else {
-            for (ci, out_n) in out.chunks_mut(n * per).enumerate() {
-                f(ci * n, out_n, Threads::Pool)
-            }
-        }
+        f: impl Fn(usize, &mut [f32], Threads) + Sync + Send,
+    ) -> Vec<f32> {
+        let par = self.images_in_parallel() && self.g.b.div_ceil(n) >= rayon::current_num_threads();
+        let threads = if par { Threads::One } else { Threads::Pool };
+        filled(self.g.b * per, n * per, par, |ci, out_n| {
+            f(ci * n, out_n, threads)
+        })
     }
 
     /// The columns `(K, t)` of one tile of one image `x_b`, and their row stride: for a 1x1
@@ -969,18 +953,16 @@ impl Conv {
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], act: Activation) -> Vec<f32> {
         let (g, o) = (self.g, self.o);
         let (k, p, img) = (g.rows(), g.plane(), g.image());
-        let mut y = zeros(g.b * o * p);
         if g.channels_last() {
             let wk = g.kernel_cl(w, o);
-            self.per_chunk(&mut y, o * p, g.images_per_gemm(), |b0, y_n, threads| {
+            return self.per_chunk(o * p, g.images_per_gemm(), |b0, y_n, threads| {
                 let x_n = &x[b0 * img..][..y_n.len() / (o * p) * img];
                 self.forward_cl(x_n, &wk, bias, act, y_n, threads)
             });
-            return y;
         }
         let tiles = self.tile_plans(false);
         let rows = self.shifted_kernel(w);
-        self.per_image(&mut y, o * p, |bi, y_b, threads| {
+        self.per_chunk(o * p, 1, |bi, y_b, threads| {
             let x_b = &x[bi * img..][..img];
             if g.shifts() {
                 return self.forward_shifted(x_b, &rows, bias, act, y_b, threads);
@@ -996,26 +978,23 @@ impl Conv {
                 gemm_f32_on(threads, o, t, k, dst, p, true, w, k, 1, cols, cols_rs, 1);
             }
             act.apply_slice(y_b);
-        });
-        y
+        })
     }
 
     /// `dx[b] = col2im(W^T . dy[b])`.
     fn input_grad(&self, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (g, o) = (self.g, self.o);
         let (k, p, img) = (g.rows(), g.plane(), g.image());
-        let mut dx = zeros(g.b * img);
         if g.channels_last() {
             let wk = g.kernel_cl(w, o);
-            self.per_chunk(&mut dx, img, g.images_per_gemm(), |b0, dx_n, threads| {
+            return self.per_chunk(img, g.images_per_gemm(), |b0, dx_n, threads| {
                 let dy_n = &dy[b0 * o * p..][..dx_n.len() / img * o * p];
                 self.input_grad_cl(dy_n, &wk, dx_n, threads)
             });
-            return dx;
         }
         let tiles = self.tile_plans(true);
         let rows = self.shifted_kernel(w);
-        self.per_image(&mut dx, img, |bi, dx_b, threads| {
+        self.per_chunk(img, 1, |bi, dx_b, threads| {
             let dy_b = &dy[bi * o * p..][..o * p];
             if g.shifts() {
                 return self.input_grad_shifted(dy_b, &rows, dx_b, threads);
@@ -1036,8 +1015,7 @@ impl Conv {
                     }
                 }
             }
-        });
-        dx
+        })
     }
 
     /// `dW = sum_b dy[b] . cols(x[b])^T`. Each run of consecutive images accumulates its own
@@ -1054,7 +1032,6 @@ impl Conv {
         let max_parts = WEIGHT_PARTS.min(WEIGHT_PARTS_FLOATS / ok).max(1);
         let per_part = g.b.div_ceil(max_parts).max(1);
         let parts = g.b.div_ceil(per_part).max(1);
-        let mut partial = zeros(parts * ok);
         let tiles = self.tile_plans(false);
         let run = |part: usize, acc: &mut [f32], threads: Threads| {
             let images = part * per_part..((part + 1) * per_part).min(g.b);
@@ -1083,16 +1060,9 @@ impl Conv {
                 }
             }
         };
-        if parts > 1 && self.images_in_parallel() {
-            partial
-                .par_chunks_mut(ok)
-                .enumerate()
-                .for_each(|(part, acc)| run(part, acc, Threads::One));
-        } else {
-            for (part, acc) in partial.chunks_mut(ok).enumerate() {
-                run(part, acc, Threads::Pool);
-            }
-        }
+        let par = parts > 1 && self.images_in_parallel();
+        let threads = if par { Threads::One } else { Threads::Pool };
+        let mut partial = filled(parts * ok, ok, par, |part, acc| run(part, acc, threads));
         // The partial sums in order into the first (`p0 + p1 + ...`, as adding each onto zeros
         // would give), then one blocked transpose `(K, O) -> (O, K)`: adding each strided into
         // `dw` took a tenth of a DCGAN step.
@@ -1367,9 +1337,9 @@ impl CustomOp2 for ChannelBiasAct {
         c.g.check_input(self.name(), l1.dims(), &c.x_dims())?;
         c.g.check_input(self.name(), l2.dims(), &[c.o])?;
         let (x, b) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        let mut y = x.to_vec();
         let plane = c.g.plane();
-        for_rows(&mut y, plane, |bc, row| {
+        let y = rows_filled(x.len(), plane, |bc, row| {
+            row.copy_from_slice(&x[bc * plane..][..plane]);
             let bias = b[bc % c.o];
             row.iter_mut().for_each(|v| *v += bias);
             act.apply_slice(row);
@@ -1409,41 +1379,6 @@ impl CustomOp1 for BiasGrad {
         let o = self.0.o;
         Ok(Some(grad.reshape((1, o, 1, 1))?.broadcast_as(dy.shape())?))
     }
-}
-
-/// Buffers of this many bytes or more are mapped fresh from the kernel on every allocation (by
-/// glibc's allocator, whose `mmap` threshold stops growing at 32 MiB) and first touched page by
-/// page; [`zeros`] asks for transparent huge pages for them.
-const HUGE_PAGE_MIN_BYTES: usize = 32 << 20;
-
-/// `len` zeros. A large buffer is advised `MADV_HUGEPAGE` before it is written, so that the
-/// kernel backs it with 2 MiB pages (where transparent huge pages are `madvise` or `always`):
-/// 512 times fewer page faults. For the 115 MB of columns of a 3x3 convolution of
-/// `(128, 32, 28, 28)` the faults took about 40 of the 95 ms of the forward pass.
-fn zeros(len: usize) -> Vec<f32> {
-    if len * std::mem::size_of::<f32>() < HUGE_PAGE_MIN_BYTES {
-        return vec![0f32; len];
-    }
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 1 << 21;
-        let start = v.as_mut_ptr() as usize;
-        let (lo, hi) = (
-            start.div_ceil(HUGE) * HUGE,
-            (start + len * std::mem::size_of::<f32>()) / HUGE * HUGE,
-        );
-        if hi > lo {
-            // SAFETY: `lo..hi` lies inside the allocation of `v`, none of which has been read or
-            // written yet; the advice changes only how its pages are backed, never their contents
-            // (and a refusal leaves ordinary pages).
-            unsafe {
-                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    v.resize(len, 0.0);
-    v
 }
 
 #[cfg(test)]
@@ -1623,20 +1558,6 @@ mod tests {
         // A buffer far larger than the request and than a tile is not kept for it.
         again.0 = vec![0.0; 5 * TILE_FLOATS];
         assert!(again.get(10).len() == 10 && again.0.capacity() < 5 * TILE_FLOATS);
-    }
-
-    #[test]
-    fn large_buffers_are_zeros_too() {
-        for len in [
-            0,
-            5,
-            HUGE_PAGE_MIN_BYTES / 4 - 1,
-            HUGE_PAGE_MIN_BYTES / 4 + 12345,
-        ] {
-            let v = zeros(len);
-            assert_eq!(v.len(), len);
-            assert!(v.iter().all(|x| *x == 0.0));
-        }
     }
 
     #[test]

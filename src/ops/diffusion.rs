@@ -34,7 +34,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use candle_core::{Storage, Tensor, D};
 
-use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice};
+use super::{map_rows, reduced_shape, rows_and_last, rows_filled, slice};
 
 /// Elements per task of the elementwise [`sampler_step`] on the CPU (whatever the shape).
 const CHUNK: usize = 4096;
@@ -332,9 +332,8 @@ impl CustomOp3 for QSample {
         let t = u32_slice(s3, l3, self.name())?;
         let (rows, d) = rows_and_last(l1.shape())?;
         super::check_row_input_sizes(self.name(), &[x0.len(), eps.len(), t.len()], 2, rows, d)?;
-        let mut out = vec![0f32; x0.len()];
-        with_cpu_table(&self.table, self.name(), |table| {
-            for_rows(&mut out, d, |i, r| {
+        let out = with_cpu_table(&self.table, self.name(), |table| {
+            rows_filled(x0.len(), d, |i, r| {
                 let (a, b) = coefficients(table, t[i]);
                 let (x, e) = (&x0[i * d..(i + 1) * d], &eps[i * d..(i + 1) * d]);
                 for ((o, xv), ev) in r.iter_mut().zip(x).zip(e) {
@@ -592,8 +591,7 @@ impl CustomOp3 for SamplerStep {
         }
         let c = self.c;
         let (clip, (lo, hi)) = (c.clip.is_some(), c.clip.unwrap_or((0.0, 0.0)));
-        let mut out = vec![0f32; xt.len()];
-        for_rows(&mut out, CHUNK, |k, r| {
+        let out = rows_filled(xt.len(), CHUNK, |k, r| {
             let o = k * CHUNK;
             for (j, v) in r.iter_mut().enumerate() {
                 let (x, e, n) = (xt[o + j], ep[o + j], nz[o + j]);

@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::exp;
-use super::{for_rows, map_rows, reduced_shape, rows_and_last, slice, LN_2PI};
+use super::{map_rows, reduced_shape, rows_and_last, rows_filled, slice, LN_2PI};
 
 /// `z = mu + exp(logvar / 2) * eps` (all the same shape).
 pub fn reparameterize(mu: &Tensor, logvar: &Tensor, eps: &Tensor) -> Result<Tensor> {
@@ -102,8 +102,7 @@ impl CustomOp3 for Reparameterize {
             slice(s3, l3, self.name())?,
         );
         let (_, d) = rows_and_last(l1.shape())?;
-        let mut z = vec![0f32; mu.len()];
-        for_rows(&mut z, d, |i, r| {
+        let z = rows_filled(mu.len(), d, |i, r| {
             let o = i * d;
             for (j, zv) in r.iter_mut().enumerate() {
                 *zv = mu[o + j] + exp(0.5 * lv[o + j]) * eps[o + j];

@@ -31,7 +31,6 @@
 //! ops (which there runs candle's kernels). Shapes are checked the same way everywhere.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 use super::fastmath::sigmoid;
 use super::slice;
@@ -409,16 +408,13 @@ impl CustomOp2 for GroupNorm {
         if x.len() != d.b * d.sample() {
             candle_core::bail!("{}: x has {} values", self.name(), x.len())
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d.sample().max(1))
-            .enumerate()
-            .for_each(|(b, o)| {
-                let xs = &x[b * d.sample()..(b + 1) * d.sample()];
-                super::simd::wide(
-                    #[inline(always)]
-                    || self.forward_sample(&p, xs, b, o),
-                )
-            });
+        let out = super::filled(x.len(), d.sample(), true, |b, o| {
+            let xs = &x[b * d.sample()..(b + 1) * d.sample()];
+            super::simd::wide(
+                #[inline(always)]
+                || self.forward_sample(&p, xs, b, o),
+            )
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -471,32 +467,30 @@ impl CustomOp3 for GroupNormGrad {
                 dy.len()
             )
         }
-        let mut out = vec![0f32; x.len() + f.params_len()];
-        let (dx, dparams) = out.split_at_mut(x.len());
-        let mut dshift = vec![0f32; d.b * d.c];
-        let mut partial = vec![0f64; d.b * 2 * d.c];
-        dx.par_chunks_mut(m.max(1))
-            .zip(dshift.par_chunks_mut(d.c.max(1)))
-            .zip(partial.par_chunks_mut((2 * d.c).max(1)))
-            .enumerate()
-            .for_each(|(b, ((dxb, dsb), pb))| {
+        // Each sample's task writes its dx and returns its dshift (C) and its partial sums of
+        // dgamma and dbeta (2 C, f64); the parameters' gradients are appended after dx.
+        let (mut out, per_sample) =
+            super::filled_map(x.len(), f.params_len(), m, true, |b, dxb| {
                 let r = b * m..(b + 1) * m;
+                let (mut dshift, mut dgb) = (vec![0f32; d.c], vec![0f64; 2 * d.c]);
                 let grads = SampleGrads {
                     dx: dxb,
-                    dshift: dsb,
-                    dgb: pb,
+                    dshift: &mut dshift,
+                    dgb: &mut dgb,
                 };
                 super::simd::wide(
                     #[inline(always)]
                     || f.backward_sample(&p, &x[r.clone()], &dy[r], b, grads),
-                )
+                );
+                (dshift, dgb)
             });
-        let (ds_out, dgb_out) = dparams.split_at_mut(dparams.len() - 2 * d.c);
         if f.shifted {
-            ds_out.copy_from_slice(&dshift);
+            per_sample
+                .iter()
+                .for_each(|(ds, _)| out.extend_from_slice(ds));
         }
-        for (j, o) in dgb_out.iter_mut().enumerate() {
-            *o = (0..d.b).map(|b| partial[b * 2 * d.c + j]).sum::<f64>() as f32;
+        for j in 0..2 * d.c {
+            out.push(per_sample.iter().map(|(_, dgb)| dgb[j]).sum::<f64>() as f32);
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))

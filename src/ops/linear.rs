@@ -176,9 +176,9 @@ impl candle_core::CustomOp2 for BiasAct {
         if b.len() != d {
             candle_core::bail!("bias-act: bias {:?} vs rows of {:?}", l2.dims(), l1.dims())
         }
-        let mut y = a.to_vec();
         let act = self.act;
-        for_rows(&mut y, d, |_, r| {
+        let y = super::rows_filled(a.len(), d, |i, r| {
+            r.copy_from_slice(&a[i * d..][..d]);
             for (v, bv) in r.iter_mut().zip(b) {
                 *v += bv;
             }
@@ -467,10 +467,10 @@ impl candle_core::CustomOp2 for ActivationBackward {
         if g.len() != y.len() {
             candle_core::bail!("activation-bwd: length mismatch")
         }
-        let mut out = g.to_vec();
         let act = self.act;
         let (_, row) = super::rows_and_last(l1.shape())?;
-        for_rows(&mut out, row, |i, r| {
+        let out = super::rows_filled(g.len(), row, |i, r| {
+            r.copy_from_slice(&g[i * row..][..row]);
             act.scale_by_derivative(r, &y[i * row..(i + 1) * row])
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::exp_nonpos;
-use super::{check_row_input_sizes, for_rows, map_rows, reduced_shape, rows_and_last, slice};
+use super::{check_row_input_sizes, map_rows, reduced_shape, rows_and_last, rows_filled, slice};
 
 /// `ln sum_i exp(a_i)` over the last dimension, max-shifted.
 pub fn logsumexp(a: &Tensor) -> Result<Tensor> {
@@ -117,8 +117,7 @@ impl CustomOp3 for LogSumExpBackward {
         let g = slice(s3, l3, self.name())?;
         let (rows, k) = rows_and_last(l1.shape())?;
         check_row_input_sizes(self.name(), &[a.len(), lse.len(), g.len()], 1, rows, k)?;
-        let mut out = vec![0f32; a.len()];
-        for_rows(&mut out, k, |i, r| {
+        let out = rows_filled(a.len(), k, |i, r| {
             let (m, gi) = (lse[i], g[i]);
             if m == f32::NEG_INFINITY {
                 return;

@@ -79,20 +79,146 @@ pub(crate) fn for_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]
     if row == 0 {
         return;
     }
-    if out.len() >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
-        let rows_per_task = (PAR_THRESHOLD / row).max(1);
-        out.par_chunks_mut(rows_per_task * row)
+    let (par, per_task) = row_tasks(out.len(), row);
+    let run = |c: usize, chunk: &mut [f32]| {
+        for (i, r) in chunk.chunks_mut(row).enumerate() {
+            f(c * per_task + i, r)
+        }
+    };
+    if par {
+        out.par_chunks_mut(per_task * row)
             .enumerate()
-            .for_each(|(c, chunk)| {
-                for (i, r) in chunk.chunks_mut(row).enumerate() {
-                    f(c * rows_per_task + i, r)
-                }
-            });
+            .for_each(|(c, chunk)| run(c, chunk));
     } else {
-        for (i, r) in out.chunks_mut(row).enumerate() {
-            f(i, r)
+        out.chunks_mut(per_task * row)
+            .enumerate()
+            .for_each(|(c, chunk)| run(c, chunk));
+    }
+}
+
+/// Whether [`for_rows`] over `len` values in rows of `row` runs on the pool, and the rows of
+/// each task.
+fn row_tasks(len: usize, row: usize) -> (bool, usize) {
+    let par = len >= PAR_THRESHOLD && rayon::current_num_threads() > 1;
+    (
+        par,
+        if par {
+            (PAR_THRESHOLD / row).max(1)
+        } else {
+            len.div_ceil(row).max(1)
+        },
+    )
+}
+
+/// A new buffer of `len` values made by [`for_rows`]: each task zeroes its rows and runs `f`
+/// on them. Same as `for_rows(&mut vec![0.0; len], row, f)`, but the zeros are written by the
+/// tasks, in parallel and in cache just before `f`, instead of in one pass over the whole buffer
+/// on the calling thread while the others wait (see [`filled`]).
+pub(crate) fn rows_filled(
+    len: usize,
+    row: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    if row == 0 {
+        return vec![0.0; len];
+    }
+    let (par, per_task) = row_tasks(len, row);
+    filled(len, per_task * row, par, |c, chunk| {
+        for (i, r) in chunk.chunks_mut(row).enumerate() {
+            f(c * per_task + i, r)
+        }
+    })
+}
+
+/// Buffers of this many bytes or more are advised onto transparent huge pages by [`reserve`].
+/// Such buffers are mapped fresh from the kernel (glibc's `mmap` threshold stops growing at 32
+/// MiB, unless `device::keep_freed_memory` raised it) and first touched page by page.
+pub(crate) const HUGE_PAGE_MIN_BYTES: usize = 32 << 20;
+
+/// An empty vector with room for `len` values. A large one is advised `MADV_HUGEPAGE` before it
+/// is written, so that the kernel backs it with 2 MiB pages (where transparent huge pages are
+/// `madvise` or `always`): 512 times fewer page faults. For the 115 MB of columns of a 3x3
+/// convolution of `(128, 32, 28, 28)` the faults took about 40 of the 95 ms of the forward pass.
+pub(crate) fn reserve(len: usize) -> Vec<f32> {
+    let v: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    if len * std::mem::size_of::<f32>() >= HUGE_PAGE_MIN_BYTES {
+        const HUGE: usize = 1 << 21;
+        let start = v.as_ptr() as usize;
+        let (lo, hi) = (
+            start.div_ceil(HUGE) * HUGE,
+            (start + len * std::mem::size_of::<f32>()) / HUGE * HUGE,
+        );
+        if hi > lo {
+            // SAFETY: `lo..hi` lies inside the allocation of `v`, none of which has been read or
+            // written yet; the advice changes only how its pages are backed, never their contents
+            // (and a refusal leaves ordinary pages).
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
         }
     }
+    v
+}
+
+/// `len` zeros (in a buffer from [`reserve`]).
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    let mut v = reserve(len);
+    v.resize(len, 0.0);
+    v
+}
+
+/// A new buffer of `len` values split into chunks of `chunk` values (the last may be shorter):
+/// each chunk is zeroed and then passed to `f(chunk_index, chunk)` by the task that fills it, on
+/// the rayon pool when `par`, one after another otherwise.
+///
+/// `vec![0.0; len]` zeroes the whole buffer on the calling thread before any task starts (a
+/// `memset` over memory that is usually out of cache); on the MNIST U-Net those serial passes
+/// were about 16 ms of a 320 ms training step, with the other thread idle.
+pub(crate) fn filled(
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    filled_map(len, 0, chunk, par, f).0
+}
+
+/// [`filled`] that also returns each chunk's `f(..)`, in chunk order, and leaves room for
+/// `extra` more values after the `len` it fills (to be pushed without a reallocation).
+pub(crate) fn filled_map<R: Send>(
+    len: usize,
+    extra: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [f32]) -> R + Sync + Send,
+) -> (Vec<f32>, Vec<R>) {
+    use std::mem::MaybeUninit;
+    let mut v = reserve(len + extra);
+    let run = |c: usize, part: &mut [MaybeUninit<f32>]| {
+        part.fill(MaybeUninit::new(0.0));
+        // SAFETY: every value of `part` was initialized just above, and `MaybeUninit<f32>` has
+        // the layout of `f32`.
+        f(c, unsafe {
+            &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32])
+        })
+    };
+    let spare = &mut v.spare_capacity_mut()[..len];
+    let results = match par {
+        true => spare
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .map(|(c, part)| run(c, part))
+            .collect(),
+        false => spare
+            .chunks_mut(chunk.max(1))
+            .enumerate()
+            .map(|(c, part)| run(c, part))
+            .collect(),
+    };
+    // SAFETY: the chunks cover `0..len`, and each was initialized by its task.
+    unsafe { v.set_len(len) };
+    (v, results)
 }
 
 /// Computes one value per row of length `row` with `f(row_index) -> value`, in parallel when the
@@ -169,5 +295,61 @@ pub(crate) mod testing {
             .zip(&b)
             .map(|(x, y)| (x - y).abs() / (1e-3 + y.abs()))
             .fold(0.0, f32::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_buffers_are_zeros_too() {
+        for len in [
+            0,
+            5,
+            HUGE_PAGE_MIN_BYTES / 4 - 1,
+            HUGE_PAGE_MIN_BYTES / 4 + 12345,
+        ] {
+            let v = zeros(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|x| *x == 0.0));
+        }
+    }
+
+    #[test]
+    fn filled_buffers_are_for_rows_over_zeros() {
+        // Rows that `f` leaves alone stay zero; every row gets its own index; the chunks' results
+        // come back in order; the spare room is there. Large enough for the pool's tasks.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (len, row) in [(0, 4), (7, 3), (PAR_THRESHOLD * 3 + 5, 10), (100_003, 1)] {
+                let f = |i: usize, r: &mut [f32]| {
+                    if i % 3 != 1 {
+                        r.iter_mut()
+                            .enumerate()
+                            .for_each(|(j, v)| *v = (i * 7 + j) as f32);
+                    }
+                };
+                let mut want = vec![0f32; len];
+                for_rows(&mut want, row, f);
+                assert_eq!(rows_filled(len, row, f), want, "{len} {row}");
+                for par in [false, true] {
+                    let (v, firsts) = filled_map(len, 9, 5 * row, par, |c, chunk| {
+                        f(c, chunk);
+                        c
+                    });
+                    assert!(v.capacity() >= len + 9);
+                    assert_eq!(firsts, (0..len.div_ceil(5 * row)).collect::<Vec<_>>());
+                    let mut want = vec![0f32; len];
+                    want.chunks_mut(5 * row)
+                        .enumerate()
+                        .for_each(|(c, chunk)| f(c, chunk));
+                    assert_eq!(v, want, "{len} {row} {par}");
+                }
+            }
+        });
     }
 }

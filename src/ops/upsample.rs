@@ -13,7 +13,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{for_rows, slice};
+use super::{rows_filled, slice};
 
 /// `x (B, C, H, W)` up-sampled by the integer factor `scale` (at least 1) to
 /// `(B, C, scale H, scale W)`, each value repeated over a `scale x scale` block.
@@ -75,9 +75,8 @@ impl CustomOp1 for Upsample {
         check(self.name(), l, d.input())?;
         let x = slice(s, l, self.name())?;
         let (ow, s) = (d.w * d.scale, d.scale);
-        let mut y = vec![0f32; x.len() * s * s];
         // One output row per task row: output row `r` of plane `p` reads input row `r / s`.
-        for_rows(&mut y, ow, |r, row| {
+        let y = rows_filled(x.len() * s * s, ow, |r, row| {
             let (plane, i) = (r / (d.h * s), (r % (d.h * s)) / s);
             let src = &x[(plane * d.h + i) * d.w..][..d.w];
             for (block, v) in row.chunks_exact_mut(s).zip(src) {
@@ -102,8 +101,7 @@ impl CustomOp1 for BlockSum {
         check(self.name(), l, d.output())?;
         let dy = slice(s, l, self.name())?;
         let (ow, s) = (d.w * d.scale, d.scale);
-        let mut dx = vec![0f32; dy.len() / (s * s)];
-        for_rows(&mut dx, d.w, |r, row| {
+        let dx = rows_filled(dy.len() / (s * s), d.w, |r, row| {
             // Input row `r` (of all planes) sums output rows `r s .. r s + s`.
             let block = &dy[r * s * ow..][..s * ow];
             for (u, out_row) in block.chunks_exact(ow).enumerate() {

@@ -325,6 +325,19 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        // gentrain: without workers of its own (CANDLE_NUM_THREADS=1), called from a worker of
+        // a rayon pool of several threads, the units go to that pool instead of running inline.
+        if self.threads.is_empty()
+            && rayon::current_thread_index().is_some()
+            && rayon::current_num_threads() > 1
+        {
+            use rayon::prelude::*;
+            let chunk = n_items.div_ceil(rayon::current_num_threads() * 8).max(1);
+            (0..n_items.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+            return;
+        }
         let n_threads = self.threads.len() + 1;
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
