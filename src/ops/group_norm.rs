@@ -16,7 +16,8 @@
 //! - Forward (CPU): one task per sample; per group, the mean and then the variance of `u` in two
 //!   passes accumulated in f64 (as `var` of the centred values, so it is never negative), then the
 //!   output in f32.
-//! - Backward (CPU), with `xhat = (u - mu) rstd`, `dz = dy act'(z)`,
+//! - Backward (CPU), with the forward's `mu` and `rstd` (kept with the op rather than computed
+//!   again), `xhat = (u - mu) rstd`, `dz = dy act'(z)`,
 //!   `act'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))` for SiLU:
 //!   `dbeta_c = sum_{b,p} dz`, `dgamma_c = sum_{b,p} dz xhat`, and per group
 //!   `du = rstd (gamma dz - mean(gamma dz) - xhat mean(gamma dz xhat))`; `dx = du`,
@@ -29,6 +30,8 @@
 //!
 //! On devices other than the CPU, [`group_norm`] is [`group_norm_slow`], the composition of candle
 //! ops (which there runs candle's kernels). Shapes are checked the same way everywhere.
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -78,6 +81,7 @@ pub fn group_norm(
         eps,
         silu,
         shifted: shift.is_some(),
+        saved: Arc::default(),
     };
     x.contiguous()?.apply_op2(&params, op)
 }
@@ -161,12 +165,16 @@ impl Dims {
 }
 
 /// The forward op over `(x, params)`, `params = [shift (B C) if shifted, gamma (C), beta (C)]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct GroupNorm {
     dims: Dims,
     eps: f64,
     silu: bool,
     shifted: bool,
+    /// The statistics `(mean, rstd)` of every `(b, g)` (in that order) that the CPU forward
+    /// computed, for the backward of the same call (which gets the same `x` and `params`) to
+    /// reuse instead of recomputing them: the same values, two passes over `x` fewer.
+    saved: Arc<OnceLock<Vec<(f32, f32)>>>,
 }
 
 /// One sample's gradients: `dx` (C H W), `dshift` (C: `ds[b, :]`) and the sample's partial sums
@@ -220,34 +228,41 @@ impl GroupNorm {
         let d = self.dims;
         let cg = d.c / d.groups;
         let n = (cg * d.hw) as f64;
-        let rows = || {
-            (g * cg..(g + 1) * cg).map(|ch| {
-                (
-                    Self::shift_of(p, d.c, b, ch),
-                    &xs[ch * d.hw..(ch + 1) * d.hw],
-                )
-            })
-        };
-        let mean = rows().map(|(s, row)| lane_sum(row, |v| v + s)).sum::<f64>() / n;
-        let m = mean as f32;
-        let sq = rows()
-            .map(|(s, row)| {
-                lane_sum(row, |v| {
-                    let e = (v + s) - m;
-                    e * e
-                })
-            })
-            .sum::<f64>();
+        // Plain loops (not iterator adapters), so that all of it is inlined into the caller's
+        // AVX-512 body (`simd::wide`).
+        let mut total = 0f64;
+        for ch in g * cg..(g + 1) * cg {
+            let s = Self::shift_of(p, d.c, b, ch);
+            total += lane_sum(&xs[ch * d.hw..(ch + 1) * d.hw], |v| v + s);
+        }
+        let m = (total / n) as f32;
+        let mut sq = 0f64;
+        for ch in g * cg..(g + 1) * cg {
+            let s = Self::shift_of(p, d.c, b, ch);
+            sq += lane_sum(&xs[ch * d.hw..(ch + 1) * d.hw], |v| {
+                let e = (v + s) - m;
+                e * e
+            });
+        }
         (m, (1.0 / (sq / n + self.eps).sqrt()) as f32)
     }
 
-    /// Writes sample `b`'s output into `out` (one sample).
+    /// Writes sample `b`'s output into `out` (one sample) and its groups' `(mean, rstd)` into
+    /// `stats` (one per group).
     #[inline(always)]
-    fn forward_sample(&self, p: &Params, xs: &[f32], b: usize, out: &mut [f32]) {
+    fn forward_sample(
+        &self,
+        p: &Params,
+        xs: &[f32],
+        b: usize,
+        out: &mut [f32],
+        stats: &mut [(f32, f32)],
+    ) {
         let d = self.dims;
         let cg = d.c / d.groups;
-        for g in 0..d.groups {
+        for (g, saved) in stats.iter_mut().enumerate().take(d.groups) {
             let (mean, rstd) = self.stats(p, xs, b, g);
+            *saved = (mean, rstd);
             for ch in g * cg..(g + 1) * cg {
                 let s = Self::shift_of(p, d.c, b, ch);
                 let (scale, offset) = (p.gamma[ch], p.beta[ch]);
@@ -260,15 +275,27 @@ impl GroupNorm {
         }
     }
 
-    /// Sample `b`'s gradients into `out` (see [`SampleGrads`]).
+    /// Sample `b`'s gradients into `out` (see [`SampleGrads`]); `saved` holds the groups'
+    /// `(mean, rstd)` from the forward, or is empty (then they are computed again).
     #[inline(always)]
-    fn backward_sample(&self, p: &Params, xs: &[f32], dys: &[f32], b: usize, out: SampleGrads) {
+    fn backward_sample(
+        &self,
+        p: &Params,
+        xs: &[f32],
+        dys: &[f32],
+        b: usize,
+        saved: &[(f32, f32)],
+        out: SampleGrads,
+    ) {
         let SampleGrads { dx, dshift, dgb } = out;
         let d = self.dims;
         let cg = d.c / d.groups;
         let n = (cg * d.hw) as f64;
         for g in 0..d.groups {
-            let (mean, rstd) = self.stats(p, xs, b, g);
+            let (mean, rstd) = match saved.get(g) {
+                Some(s) => *s,
+                None => self.stats(p, xs, b, g),
+            };
             // Pass 1: dz into dx, the channel sums, and the group means of gamma dz (xhat).
             let (mut m1, mut m2) = (0.0f64, 0.0f64);
             for ch in g * cg..(g + 1) * cg {
@@ -408,13 +435,17 @@ impl CustomOp2 for GroupNorm {
         if x.len() != d.b * d.sample() {
             candle_core::bail!("{}: x has {} values", self.name(), x.len())
         }
-        let out = super::filled(x.len(), d.sample(), true, |b, o| {
+        let (out, stats) = super::filled_map(x.len(), 0, d.sample(), true, |b, o| {
             let xs = &x[b * d.sample()..(b + 1) * d.sample()];
+            let mut stats = vec![(0f32, 0f32); d.groups];
             super::simd::wide(
                 #[inline(always)]
-                || self.forward_sample(&p, xs, b, o),
-            )
+                || self.forward_sample(&p, xs, b, o, &mut stats),
+            );
+            stats
         });
+        // A second forward of the same op (none in candle) would keep the first's statistics.
+        let _ = self.saved.set(stats.concat());
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -425,7 +456,8 @@ impl CustomOp2 for GroupNorm {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let all = x.apply_op3(params, &grad.contiguous()?, GroupNormGrad { fwd: *self })?;
+        let fwd = self.clone();
+        let all = x.apply_op3(params, &grad.contiguous()?, GroupNormGrad { fwd })?;
         let n = x.elem_count();
         let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
         let dp = all.narrow(0, n, self.params_len())?;
@@ -467,12 +499,14 @@ impl CustomOp3 for GroupNormGrad {
                 dy.len()
             )
         }
+        let saved = f.saved.get().map_or(&[][..], |s| s.as_slice());
         // Each sample's task writes its dx and returns its dshift (C) and its partial sums of
         // dgamma and dbeta (2 C, f64); the parameters' gradients are appended after dx.
         let (mut out, per_sample) =
             super::filled_map(x.len(), f.params_len(), m, true, |b, dxb| {
                 let r = b * m..(b + 1) * m;
                 let (mut dshift, mut dgb) = (vec![0f32; d.c], vec![0f64; 2 * d.c]);
+                let saved = saved.get(b * d.groups..(b + 1) * d.groups).unwrap_or(&[]);
                 let grads = SampleGrads {
                     dx: dxb,
                     dshift: &mut dshift,
@@ -480,7 +514,7 @@ impl CustomOp3 for GroupNormGrad {
                 };
                 super::simd::wide(
                     #[inline(always)]
-                    || f.backward_sample(&p, &x[r.clone()], &dy[r], b, grads),
+                    || f.backward_sample(&p, &x[r.clone()], &dy[r], b, saved, grads),
                 );
                 (dshift, dgb)
             });
@@ -508,5 +542,51 @@ impl CustomOp3 for GroupNormGrad {
             "{}: the second derivative of group_norm is not implemented",
             self.name()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::uniform;
+
+    #[test]
+    fn the_backward_with_the_forwards_statistics_equals_the_one_that_recomputes_them() {
+        for (shifted, silu) in [(true, true), (false, false)] {
+            let (b, c, h, w, groups) = (3, 8, 5, 7, 4);
+            let x = uniform(1, &[b, c, h, w], -2.0, 3.0);
+            let shift = uniform(2, &[b, c], -1.0, 1.0);
+            let (gamma, beta) = (uniform(3, &[c], 0.5, 1.5), uniform(4, &[c], -0.5, 0.5));
+            let dy = uniform(5, &[b, c, h, w], -1.0, 1.0);
+            let mut parts = vec![gamma, beta];
+            if shifted {
+                parts.insert(0, shift.flatten_all().unwrap());
+            }
+            let params = Tensor::cat(&parts, 0).unwrap();
+            let op = GroupNorm {
+                dims: Dims {
+                    b,
+                    c,
+                    hw: h * w,
+                    groups,
+                },
+                eps: 1e-5,
+                silu,
+                shifted,
+                saved: Arc::default(),
+            };
+            let fresh = op.clone();
+            x.apply_op2(&params, op.clone()).unwrap();
+            assert_eq!(op.saved.get().map(Vec::len), Some(b * groups));
+            let grads = |fwd: GroupNorm| {
+                let all = x.apply_op3(&params, &dy, GroupNormGrad { fwd }).unwrap();
+                all.to_vec1::<f32>().unwrap()
+            };
+            let (reused, recomputed) = (grads(op), grads(fresh));
+            assert!(reused
+                .iter()
+                .zip(&recomputed)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
     }
 }
