@@ -1,5 +1,7 @@
-//! The backward pass of the vendored candle-core (`vendor/candle-core/GENTRAIN.md`): a tensor's
-//! first gradient contribution is stored as it is instead of being added onto zeros. These check
+//! The patches of the vendored candle-core (`vendor/candle-core/GENTRAIN.md`): sums over leading
+//! dimensions add whole runs at once (bit-identical to the release), and in the backward pass a
+//! tensor's first gradient contribution is stored as it is instead of being added onto zeros;
+//! for the latter these check
 //! that gradients are still summed over every use of a tensor, that a gradient that arrives as a
 //! strided view (a transpose, a broadcast) is stored contiguous (the fused CPU ops require it),
 //! and that the values equal the closed forms.
@@ -73,4 +75,61 @@ fn a_first_gradient_that_is_a_strided_view_is_stored_contiguous() {
     let g = g.get(b.as_tensor()).unwrap();
     assert!(g.is_contiguous());
     close(&g.to_vec1::<f32>().unwrap(), &[8.0, 8.0]);
+}
+
+/// The sum over any set of dimensions (`gentrain-reduce.patch`: runs of the dimensions after the
+/// last reduced one are added at once) equals, bit for bit, adding the values one at a time in
+/// memory order onto zeros, which is what the release computes; including non-finite values.
+#[test]
+fn sums_over_any_dimensions_add_in_memory_order() {
+    use candle_core::D;
+    let dims = [3usize, 4, 5, 6];
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| match i % 97 {
+            13 => f32::NAN,
+            41 => f32::INFINITY,
+            _ => ((i * 7919) % 1000) as f32 * 1e-3 - 0.4 + (i as f32) * 1e-7,
+        })
+        .collect();
+    let x = Tensor::from_slice(&v, &dims, &Device::Cpu).unwrap();
+    for mask in 1u32..16 {
+        let reduced: Vec<usize> = (0..4).filter(|d| mask & (1 << d) != 0).collect();
+        let got = x.sum_keepdim(reduced.as_slice()).unwrap();
+        let out_dims: Vec<usize> = (0..4)
+            .map(|d| if reduced.contains(&d) { 1 } else { dims[d] })
+            .collect();
+        let mut want = vec![0f32; out_dims.iter().product()];
+        for (i, val) in v.iter().enumerate() {
+            let (mut rest, mut at, mut scale) = (i, 0, 1);
+            for d in (0..4).rev() {
+                let idx = if reduced.contains(&d) {
+                    0
+                } else {
+                    rest % dims[d]
+                };
+                at += idx * scale;
+                scale *= out_dims[d];
+                rest /= dims[d];
+            }
+            want[at] += *val;
+        }
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "sum over {reduced:?}");
+    }
+    // A strided view (the release's other, unchanged path) sums as its contiguous copy does.
+    let t = x.transpose(D::Minus1, 0).unwrap();
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (strided, copied) = (
+        flat(t.sum_keepdim(0).unwrap()),
+        flat(t.contiguous().unwrap().sum_keepdim(0).unwrap()),
+    );
+    assert!(strided
+        .iter()
+        .zip(&copied)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
 }
