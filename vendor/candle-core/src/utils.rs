@@ -326,8 +326,11 @@ impl BarrierPool {
             return;
         }
         // gentrain: without workers of its own (CANDLE_NUM_THREADS=1), called from a worker of
-        // a rayon pool of several threads, the units go to that pool instead of running inline.
+        // a rayon pool of several threads, the units go to that pool instead of running inline,
+        // from 16 units on (256 Ki values of the elementwise maps: below that the tasks cost
+        // more than they save, e.g. on the 256 x 256 layers of the MLP GANs).
         if self.threads.is_empty()
+            && n_items >= 16
             && rayon::current_thread_index().is_some()
             && rayon::current_num_threads() > 1
         {
