@@ -281,13 +281,7 @@ pub const IWAE_SCHEDULE_EPOCHS: usize = 3280;
 pub fn check_finite_grads(store: &ParamStore, grads: &GradStore) -> Result<()> {
     for (name, var) in store.iter() {
         if let Some(g) = grads.get(var.as_tensor()) {
-            // An all-ones exponent marks NaN and +-inf; OR-ing the test over u32 vectorizes.
-            let all_finite = |v: &[f32]| {
-                v.iter().fold(0u32, |acc, x| {
-                    acc | ((x.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32
-                }) == 0
-            };
-            let finite = match crate::ops::with_cpu(g, all_finite)? {
+            let finite = match crate::ops::with_cpu(g, crate::ops::all_finite)? {
                 Some(f) => f,
                 None => g.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite(),
             };

@@ -362,6 +362,69 @@ fn im2col_and_col2im_are_each_others_backward() {
     }
 }
 
+/// A NaN or infinity in the input or in the kernel makes non-finite exactly the gradients that
+/// candle's convolution (`conv2d_slow`) makes non-finite. The shifted GEMMs (stride 1, rows of 12
+/// or more) once multiplied the zeros of their wide grid's extra columns by pixels and weights, so
+/// a bad pixel in an edge column reached weight gradients of kernel columns that never read it.
+#[test]
+fn non_finite_inputs_and_weights_reach_exactly_the_gradients_that_read_them() {
+    let cases = [
+        case(2, 8, 28, 28, 4, 3, 1, 1),
+        case(2, 16, 16, 16, 3, 3, 1, 1),
+        case(2, 6, 5, 14, 3, 3, 1, 0),
+        case(2, 4, 6, 13, 3, 5, 1, 2),
+        case(3, 16, 7, 7, 3, 3, 1, 1),
+        case(2, 5, 9, 9, 3, 3, 2, 1),
+    ];
+    let non_finite =
+        |t: &Tensor| -> Vec<bool> { flat_f32(t).iter().map(|v| !v.is_finite()).collect() };
+    for (n, cs) in cases.iter().enumerate() {
+        let (x, w, b) = cs.inputs(1200 + n as u64);
+        let spots = [
+            (0, 0, cs.h / 2, 0),
+            (cs.b - 1, cs.c - 1, cs.h - 1, cs.w - 1),
+            (1, 1, 0, cs.w / 2),
+        ];
+        for (s, &(b0, c0, h0, w0)) in spots.iter().enumerate() {
+            let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][s];
+            // A bad pixel of the input; then a bad weight (with a clean input).
+            for in_kernel in [false, true] {
+                let (mut xv, mut wv) = (flat_f32(&x), flat_f32(&w));
+                if in_kernel {
+                    wv[((b0.min(cs.o - 1) * cs.c + c0) * cs.k + cs.k - 1) * cs.k + cs.k - 1] = bad;
+                } else {
+                    xv[((b0 * cs.c + c0) * cs.h + h0) * cs.w + w0] = bad;
+                }
+                let xv = Var::from_vec(xv, x.shape(), &Device::Cpu).unwrap();
+                let wv = Var::from_vec(wv, w.shape(), &Device::Cpu).unwrap();
+                let r = uniform(
+                    1300 + n as u64,
+                    &[cs.b, cs.o, cs.out().0, cs.out().1],
+                    0.5,
+                    1.0,
+                );
+                let grads = |y: Tensor| {
+                    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let dx = non_finite(g.get(xv.as_tensor()).unwrap());
+                    (dx, non_finite(g.get(wv.as_tensor()).unwrap()))
+                };
+                let ours = grads(conv2d(&xv, &wv, Some(&b), cs.s, cs.p).unwrap());
+                let theirs = grads(conv2d_slow(&xv, &wv, Some(&b), cs.s, cs.p).unwrap());
+                let what = format!("{cs:?}, {bad} at {:?} (kernel: {in_kernel})", spots[s]);
+                for (name, a, b) in [("dx", &ours.0, &theirs.0), ("dw", &ours.1, &theirs.1)] {
+                    let differ = a.iter().zip(b).filter(|(u, v)| u != v).count();
+                    assert_eq!(
+                        differ,
+                        0,
+                        "{what}: {name} differs at {differ} of {}",
+                        a.len()
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn nan_reaches_exactly_the_outputs_whose_receptive_field_holds_it() {
     let cases = [

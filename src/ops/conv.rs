@@ -111,7 +111,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 
 use super::linear::{gemm_f32_on, Activation, ActivationBackward, Threads};
 use super::transpose::transpose_into;
-use super::{filled, for_rows, map_rows, rows_filled, slice, zeros};
+use super::{all_finite, filled, for_rows, map_rows, rows_filled, slice, zeros};
 
 mod channels_last;
 mod shifted;
@@ -985,7 +985,10 @@ impl Conv {
     fn input_grad(&self, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (g, o) = (self.g, self.o);
         let (k, p, img) = (g.rows(), g.plane(), g.image());
-        if g.channels_last() {
+        // The shifted GEMMs multiply the zeros of the wide grid's extra columns by the kernel:
+        // a non-finite weight would make gradients that the convolution never reads non-finite,
+        // so such a kernel takes channels-last columns, which make only the true products.
+        if g.channels_last() || (g.shifts() && !all_finite(w)) {
             let wk = g.kernel_cl(w, o);
             return self.per_chunk(img, g.images_per_gemm(), |b0, dx_n, threads| {
                 let dy_n = &dy[b0 * o * p..][..dx_n.len() / img * o * p];
@@ -1048,8 +1051,14 @@ impl Conv {
             let mut scratch = Scratch::take();
             for bi in images {
                 let (x_b, dy_b) = (&x[bi * img..][..img], &dy[bi * o * p..][..o * p]);
+                // As in the input gradient: the wide grid's extra columns multiply zeros of `dy`
+                // by pixels, so an image with a non-finite value takes channels-last columns
+                // (same accumulator layout, rows `(i, j, c)`).
                 if g.shifts() {
-                    self.weight_grad_shifted(x_b, dy_b, acc, threads);
+                    match all_finite(x_b) {
+                        true => self.weight_grad_shifted(x_b, dy_b, acc, threads),
+                        false => self.weight_grad_cl(x_b, dy_b, acc, threads),
+                    }
                     continue;
                 }
                 for tile in &tiles {
