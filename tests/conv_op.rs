@@ -232,13 +232,10 @@ fn assert_same_gradients(
 
 #[test]
 fn gradients_match_candles_conv2d_backward() {
+    // Including the shapes whose height and width leave different remainders of the stride, on
+    // which the released candle's backward took the output padding of its transposed convolution
+    // from the height alone (the vendored copy crops or pads the width: GENTRAIN.md).
     for (n, cs) in CASES.iter().enumerate() {
-        if (cs.h + 2 * cs.p - cs.k) % cs.s != (cs.w + 2 * cs.p - cs.k) % cs.s {
-            // candle's conv2d backward takes the output padding of its transposed convolution
-            // from the height alone and fails on such shapes; the central differences below
-            // check one of them.
-            continue;
-        }
         let (x, w, b) = cs.inputs(300 + 10 * n as u64);
         let (x, w, b) = (
             Var::from_tensor(&x).unwrap(),

@@ -277,14 +277,19 @@ impl Tensor {
                         let k_h = kernel.dim(2)?;
                         let out_size =
                             (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
-                        let out_padding = arg.dim(2)? - out_size;
-                        let grad_arg = grad.conv_transpose2d(
-                            kernel,
-                            *padding,
-                            out_padding,
-                            *stride,
-                            *dilation,
-                        )?;
+                        // gentrain: the output padding is one number for both dimensions. The
+                        // height's and the width's can differ (different remainders of the
+                        // stride): take the larger, then crop each dimension to the input's size
+                        // (the extra positions lie past the input).
+                        let k_w = kernel.dim(3)?;
+                        let out_size_w =
+                            (grad.dim(3)? - 1) * stride + dilation * (k_w - 1) + 1 - 2 * padding;
+                        let out_padding =
+                            (arg.dim(2)? - out_size).max(arg.dim(3)? - out_size_w);
+                        let grad_arg = grad
+                            .conv_transpose2d(kernel, *padding, out_padding, *stride, *dilation)?
+                            .narrow(2, 0, arg.dim(2)?)?
+                            .narrow(3, 0, arg.dim(3)?)?;
                         grads.accumulate(arg, &grad_arg)?;
 
                         let grad_kernel = arg
