@@ -26,15 +26,19 @@
 //!   per-row bookkeeping. Its adjoint gathers through the inverse map, slot by slot over the
 //!   plane. Both give the same columns and the same sums in the same order (a test checks them
 //!   equal). On the SN-DCGAN's 4x4 / stride-2 layers (rows of 7 and 14) the row copies and their
-//!   bookkeeping were about a quarter of a training step.
-//! - Stride-1 convolutions with output rows of 12 or more (and `kw C >= 16`; not those taken by
-//!   channels-last columns, below) make no columns at all: `shifted` runs them as `kh` GEMMs of depth `kw C` over `kw` shifted copies of the
+//!   bookkeeping were about a quarter of a training step; those layers now take channels-last
+//!   columns (below) except the one-channel first and last ones, which still gather.
+//! - Stride-1 convolutions with output rows of 12 or more (and `kw C >= 16`; neither a 1x1
+//!   kernel without padding nor those taken by channels-last columns, below) make no columns at
+//!   all: `shifted` runs them as `kh` GEMMs of depth `kw C` over `kw` shifted copies of the
 //!   zero-padded image, whose right operands are strided views that the `gemm` crate reads in
 //!   place (forward, input gradient and weight gradient alike). On the MNIST U-Net this took a
 //!   training step from 520 to 466 ms (`trainer bench --config configs/ddpm-mnist.toml`); see
 //!   `shifted`'s module doc for the layout and `examples/conv_layers.rs` for per-layer times.
 //! - Convolutions with 16 or more input channels and a stride above 1 or output rows of at most
-//!   15 run on channels-last columns (`channels_last`): each image is transposed to `(H W, C)`,
+//!   15 (other than a 1x1 kernel with stride 1 and no padding) run on channels-last columns
+//!   (`channels_last`), as do the gradients of shifted convolutions whose operand holds a NaN or
+//!   an infinity (the shifted GEMMs' extra columns would multiply it by zeros): each image is transposed to `(H W, C)`,
 //!   so a receptive field's kernel row is one run of `kw C` values, and one GEMM takes several
 //!   images (`n P` rows, about 400 on the U-Net's 7x7 and 14x14 planes) instead of one image of
 //!   49 columns. On the MNIST U-Net this took a training step from about 355 to 316 ms, and the
@@ -57,8 +61,11 @@
 //!   run of consecutive images (`WEIGHT_PARTS` runs at most, fixed by the shape) in order, so
 //!   results do not depend on the threads or on rayon's scheduling.
 //! - Scratch: each thread that runs a convolution keeps one buffer, at most
-//!   `max(TILE_FLOATS, K Wo)` floats of the largest convolution it has run (at most 2 MiB for
-//!   the MNIST U-Net; one per rayon worker and calling thread). The buffer is
+//!   `max(TILE_FLOATS, K Wo)` floats of the largest convolution it has run on columns, and
+//!   `H W C + n P (K + O)` on channels-last columns, which are not split into tiles (`n`, the
+//!   images per GEMM, is 1 on planes of more than 256 outputs, so this is one image's columns:
+//!   about 2 MiB for the MNIST U-Net, but 57 MB for a 16-channel 512 x 512 image at stride 2; one
+//!   buffer per rayon worker and calling thread). The buffer is
 //!   moved out of its thread-local slot while in use, so a convolution that rayon starts on the
 //!   same thread meanwhile (while a threaded GEMM waits) allocates its own instead of sharing it;
 //!   a buffer more than four times larger than both the request and a tile is dropped rather
@@ -1123,8 +1130,9 @@ thread_local! {
 /// allocates its own buffer, so two users never share one; of the two, the larger is kept.
 ///
 /// Bound: one buffer per thread that has run a convolution (the caller's and the rayon
-/// workers'), of at most `max(TILE_FLOATS, K Wo)` floats of the largest convolution that
-/// thread has run (at most 2 MiB for the MNIST U-Net). A buffer more than four times larger
+/// workers'), of at most `max(TILE_FLOATS, K Wo)` floats of the largest convolution on columns
+/// that thread has run, or `H W C + n P (K + O)` of one on channels-last columns (about 2 MiB
+/// for the MNIST U-Net either way; see the module doc). A buffer more than four times larger
 /// than both the request and `TILE_FLOATS` is freed and a buffer of the request's size taken
 /// instead, so one convolution with huge rows does not pin its tile forever.
 struct Scratch(Vec<f32>);

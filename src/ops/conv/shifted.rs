@@ -1,4 +1,5 @@
-//! Stride-1 convolutions without columns: `kh kw` shifted GEMMs over a zero-padded image.
+//! Stride-1 convolutions without columns: `kh` GEMMs of depth `kw C` over `kw` shifted copies
+//! of a zero-padded image.
 //!
 //! With stride 1, the receptive field of output `(y, z)` at kernel offset `(i, j)` is input
 //! `(y + i - p, z + j - p)`. Pad each input plane to `Hp = H + 2p` rows of `Wp = W + 2p`
@@ -6,18 +7,26 @@
 //! `z < Wp`, of which only `z < Wo` are outputs): then the input that offset `(i, j)` reads for
 //! every `q` is the padded plane read from `s(i, j) = i Wp + j` on, one contiguous run. So
 //!
-//! - forward: `Y~[o, q] = b[o] + sum_(i, j) sum_c W[o, c, i, j] Xp[c, q + s(i, j)]`, one GEMM
-//!   `W[:, :, i, j] (O, C) . Xp[:, s..] (C, Ho Wp)` per offset, accumulated, whose right operand
-//!   is a strided view of the padded image (the `gemm` crate reads it in place: no columns are
-//!   written); the outputs `z < Wo` of `Y~` are then copied out (with the activation);
+//! - forward: `Y~[o, q] = b[o] + sum_(i, j) sum_c W[o, c, i, j] Xp[c, q + s(i, j)]`. The
+//!   offsets `(i, 0..kw)` of one kernel row are taken together: with `kw` copies of the padded
+//!   image, copy `j` read from `j` on (`Geometry::shifted_copies`), the right operands of kernel
+//!   row `i` are the rows `(j, c)` of those copies read from `i Wp` on, one evenly strided
+//!   `(kw C, Ho Wp)` matrix, so the forward is `kh` GEMMs `W_i (O, kw C) . Xs_i (kw C, Ho Wp)`,
+//!   accumulated (the `gemm` crate reads the strided views in place: no columns are written);
+//!   the outputs `z < Wo` of `Y~` are then copied out (with the activation);
 //! - input gradient (the adjoint): `dXp[c, q + s] += sum_o W[o, c, i, j] dY~[o, q]`, one GEMM
-//!   per offset onto a shifted view of the padded gradient, with `dY~` the output gradient on
+//!   per kernel row onto the shifted copies' gradient, folded back onto the padded plane, with `dY~` the output gradient on
 //!   the wide grid (zero at `z >= Wo`, so those positions add nothing), then cropped to `dX`;
-//! - weight gradient: `dW[o, c, i, j] += sum_q Xp[c, q + s] dY~[o, q]`, one GEMM per offset with
-//!   `k = Ho Wp`.
+//! - weight gradient: `dW[o, c, i, j] += sum_q Xp[c, q + s] dY~[o, q]`, one GEMM per kernel row
+//!   with `k = Ho Wp`.
 //!
-//! Every pixel's sum runs over the offsets `(i, j)` in row order, each term a GEMM's own sum
-//! over the channels; results do not depend on the threads. This is the "implicit GEMM" layout
+//! The wide grid's extra positions (`z >= Wo`) take products with zeros: of `dY~` in the weight
+//! gradient, of the kernel in the input gradient. A NaN or infinity there would turn them into
+//! NaN, so `Conv` sends the weight gradient of an image holding one, and the input gradient of a
+//! kernel holding one, to channels-last columns instead (`super::channels_last`).
+//!
+//! Every pixel's sum runs over the kernel rows `i` in order, each term a GEMM's own sum over
+//! `(j, c)`; results do not depend on the threads. This is the "implicit GEMM" layout
 //! of direct convolutions (e.g. Chetlur et al. 2014, cuDNN, section 3.1; Georganas et al. 2018 for
 //! CPUs) on a plain row-major image. The wide grid costs `Wp / Wo - 1` more GEMM columns (7%
 //! at 28 columns with a 3x3 kernel, 29% at 7) against the im2col copies it saves (`kh kw` times
