@@ -20,8 +20,9 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         return print_json(&r);
     }
     outln!(
-        "{} on {} ({} threads), batch {}, k {}: {:.0} samples/s ({:.2} ms/step)",
+        "{} {} training step on {} ({} threads), batch {}, k {}: {:.0} samples/s ({:.2} ms/step)",
         r.framework,
+        r.family,
         r.device,
         r.threads,
         r.batch,
