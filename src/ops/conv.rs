@@ -1046,10 +1046,9 @@ impl Conv {
         let run = |part: usize, acc: &mut [f32], threads: Threads| {
             let images = part * per_part..((part + 1) * per_part).min(g.b);
             if g.channels_last() {
-                for b0 in images.step_by(g.images_per_gemm()) {
-                    let n = g
-                        .images_per_gemm()
-                        .min(((part + 1) * per_part).min(g.b) - b0);
+                let (per_gemm, end) = (g.images_per_gemm(), images.end);
+                for b0 in images.step_by(per_gemm) {
+                    let n = per_gemm.min(end - b0);
                     let (x_n, dy_n) = (&x[b0 * img..][..n * img], &dy[b0 * o * p..][..n * o * p]);
                     self.weight_grad_cl(x_n, dy_n, acc, threads);
                 }
